@@ -1,0 +1,37 @@
+"""gsm_optax: Global Sparse Momentum SGD (Ding et al., NeurIPS 2019) for optax."""
+
+from gsm_optax._pool import default_pool
+from gsm_optax._pool import keep_count
+from gsm_optax._pool import pool_size
+from gsm_optax._pool import resolve_pool
+from gsm_optax.pruning import apply_mask
+from gsm_optax.pruning import global_magnitude_mask
+from gsm_optax.pruning import prune
+from gsm_optax.report import LeafSparsity
+from gsm_optax.report import SparsityReport
+from gsm_optax.report import sparsity_report
+from gsm_optax.selection import global_kth_largest
+from gsm_optax.transform import MaskByGlobalTaylorState
+from gsm_optax.transform import gsm
+from gsm_optax.transform import gsm_stats
+from gsm_optax.transform import mask_by_global_taylor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LeafSparsity",
+    "MaskByGlobalTaylorState",
+    "SparsityReport",
+    "apply_mask",
+    "default_pool",
+    "global_kth_largest",
+    "global_magnitude_mask",
+    "gsm",
+    "gsm_stats",
+    "keep_count",
+    "mask_by_global_taylor",
+    "pool_size",
+    "prune",
+    "resolve_pool",
+    "sparsity_report",
+]

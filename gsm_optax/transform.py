@@ -1,0 +1,234 @@
+"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019) as optax transforms.
+
+The paper's update, with alpha the learning rate, eta the weight decay, beta
+the momentum and B the binary mask of the Q pooled weights with the greatest
+Taylor score T(w) = |dL/dw * w|:
+
+    z <- beta * z + eta * w + B * dL/dw
+    w <- w - alpha * z
+
+which is ``chain(mask_by_global_taylor, add_decayed_weights(eta, pool),
+trace(beta), scale_by_learning_rate(alpha))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gsm_optax import _pool
+from gsm_optax import selection
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+class MaskByGlobalTaylorState(NamedTuple):
+  """State of `mask_by_global_taylor`; every field is an array (orbax-ready).
+
+  Attributes:
+    count: number of updates done.
+    keep: Q used at the last update (the target number of active weights).
+    threshold: the Q-th greatest Taylor score at the last update.
+    num_active: active (unmasked) pooled weights at the last update.
+    num_nonfinite: pooled weights whose score was NaN or inf at the last
+      update (NaN scores are never active).
+  """
+  count: jax.Array
+  keep: jax.Array
+  threshold: jax.Array
+  num_active: jax.Array
+  num_nonfinite: jax.Array
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_compression_arg(compression: ScalarOrSchedule) -> None:
+  """Checks what can be checked when the transform is built."""
+  if callable(compression):
+    return
+  if isinstance(compression, bool):
+    raise TypeError(f"compression must be a number >= 1, got {compression!r}.")
+  if jnp.ndim(compression) != 0:
+    raise ValueError(
+        f"compression must be a scalar, got shape {jnp.shape(compression)}.")
+  if _is_concrete(compression):
+    _pool.validate_compression(compression)
+
+
+def _keep_for_step(size: int, compression: ScalarOrSchedule,
+                   count: jax.Array) -> jax.Array:
+  """Q = int(|pool| / C) for this step; exact for a Python number C."""
+  if isinstance(compression, (int, float)):
+    return jnp.asarray(_pool.keep_count_for_size(size, compression), jnp.int32)
+  value = compression(count) if callable(compression) else compression
+  value = jnp.maximum(jnp.asarray(value, jnp.float32), 1.0)
+  keep = jnp.floor(jnp.float32(size) / value).astype(jnp.int32)
+  return jnp.clip(keep, 1, size)
+
+
+def taylor_scores(grads: list[jax.Array], params: list[jax.Array]) -> list[jax.Array]:
+  """T(w) = |g * w| per leaf, computed in float32."""
+  return [jnp.abs(g.astype(jnp.float32) * w.astype(jnp.float32))
+          for g, w in zip(grads, params)]
+
+
+def mask_by_global_taylor(
+    compression: ScalarOrSchedule,
+    *,
+    pool: _pool.Pool = None,
+) -> optax.GradientTransformation:
+  """Keeps the loss gradient of the Q pooled weights with the greatest |g * w|.
+
+  B = [T(w) >= t] with T(w) = |g * w| and t the Q-th greatest score over the
+  whole pool, Q = int(|pool| / C) (Ding et al. 2019, eq. 6). Pooled gradients
+  with B = 0 become 0; leaves outside the pool pass through unchanged.
+
+  Ties: every score equal to t is kept (the reference code's `>=`), so a few
+  more than Q may be active. A score of 0 is never active when Q < |pool|:
+  when fewer than Q scores are positive (t = 0) only the positive ones are
+  kept, instead of the whole pool. With C = 1 (Q = |pool|) every weight is
+  active, i.e. plain momentum SGD. NaN scores are never active; `num_nonfinite` counts NaN and inf
+  scores. Scores are computed in float32.
+
+  Args:
+    compression: C >= 1, a float, a scalar array, or an optax schedule
+      ``step -> C`` (gradual GSM).
+    pool: which leaves are prunable: None (floating leaves with ndim >= 2), a
+      bool pytree, or a callable ``params -> bool pytree``.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` requires `params`.
+  """
+  _check_compression_arg(compression)
+
+  def init_fn(params):
+    if params is None:
+      raise ValueError("mask_by_global_taylor.init needs the params pytree.")
+    mask = _pool.resolve_pool(params, pool)
+    size = sum(jnp.size(p) for p in _pool.pool_leaves(params, mask))
+    keep = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
+    if not callable(compression) and _is_concrete(compression):
+      _pool.keep_count_for_size(size, float(compression))
+    return MaskByGlobalTaylorState(
+        count=jnp.zeros([], jnp.int32),
+        keep=jnp.asarray(keep, jnp.int32),
+        threshold=jnp.zeros([], jnp.float32),
+        num_active=jnp.zeros([], jnp.int32),
+        num_nonfinite=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "mask_by_global_taylor needs params to compute |g * w|: call "
+          "update(grads, state, params).")
+    mask = _pool.resolve_pool(params, pool)
+    if jax.tree.structure(updates) != jax.tree.structure(params):
+      raise ValueError(
+          "updates and params have different tree structures: "
+          f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
+    flat_updates, treedef = jax.tree.flatten(updates)
+    flat_params = jax.tree.leaves(params)
+    flat_mask = jax.tree.leaves(mask)
+    pooled = [i for i, m in enumerate(flat_mask) if m]
+    grads = [flat_updates[i] for i in pooled]
+    weights = [flat_params[i] for i in pooled]
+    size = sum(g.size for g in grads)
+
+    keep = _keep_for_step(size, compression, state.count)
+    scores = taylor_scores(grads, weights)
+    threshold = selection.kth_largest_score(scores, keep)
+    num_active = jnp.zeros([], jnp.int32)
+    num_nonfinite = jnp.zeros([], jnp.int32)
+    for i, g, s in zip(pooled, grads, scores):
+      # NaN >= t is False: never active. With Q = |pool| (C = 1) every weight
+      # is active; otherwise a zero score never is.
+      active = (s >= threshold) & ((s > 0) | (keep >= size))
+      flat_updates[i] = jnp.where(active, g, jnp.zeros_like(g))
+      num_active += jnp.sum(active, dtype=jnp.int32)
+      num_nonfinite += jnp.sum(~jnp.isfinite(s), dtype=jnp.int32)
+    new_state = MaskByGlobalTaylorState(
+        count=optax.safe_increment(state.count),
+        keep=keep,
+        threshold=threshold,
+        num_active=num_active,
+        num_nonfinite=num_nonfinite,
+    )
+    return jax.tree.unflatten(treedef, flat_updates), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def gsm(
+    learning_rate: ScalarOrSchedule,
+    compression: ScalarOrSchedule,
+    *,
+    momentum: float = 0.99,
+    weight_decay: ScalarOrSchedule = 5e-4,
+    nesterov: bool = False,
+    pool: _pool.Pool = None,
+) -> optax.GradientTransformation:
+  """Global Sparse Momentum SGD (Ding et al., NeurIPS 2019, eq. 7-8).
+
+  z <- beta * z + eta * w + B * dL/dw;  w <- w - alpha * z, with B the mask of
+  `mask_by_global_taylor`. Weight decay applies to every pooled weight (active
+  or passive), none to leaves outside the pool. A passive weight shrinks by
+  about (1 - alpha * eta / (1 - beta)) per step.
+
+  Args:
+    learning_rate: alpha, a float or an optax schedule.
+    compression: C >= 1 (Q = int(|pool| / C) weights stay non-zero), a float or
+      a schedule of the step.
+    momentum: beta.
+    weight_decay: eta, a float or a schedule; applied to the pool only.
+    nesterov: Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``).
+    pool: prunable leaves, as in `mask_by_global_taylor`.
+
+  Returns:
+    An `optax.GradientTransformation`; `update` requires `params`.
+  """
+  decay_mask = _pool.default_pool if pool is None else pool
+  return optax.chain(
+      mask_by_global_taylor(compression, pool=pool),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _find_states(state: Any) -> list[MaskByGlobalTaylorState]:
+  return [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, MaskByGlobalTaylorState))
+          if isinstance(s, MaskByGlobalTaylorState)]
+
+
+def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Logging view of the (single) `MaskByGlobalTaylorState` in `opt_state`.
+
+  Works on any nesting: `optax.chain`, `inject_hyperparams`, `masked`, ...
+
+  Returns:
+    A dict with "step", "keep" (Q), "threshold", "num_active" and
+    "num_nonfinite".
+
+  Raises:
+    ValueError: `opt_state` holds no such state, or more than one.
+  """
+  found = _find_states(opt_state)
+  if len(found) != 1:
+    raise ValueError(
+        "gsm_stats expects exactly one MaskByGlobalTaylorState in the "
+        f"optimizer state, found {len(found)}.")
+  state = found[0]
+  return {
+      "step": state.count,
+      "keep": state.keep,
+      "threshold": state.threshold,
+      "num_active": state.num_active,
+      "num_nonfinite": state.num_nonfinite,
+  }
