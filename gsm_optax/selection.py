@@ -9,7 +9,8 @@ concatenated and, under SPMD, only the 65,536-bin counts cross devices.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,3 +119,86 @@ def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   keys = [sortable_key(jnp.where(jnp.isnan(s), jnp.float32(0), s))
           for s in scores]
   return key_to_float(select_kth_largest_key(keys, k))
+
+
+# Bins of the one-pass windowed histogram used by `select_score_threshold`.
+_WINDOW = _NUM_BINS
+_BELOW, _ABOVE, _INF, _NAN = 0, _WINDOW + 1, _WINDOW + 2, _WINDOW + 3
+_INF_KEY = 0x7F800000  # bit pattern of +inf; non-negative floats sort as int32
+
+
+class ScoreSelection(NamedTuple):
+  """Result of `select_score_threshold`."""
+  threshold: jax.Array      # the k-th greatest score (float32)
+  num_at_least: jax.Array   # scores >= threshold (NaN excluded)
+  num_zero: jax.Array       # scores == 0
+  num_nonfinite: jax.Array  # NaN or inf scores
+  used_window: jax.Array    # whether the one-pass window path sufficed
+
+
+def _window_histogram(keys: Sequence[jax.Array], base: jax.Array) -> jax.Array:
+  """One pass: counts below/inside/above [base, base + 2^16) plus inf and NaN.
+
+  Each leaf gets its own histogram (independent scatters run in parallel);
+  they are summed at the end.
+  """
+  hists = []
+  for key in keys:
+    offset = jnp.clip(key - base, -1, _WINDOW) + 1
+    index = jnp.where(key == _INF_KEY, _INF, jnp.where(key > _INF_KEY, _NAN, offset))
+    hists.append(jnp.zeros((_NAN + 1,), jnp.int32).at[index].add(
+        1, mode="promise_in_bounds"))
+  return functools.reduce(jnp.add, hists)
+
+
+def _select_in_window(keys, k, base):
+  """Tries the window around `base`; returns (ScoreSelection, found)."""
+  hist = _window_histogram(keys, base)
+  window = hist[_BELOW + 1:_ABOVE]
+  above = hist[_INF] + hist[_ABOVE]  # inf is the greatest score
+  inf_is_kth = k <= hist[_INF]
+  found = (above < k) & (above + jnp.sum(window) >= k)
+  at_least = jnp.cumsum(window[::-1])[::-1]
+  offset = jnp.sum(at_least >= k - above) - 1
+  offset = jnp.clip(offset, 0, _WINDOW - 1)
+  threshold_key = jnp.where(inf_is_kth, _INF_KEY, base + offset)
+  num_at_least = jnp.where(inf_is_kth, hist[_INF], above + at_least[offset])
+  zero_in_window = (base <= 0) & (0 < base + _WINDOW)
+  num_zero = jnp.where(zero_in_window, window[jnp.clip(-base, 0, _WINDOW - 1)], 0)
+  # A window that does not hold key 0 cannot count zeros; only needed when
+  # the threshold itself is 0, which then lies in the window.
+  result = ScoreSelection(
+      threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
+      num_at_least=num_at_least,
+      num_zero=num_zero,
+      num_nonfinite=hist[_INF] + hist[_NAN],
+      used_window=jnp.asarray(True))
+  return result, found | inf_is_kth
+
+
+def _select_by_radix(scores, k):
+  """Exact fallback: full radix select and explicit counts."""
+  threshold = kth_largest_score(scores, k)
+  num_at_least = sum(jnp.sum(s >= threshold, dtype=jnp.int32) for s in scores)
+  num_zero = sum(jnp.sum(s == 0, dtype=jnp.int32) for s in scores)
+  num_nonfinite = sum(jnp.sum(~jnp.isfinite(s), dtype=jnp.int32) for s in scores)
+  return ScoreSelection(threshold, num_at_least, num_zero, num_nonfinite,
+                        jnp.asarray(False))
+
+
+def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array,
+                           hint: jax.Array) -> ScoreSelection:
+  """Exact k-th greatest of non-negative scores, with NaN ranked as 0.
+
+  One histogram pass over a window of 2^16 consecutive float values starting
+  just below `hint` (the previous step's threshold: it moves slowly) finds the
+  exact answer whenever it lies in that window; otherwise a full two-pass
+  radix select runs (`lax.cond`). Both give the same, exact, result.
+  """
+  keys = [lax.bitcast_convert_type(jnp.ravel(s).astype(jnp.float32), jnp.int32)
+          for s in scores]
+  hint_key = lax.bitcast_convert_type(jnp.asarray(hint, jnp.float32), jnp.int32)
+  base = jnp.clip(hint_key - _WINDOW // 2, 0, _INF_KEY - _WINDOW)
+  windowed, found = _select_in_window(keys, jnp.asarray(k, jnp.int32), base)
+  return lax.cond(found, lambda: windowed,
+                  lambda: _select_by_radix(list(scores), k))

@@ -35,12 +35,15 @@ class MaskByGlobalTaylorState(NamedTuple):
     num_active: active (unmasked) pooled weights at the last update.
     num_nonfinite: pooled weights whose score was NaN or inf at the last
       update (NaN scores are never active).
+    used_window: whether the last selection was found by the one-pass window
+      around the previous threshold (else by the full radix select).
   """
   count: jax.Array
   keep: jax.Array
   threshold: jax.Array
   num_active: jax.Array
   num_nonfinite: jax.Array
+  used_window: jax.Array
 
 
 def _is_concrete(x: Any) -> bool:
@@ -120,6 +123,7 @@ def mask_by_global_taylor(
         threshold=jnp.zeros([], jnp.float32),
         num_active=jnp.zeros([], jnp.int32),
         num_nonfinite=jnp.zeros([], jnp.int32),
+        used_window=jnp.zeros([], bool),
     )
 
   def update_fn(updates, state, params=None):
@@ -142,22 +146,23 @@ def mask_by_global_taylor(
 
     keep = _keep_for_step(size, compression, state.count)
     scores = taylor_scores(grads, weights)
-    threshold = selection.kth_largest_score(scores, keep)
-    num_active = jnp.zeros([], jnp.int32)
-    num_nonfinite = jnp.zeros([], jnp.int32)
+    selected = selection.select_score_threshold(scores, keep, state.threshold)
+    threshold = selected.threshold
+    keep_all = keep >= size
     for i, g, s in zip(pooled, grads, scores):
       # NaN >= t is False: never active. With Q = |pool| (C = 1) every weight
       # is active; otherwise a zero score never is.
-      active = (s >= threshold) & ((s > 0) | (keep >= size))
+      active = (s >= threshold) & ((s > 0) | keep_all)
       flat_updates[i] = jnp.where(active, g, jnp.zeros_like(g))
-      num_active += jnp.sum(active, dtype=jnp.int32)
-      num_nonfinite += jnp.sum(~jnp.isfinite(s), dtype=jnp.int32)
+    zeros_counted = (threshold == 0) & ~keep_all
+    num_active = selected.num_at_least - jnp.where(zeros_counted, selected.num_zero, 0)
     new_state = MaskByGlobalTaylorState(
         count=optax.safe_increment(state.count),
         keep=keep,
         threshold=threshold,
         num_active=num_active,
-        num_nonfinite=num_nonfinite,
+        num_nonfinite=selected.num_nonfinite,
+        used_window=selected.used_window,
     )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
@@ -226,6 +231,7 @@ def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
         f"optimizer state, found {len(found)}.")
   state = found[0]
   return {
+      "used_window": state.used_window,
       "step": state.count,
       "keep": state.keep,
       "threshold": state.threshold,
