@@ -1,0 +1,1 @@
+"""Training program support: data pipelines and the training loop."""
