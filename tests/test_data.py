@@ -70,7 +70,6 @@ def batch_indices(images: np.ndarray) -> np.ndarray:
 def offline(monkeypatch, tmp_path):
     """No Debian Fashion-MNIST and no network: only explicit sources can be found."""
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "no-debian"))
-    monkeypatch.setattr(data, "_network_available", lambda *a, **k: False)
 
 
 # --------------------------------------------------------------------------- #

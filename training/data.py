@@ -23,8 +23,6 @@ import dataclasses
 import gzip
 import math
 import os
-import socket
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -476,25 +474,14 @@ def _tfds_data_dir(data_dir: str | None) -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
-def _network_available(host: str = "storage.googleapis.com", timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to ``host`` succeeds within ``timeout`` seconds (DNS included)."""
-    ok: list[bool] = []
+def _open_tfds(
+    name: str, splits: list[str], data_dir: str | None, download: bool
+) -> list[Sequence[Any]]:
+    """Random-access TFDS sources for ``splits``; DataNotFoundError when unavailable.
 
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(ok)
-
-
-def _open_tfds(name: str, splits: list[str], data_dir: str | None) -> list[Sequence[Any]]:
-    """Random-access TFDS sources for ``splits``; DataNotFoundError when unavailable."""
+    Prepared data is used as it is; downloading is attempted only when
+    ``download`` is set (no network access otherwise).
+    """
     cause: BaseException
     try:
         import tensorflow_datasets as tfds
@@ -505,7 +492,7 @@ def _open_tfds(name: str, splits: list[str], data_dir: str | None) -> list[Seque
             return tfds.data_source(name, split=splits, data_dir=data_dir, download=False)
         except Exception as err:  # noqa: BLE001 - TFDS raises many types; re-raised below
             cause = err
-        if name != "imagenet2012" and _network_available():
+        if download and name != "imagenet2012":
             try:
                 return tfds.data_source(name, split=splits, data_dir=data_dir, download=True)
             except Exception as err:  # noqa: BLE001
@@ -538,8 +525,8 @@ def _missing_message(name: str, data_dir: str | None, cause: BaseException) -> s
         "  2. fashion_mnist only: `sudo apt-get install dataset-fashion-mnist` "
         f"(installs the IDX files in {DEBIAN_FASHION_MNIST_DIR});\n"
         f"  3. TFDS: run `tfds build {name} --data_dir={tfds_dir}` (preparing needs "
-        "TensorFlow installed), or run this program once with internet access so TFDS "
-        f"can download and prepare it; the TFDS data_dir is {tfds_dir} (set it with "
+        "TensorFlow installed), or run once with internet access and --config.download=True "
+        f"(load_dataset(..., download=True)) so TFDS downloads and prepares it; the TFDS data_dir is {tfds_dir} (set it with "
         f"--config.data_dir=DIR or the TFDS_DATA_DIR environment variable).{manual}"
     )
 
@@ -575,9 +562,14 @@ def _read_tfds_split(
 
 
 def _dataset_from_tfds(
-    name: str, spec: _Spec, data_dir: str | None, max_train: int | None, max_test: int | None
+    name: str,
+    spec: _Spec,
+    data_dir: str | None,
+    max_train: int | None,
+    max_test: int | None,
+    download: bool,
 ) -> Dataset:
-    train_src, test_src = _open_tfds(name, ["train", spec.test_split], data_dir)
+    train_src, test_src = _open_tfds(name, ["train", spec.test_split], data_dir, download)
     source = f"tfds:{name}" + (f" (data_dir={data_dir})" if data_dir else "")
     if name != "imagenet2012":
         train = _read_tfds_split(train_src, spec, max_train)
@@ -611,8 +603,12 @@ def load_dataset(
     data_dir: str | None = None,
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
+    download: bool = False,
 ) -> Dataset:
-    """Load ``name`` from an IDX ``data_dir``, the Debian package or TFDS (in that order)."""
+    """Load ``name`` from an IDX ``data_dir``, the Debian package or TFDS (in that order).
+
+    With ``download=True`` TFDS may download and prepare a missing dataset.
+    """
     if name not in _SPECS:
         raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     for what, value in (("max_train_examples", max_train_examples),
@@ -630,4 +626,6 @@ def load_dataset(
                 return _dataset_from_idx(
                     name, spec, directory, files, max_train_examples, max_test_examples
                 )
-    return _dataset_from_tfds(name, spec, data_dir, max_train_examples, max_test_examples)
+    return _dataset_from_tfds(
+        name, spec, data_dir, max_train_examples, max_test_examples, download
+    )
