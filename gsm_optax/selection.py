@@ -23,12 +23,12 @@ _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
-  """Maps floats to uint32 keys with key order == float order (flattened).
+  """Maps floats to uint32 keys with key order == float order (same shape).
 
   -0.0 is mapped like +0.0 and every NaN like +NaN, which sorts after +inf
   (NumPy's order).
   """
-  x = jnp.ravel(x).astype(jnp.float32)
+  x = jnp.asarray(x).astype(jnp.float32)
   x = jnp.where(x == 0, jnp.float32(0), x)
   x = jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
   bits = lax.bitcast_convert_type(x, jnp.uint32)
@@ -121,84 +121,128 @@ def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   return key_to_float(select_kth_largest_key(keys, k))
 
 
-# Bins of the one-pass windowed histogram used by `select_score_threshold`.
-_WINDOW = _NUM_BINS
-_BELOW, _ABOVE, _INF, _NAN = 0, _WINDOW + 1, _WINDOW + 2, _WINDOW + 3
-_INF_KEY = 0x7F800000  # bit pattern of +inf; non-negative floats sort as int32
+
+
+# --------------------------------------------------------------------------
+# Taylor-score selection for the GSM mask.
+#
+# Non-negative float32 scores sort like their int32 bit patterns. For large
+# pools a strided sample (1/16) first gives a 16-bit high bin just below the
+# answer; one full pass then histograms the keys in the 4 high bins from there
+# at full resolution and counts those above. A sample that misses (rare, and
+# detected exactly) falls back to the two-pass radix select.
+
+_INF_KEY = 0x7F800000            # +inf; NaN bit patterns are greater
+_SAMPLE_STRIDE = 16
+_SAMPLED_MIN_SIZE = 1 << 22      # below this the two-pass radix select is as cheap
+_BRACKET_BINS = 4                # high bins a bracket may span
+_FINE = _BRACKET_BINS << _DIGIT_BITS
+_ABOVE, _INF, _NAN = _FINE, _FINE + 1, _FINE + 2
 
 
 class ScoreSelection(NamedTuple):
-  """Result of `select_score_threshold`."""
-  threshold: jax.Array      # the k-th greatest score (float32)
-  num_at_least: jax.Array   # scores >= threshold (NaN excluded)
-  num_zero: jax.Array       # scores == 0
-  num_nonfinite: jax.Array  # NaN or inf scores
-  used_window: jax.Array    # whether the one-pass window path sufficed
+  """The k-th greatest score and the counts the GSM state reports."""
+  threshold: jax.Array       # float32; NaN ranks as 0
+  num_at_least: jax.Array    # non-NaN scores >= threshold
+  num_zero: jax.Array        # scores == 0 (valid when threshold == 0)
+  num_nonfinite: jax.Array   # NaN or inf scores
+  sampled: jax.Array         # the sampled bracket held the answer
 
 
-def _window_histogram(keys: Sequence[jax.Array], base: jax.Array) -> jax.Array:
-  """One pass: counts below/inside/above [base, base + 2^16) plus inf and NaN.
+def _score_keys(scores: Sequence[jax.Array]) -> list[jax.Array]:
+  return [lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32) for s in scores]
 
-  Each leaf gets its own histogram (independent scatters run in parallel);
-  they are summed at the end.
-  """
+
+def _strided_sample(key: jax.Array) -> jax.Array:
+  """Every 16th entry along the longest axis (keeps the other axes' layout)."""
+  if key.ndim == 0:
+    return key
+  axis = max(range(key.ndim), key=lambda a: key.shape[a])
+  return lax.slice_in_dim(key, 0, key.shape[axis], _SAMPLE_STRIDE, axis=axis)
+
+
+def _sample_low_bin(keys, k, size):
+  """A high bin at or just below the k-th greatest key, from a 1/16 sample."""
+  samples = [_strided_sample(key) for key in keys]
+  sample_size = sum(x.size for x in samples)
+  clean = [jnp.where(x > _INF_KEY, 0, x) for x in samples]  # NaN ranks as 0
+  hist = _digit_histogram([x.astype(jnp.uint32) for x in clean], _DIGIT_BITS, None)
+  rank = jnp.clip(k.astype(jnp.float32) * (sample_size / size), 0.0, sample_size)
+  spread = 6.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / sample_size, 0.0)) + 16.0
+  low_rank = jnp.clip(jnp.ceil(rank + spread), 1, sample_size).astype(jnp.int32)
+  low_bin, _ = _kth_largest_bin(hist, low_rank)
+  return jnp.maximum(low_bin, 0)
+
+
+def _bracket_histogram(keys, base):
+  """One pass: keys in [base, base + 4 * 2^16) at full resolution, plus counts
+  above the bracket, of +inf and of NaN; keys below are dropped."""
   hists = []
   for key in keys:
-    offset = jnp.clip(key - base, -1, _WINDOW) + 1
-    index = jnp.where(key == _INF_KEY, _INF, jnp.where(key > _INF_KEY, _NAN, offset))
-    hists.append(jnp.zeros((_NAN + 1,), jnp.int32).at[index].add(
-        1, mode="promise_in_bounds"))
+    offset = key - base
+    index = jnp.where(offset < _FINE, offset, _ABOVE)
+    index = jnp.where(key == _INF_KEY, _INF, jnp.where(key > _INF_KEY, _NAN, index))
+    index = jnp.where(offset < 0, _NAN + 1, index)  # out of range: dropped
+    hists.append(jnp.zeros((_NAN + 1,), jnp.int32).at[index].add(1, mode="drop"))
   return functools.reduce(jnp.add, hists)
 
 
-def _select_in_window(keys, k, base):
-  """Tries the window around `base`; returns (ScoreSelection, found)."""
-  hist = _window_histogram(keys, base)
-  window = hist[_BELOW + 1:_ABOVE]
-  above = hist[_INF] + hist[_ABOVE]  # inf is the greatest score
+def _select_sampled(keys, k, size):
+  base = _sample_low_bin(keys, k, size).astype(jnp.int32) << _DIGIT_BITS
+  hist = _bracket_histogram(keys, base)
+  fine = hist[:_FINE]
+  above = hist[_ABOVE] + hist[_INF]
+  at_least = jnp.cumsum(fine[::-1])[::-1]
   inf_is_kth = k <= hist[_INF]
-  found = (above < k) & (above + jnp.sum(window) >= k)
-  at_least = jnp.cumsum(window[::-1])[::-1]
-  offset = jnp.sum(at_least >= k - above) - 1
-  offset = jnp.clip(offset, 0, _WINDOW - 1)
+  found = ((above < k) & (above + at_least[0] >= k)) | inf_is_kth
+  offset = jnp.clip(jnp.sum(at_least >= k - above) - 1, 0, _FINE - 1)
   threshold_key = jnp.where(inf_is_kth, _INF_KEY, base + offset)
-  num_at_least = jnp.where(inf_is_kth, hist[_INF], above + at_least[offset])
-  zero_in_window = (base <= 0) & (0 < base + _WINDOW)
-  num_zero = jnp.where(zero_in_window, window[jnp.clip(-base, 0, _WINDOW - 1)], 0)
-  # A window that does not hold key 0 cannot count zeros; only needed when
-  # the threshold itself is 0, which then lies in the window.
-  result = ScoreSelection(
+  selection = ScoreSelection(
       threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
-      num_at_least=num_at_least,
-      num_zero=num_zero,
+      num_at_least=jnp.where(inf_is_kth, hist[_INF], above + at_least[offset]),
+      num_zero=jnp.where(base == 0, fine[0], 0),
       num_nonfinite=hist[_INF] + hist[_NAN],
-      used_window=jnp.asarray(True))
-  return result, found | inf_is_kth
+      sampled=jnp.asarray(True))
+  return selection, found
 
 
-def _select_by_radix(scores, k):
-  """Exact fallback: full radix select and explicit counts."""
-  threshold = kth_largest_score(scores, k)
-  num_at_least = sum(jnp.sum(s >= threshold, dtype=jnp.int32) for s in scores)
-  num_zero = sum(jnp.sum(s == 0, dtype=jnp.int32) for s in scores)
-  num_nonfinite = sum(jnp.sum(~jnp.isfinite(s), dtype=jnp.int32) for s in scores)
-  return ScoreSelection(threshold, num_at_least, num_zero, num_nonfinite,
-                        jnp.asarray(False))
+def _select_radix(scores, keys, k):
+  """Two-pass radix select with NaN ranked as 0, and the counts."""
+  clean = [jnp.where(key > _INF_KEY, 0, key).astype(jnp.uint32) for key in keys]
+  k = jnp.asarray(k, jnp.int32)
+  high_hist = _digit_histogram(clean, _DIGIT_BITS, None)
+  high, rank = _kth_largest_bin(high_hist, k)
+  high = high.astype(jnp.uint32)
+  low_hist = _digit_histogram(clean, 0, high)
+  low, _ = _kth_largest_bin(low_hist, rank)
+  threshold_key = (high << _DIGIT_BITS) | low.astype(jnp.uint32)
+  above_high = jnp.sum(jnp.where(jnp.arange(_NUM_BINS) > high, high_hist, 0))
+  low_at_least = jnp.sum(jnp.where(jnp.arange(_NUM_BINS) >= low, low_hist, 0))
+  num_nan = sum(jnp.sum(jnp.isnan(s), dtype=jnp.int32) for s in scores)
+  num_inf = sum(jnp.sum(jnp.isinf(s), dtype=jnp.int32) for s in scores)
+  threshold = lax.bitcast_convert_type(threshold_key, jnp.float32)
+  # NaN keys were counted as 0: remove them when the threshold is 0.
+  num_at_least = above_high + low_at_least - jnp.where(threshold == 0, num_nan, 0)
+  return ScoreSelection(
+      threshold=threshold,
+      num_at_least=num_at_least,
+      num_zero=jnp.where(high == 0, low_hist[0] - num_nan, 0),
+      num_nonfinite=num_nan + num_inf,
+      sampled=jnp.asarray(False))
 
 
-def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array,
-                           hint: jax.Array) -> ScoreSelection:
-  """Exact k-th greatest of non-negative scores, with NaN ranked as 0.
+def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSelection:
+  """Exact k-th greatest of non-negative scores (NaN ranked as 0), and counts.
 
-  One histogram pass over a window of 2^16 consecutive float values starting
-  just below `hint` (the previous step's threshold: it moves slowly) finds the
-  exact answer whenever it lies in that window; otherwise a full two-pass
-  radix select runs (`lax.cond`). Both give the same, exact, result.
+  Pools of 2^22 weights or more first bracket the answer from a 1/16 strided
+  sample, so one full histogram pass usually suffices; whenever the bracket
+  misses, the exact two-pass radix select runs instead (`lax.cond`). Both
+  paths return the same threshold and counts.
   """
-  keys = [lax.bitcast_convert_type(jnp.ravel(s).astype(jnp.float32), jnp.int32)
-          for s in scores]
-  hint_key = lax.bitcast_convert_type(jnp.asarray(hint, jnp.float32), jnp.int32)
-  base = jnp.clip(hint_key - _WINDOW // 2, 0, _INF_KEY - _WINDOW)
-  windowed, found = _select_in_window(keys, jnp.asarray(k, jnp.int32), base)
-  return lax.cond(found, lambda: windowed,
-                  lambda: _select_by_radix(list(scores), k))
+  keys = _score_keys(scores)
+  size = sum(key.size for key in keys)
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 1, size)
+  if size < _SAMPLED_MIN_SIZE:
+    return _select_radix(scores, keys, k)
+  sampled, found = _select_sampled(keys, k, size)
+  return lax.cond(found, lambda: sampled, lambda: _select_radix(scores, keys, k))
