@@ -35,15 +35,12 @@ class MaskByGlobalTaylorState(NamedTuple):
     num_active: active (unmasked) pooled weights at the last update.
     num_nonfinite: pooled weights whose score was NaN or inf at the last
       update (NaN scores are never active).
-    used_window: whether the last selection was found by the one-pass window
-      around the previous threshold (else by the full radix select).
   """
   count: jax.Array
   keep: jax.Array
   threshold: jax.Array
   num_active: jax.Array
   num_nonfinite: jax.Array
-  used_window: jax.Array
 
 
 def _is_concrete(x: Any) -> bool:
@@ -123,7 +120,6 @@ def mask_by_global_taylor(
         threshold=jnp.zeros([], jnp.float32),
         num_active=jnp.zeros([], jnp.int32),
         num_nonfinite=jnp.zeros([], jnp.int32),
-        used_window=jnp.zeros([], bool),
     )
 
   def update_fn(updates, state, params=None):
@@ -146,7 +142,7 @@ def mask_by_global_taylor(
 
     keep = _keep_for_step(size, compression, state.count)
     scores = taylor_scores(grads, weights)
-    selected = selection.select_score_threshold(scores, keep, state.threshold)
+    selected = selection.select_score_threshold(scores, keep)
     threshold = selected.threshold
     keep_all = keep >= size
     for i, g, s in zip(pooled, grads, scores):
@@ -162,7 +158,6 @@ def mask_by_global_taylor(
         threshold=threshold,
         num_active=num_active,
         num_nonfinite=selected.num_nonfinite,
-        used_window=selected.used_window,
     )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
@@ -231,7 +226,6 @@ def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
         f"optimizer state, found {len(found)}.")
   state = found[0]
   return {
-      "used_window": state.used_window,
       "step": state.count,
       "keep": state.keep,
       "threshold": state.threshold,
