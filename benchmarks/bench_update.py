@@ -1,0 +1,263 @@
+"""Times one GSM update against plain momentum SGD and the naive top_k way.
+
+For pools shaped like LeNet-300-100, LeNet-5, ResNet-56 and ResNet-50, in one
+process and one run (ratios are measured side by side, as the machine is
+noisy), it times the jitted update of
+
+  * ``optax.sgd(lr, momentum)``,
+  * ``gsm_optax.gsm`` (exact windowed radix select),
+  * a naive GSM: concatenate the pool's scores and ``jax.lax.top_k``,
+
+and one full jitted LeNet-300-100 train step (batch 256) with each optimizer.
+Writes JSON and a Markdown table (default: benchmarks/results/).
+
+  python benchmarks/bench_update.py            # full (the 25.6M naive run takes minutes)
+  python benchmarks/bench_update.py --quick    # small pools only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gsm_optax
+
+LEARNING_RATE, MOMENTUM = 1e-2, 0.99
+
+
+# ----------------------------------------------------------------- pool shapes
+def lenet_300_100_shapes() -> list[tuple[int, ...]]:
+  return [(784, 300), (300,), (300, 100), (100,), (100, 10), (10,)]
+
+
+def lenet5_shapes() -> list[tuple[int, ...]]:
+  return [(5, 5, 1, 20), (20,), (5, 5, 20, 50), (50,), (800, 500), (500,),
+          (500, 10), (10,)]
+
+
+def resnet56_shapes() -> list[tuple[int, ...]]:
+  shapes = [(3, 3, 3, 16), (16,), (16,)]
+  cin = 16
+  for width in (16, 32, 64):
+    for _ in range(9):
+      shapes += [(3, 3, cin, width), (width,), (width,),
+                 (3, 3, width, width), (width,), (width,)]
+      cin = width
+  return shapes + [(64, 10), (10,)]
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+  shapes = [(7, 7, 3, 64), (64,), (64,)]
+  cin = 64
+  for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+    for block in range(blocks):
+      for shape in ((1, 1, cin, width), (3, 3, width, width), (1, 1, width, 4 * width)):
+        shapes += [shape, (shape[-1],), (shape[-1],)]
+      if block == 0:
+        shapes += [(1, 1, cin, 4 * width), (4 * width,), (4 * width,)]
+      cin = 4 * width
+  return shapes + [(2048, 1000), (1000,)]
+
+
+POOLS: dict[str, tuple[Callable[[], list[tuple[int, ...]]], float]] = {
+    "lenet_300_100": (lenet_300_100_shapes, 60.0),
+    "lenet5": (lenet5_shapes, 125.0),
+    "resnet56": (resnet56_shapes, 10.0),
+    "resnet50": (resnet50_shapes, 5.0),
+}
+
+
+def random_tree(shapes, seed: int, scale: float) -> dict[str, jax.Array]:
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  return {f"p{i:03d}": scale * jax.random.normal(k, s, jnp.float32)
+          for i, (k, s) in enumerate(zip(keys, shapes))}
+
+
+# --------------------------------------------------------------- naive GSM
+def naive_gsm(learning_rate: float, compression: float, *, momentum: float = MOMENTUM,
+              weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """GSM with the obvious selection: concatenate the scores, lax.top_k."""
+
+  def mask_grads(updates, state, params):
+    pool = gsm_optax.default_pool(params)
+    scores = [jnp.abs(g * w).ravel() for g, w, m in zip(
+        jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(pool)) if m]
+    flat = jnp.concatenate(scores)
+    keep = int(flat.size / compression)
+    threshold = jax.lax.top_k(flat, keep)[0][-1]
+    masked = jax.tree.map(lambda g, w, m: jnp.where(jnp.abs(g * w) >= threshold, g, 0) if m else g,
+                          updates, params, pool)
+    return masked, state
+
+  return optax.chain(
+      optax.GradientTransformation(lambda p: optax.EmptyState(), mask_grads),
+      optax.add_decayed_weights(weight_decay, mask=gsm_optax.default_pool),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+# ------------------------------------------------------------------ timing
+def time_calls(step: Callable[[Any, int], Any], state: Any, repeats: int) -> tuple[float, Any]:
+  """Median milliseconds of `state = step(state, i)`, after one warm-up call."""
+  state = jax.block_until_ready(step(state, 0))
+  times = []
+  for i in range(1, repeats + 1):
+    start = time.perf_counter()
+    state = jax.block_until_ready(step(state, i))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times), state
+
+
+def bench_pool(name: str, repeats: int, naive_repeats: int) -> dict[str, Any]:
+  make_shapes, compression = POOLS[name]
+  shapes = make_shapes()
+  params = random_tree(shapes, 0, 0.05)
+  grad_sets = [random_tree(shapes, s, 0.01) for s in (1, 2, 3, 4)]
+  pool_size = gsm_optax.pool_size(params)
+  result: dict[str, Any] = dict(pool=name, leaves=len(shapes), pool_size=pool_size,
+                                compression=compression)
+  optimizers = {
+      "sgd_momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
+      "gsm": gsm_optax.gsm(LEARNING_RATE, compression, momentum=MOMENTUM),
+      "naive_topk_gsm": naive_gsm(LEARNING_RATE, compression),
+  }
+  for label, tx in optimizers.items():
+    update = jax.jit(tx.update)
+
+    def step(carry, i, update=update):
+      opt_state, _ = carry
+      updates, opt_state = update(grad_sets[i % len(grad_sets)], opt_state, params)
+      return opt_state, updates
+
+    n = naive_repeats if label == "naive_topk_gsm" else repeats
+    ms, (opt_state, _) = time_calls(step, (tx.init(params), None), n)
+    result[f"{label}_ms"] = ms
+    if label == "gsm":
+      stats = gsm_optax.gsm_stats(opt_state)
+      result["gsm_num_active"] = int(stats["num_active"])
+      result["gsm_keep"] = int(stats["keep"])
+  base = result["sgd_momentum_ms"]
+  result["gsm_ratio"] = result["gsm_ms"] / base
+  result["naive_ratio"] = result["naive_topk_gsm_ms"] / base
+  return result
+
+
+def window_hit_rate(steps: int = 50) -> float:
+  """Fraction of updates served by the one-pass window (LeNet-300-100 pool)."""
+  shapes = lenet_300_100_shapes()
+  params = random_tree(shapes, 0, 0.05)
+  tx = gsm_optax.gsm(LEARNING_RATE, 60.0)
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  hits = 0
+  for i in range(steps):
+    updates, state = update(random_tree(shapes, 100 + i, 0.01), state, params)
+    params = optax.apply_updates(params, updates)
+    hits += int(gsm_optax.gsm_stats(state)["used_window"])
+  return hits / steps
+
+
+def bench_lenet_train_step(repeats: int) -> dict[str, Any]:
+  """Full jitted LeNet-300-100 train step (batch 256): forward, backward, update."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+
+  model = models.create_model("lenet_300_100", num_classes=10, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  batches = [(jnp.asarray(rng.standard_normal((256, 28, 28, 1)), jnp.float32),
+              jnp.asarray(rng.integers(0, 10, 256), jnp.int32)) for _ in range(4)]
+
+  def loss_fn(p, images, labels):
+    logits = nnx.merge(graphdef, p)(images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  result: dict[str, Any] = {}
+  optimizers = {
+      "sgd_momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
+      "gsm": gsm_optax.gsm(LEARNING_RATE, 60.0, momentum=MOMENTUM),
+      "naive_topk_gsm": naive_gsm(LEARNING_RATE, 60.0),
+  }
+  for label, tx in optimizers.items():
+    @jax.jit
+    def train_step(p, opt_state, images, labels, tx=tx):
+      grads = jax.grad(loss_fn)(p, images, labels)
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return optax.apply_updates(p, updates), opt_state
+
+    def step(carry, i, train_step=train_step):
+      return train_step(*carry, *batches[i % len(batches)])
+
+    result[f"{label}_ms"], _ = time_calls(step, (params, tx.init(params)), repeats)
+  result["gsm_ratio"] = result["gsm_ms"] / result["sgd_momentum_ms"]
+  result["naive_ratio"] = result["naive_topk_gsm_ms"] / result["sgd_momentum_ms"]
+  return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+  lines = [
+      "| pool | leaves | pooled weights | C | sgd-momentum ms | gsm ms | gsm / sgd | naive top_k ms | naive / sgd |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in results["updates"]:
+    lines.append(
+        f"| {r['pool']} | {r['leaves']} | {r['pool_size']:,} | {r['compression']:g} | "
+        f"{r['sgd_momentum_ms']:.2f} | {r['gsm_ms']:.2f} | {r['gsm_ratio']:.2f}x | "
+        f"{r['naive_topk_gsm_ms']:.1f} | {r['naive_ratio']:.1f}x |")
+  t = results.get("lenet_300_100_train_step")
+  if t:
+    lines += [
+        "",
+        "| LeNet-300-100 train step, batch 256 | sgd-momentum ms | gsm ms | gsm / sgd | naive top_k ms | naive / sgd |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| forward + backward + update | {t['sgd_momentum_ms']:.2f} | {t['gsm_ms']:.2f} | "
+        f"{t['gsm_ratio']:.2f}x | {t['naive_topk_gsm_ms']:.2f} | {t['naive_ratio']:.1f}x |",
+    ]
+  lines += ["", f"Window hit rate (one-pass selection), LeNet-300-100 pool, random "
+                f"gradients: {100 * results['window_hit_rate']:.0f}%",
+            "", f"{results['machine']}; jax {results['jax']}, optax {results['optax']}; "
+                f"median of {results['repeats']} calls."]
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small pools only, few repeats")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = parser.parse_args()
+  repeats = args.repeats or (5 if args.quick else 20)
+  pools = ["lenet_300_100", "lenet5"] if args.quick else list(POOLS)
+  results: dict[str, Any] = dict(
+      machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+      jax=jax.__version__, optax=optax.__version__, repeats=repeats, updates=[])
+  for name in pools:
+    naive_repeats = 2 if POOLS[name][1] and name == "resnet50" else repeats
+    results["updates"].append(bench_pool(name, repeats, naive_repeats))
+    print(json.dumps(results["updates"][-1]), flush=True)
+  results["lenet_300_100_train_step"] = bench_lenet_train_step(repeats * 5)
+  results["window_hit_rate"] = window_hit_rate()
+  table = markdown(results)
+  os.makedirs(args.out, exist_ok=True)
+  suffix = "_quick" if args.quick else ""
+  with open(os.path.join(args.out, f"bench_update{suffix}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(args.out, f"bench_update{suffix}.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

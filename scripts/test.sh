@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: install the test extras, then run pytest (fast tests and the
+# notebooks in smoke mode). Slow tests: scripts/test.sh -m slow
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test
+python -m pytest "$@"
