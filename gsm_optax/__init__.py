@@ -35,3 +35,5 @@ __all__ = [
     "resolve_pool",
     "sparsity_report",
 ]
+
+from gsm_optax import baselines  # noqa: E402  (the baselines subpackage)

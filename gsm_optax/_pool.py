@@ -89,6 +89,10 @@ def pool_size(params: Any, pool: Pool = None) -> int:
 
 def validate_compression(compression: float, name: str = "compression") -> float:
   """Checks a constant compression ratio C: finite and >= 1."""
+  if isinstance(compression, (str, bytes, bool)):  # float("4") would pass
+    raise TypeError(
+        f"{name} must be a number >= 1 or an optax schedule, got "
+        f"{compression!r}.")
   try:
     value = float(compression)
   except (TypeError, ValueError):
