@@ -2,9 +2,9 @@
 
 IEEE floats map to unsigned integers whose order is the float order ("sortable
 keys"), so the k-th largest value is found digit by digit with histograms
-(radix select): two passes of 16-bit digits for 32-bit keys. Each pass works
-leaf by leaf and only adds up the per-leaf counts, so the pytree is never
-concatenated and, under SPMD, only the 65,536-bin counts cross devices.
+(radix select): three passes of 11/11/10-bit digits for 32-bit keys. Each pass
+works leaf by leaf and only adds up the per-leaf counts, so the pytree is never
+concatenated and, under SPMD, only the small histograms cross devices.
 """
 
 from __future__ import annotations
@@ -16,22 +16,27 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_DIGIT_BITS = 16
-_NUM_BINS = 1 << _DIGIT_BITS
 _SIGN_BIT = jnp.uint32(1 << 31)
+_INF_BITS = jnp.uint32(0x7F800000)
 _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+# Digit widths of the radix select, from the most significant: 3 passes over
+# the data with histograms of at most 2,048 bins (cheap to scan) beat 2 passes
+# with 65,536 bins on CPU for the pool sizes where the radix select runs.
+_KEY_DIGITS = (11, 11, 10)     # 32-bit sortable keys
+_SCORE_DIGITS = (11, 10, 10)   # non-negative scores: the sign bit is 0
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
   """Maps floats to uint32 keys with key order == float order (same shape).
 
   -0.0 is mapped like +0.0 and every NaN like +NaN, which sorts after +inf
-  (NumPy's order).
+  (NumPy's order). Integer operations only: subnormals keep their order even
+  where the CPU flushes them to zero in float arithmetic.
   """
-  x = jnp.asarray(x).astype(jnp.float32)
-  x = jnp.where(x == 0, jnp.float32(0), x)
-  x = jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  bits = lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.float32), jnp.uint32)
+  magnitude = bits & ~_SIGN_BIT
+  bits = jnp.where(magnitude == 0, jnp.uint32(0), bits)                 # -0.0
+  bits = jnp.where(magnitude > _INF_BITS, jnp.uint32(0x7FC00000), bits)  # NaN
   negative = bits >= _SIGN_BIT
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
@@ -42,39 +47,58 @@ def key_to_float(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _digit_histogram(keys: Sequence[jax.Array], shift: int,
+def _digit_histogram(keys: Sequence[jax.Array], shift: int, width: int,
                      prefix: jax.Array | None) -> jax.Array:
-  """Counts of the 16-bit digit at `shift` among keys whose higher bits equal
-  `prefix` (all keys when `prefix` is None), summed over leaves."""
-  hist = jnp.zeros((_NUM_BINS,), jnp.int32)
+  """Counts of the `width`-bit digit at `shift` among the keys whose higher
+  bits equal `prefix` (all keys when `prefix` is None), summed over leaves.
+
+  Keys keep their shapes (no reshape, so sharded leaves stay sharded); each
+  leaf only adds its counts into the histogram.
+  """
+  num_bins = 1 << width
+  hist = jnp.zeros((num_bins,), jnp.int32)
   for key in keys:
-    digit = ((key >> shift) & (_NUM_BINS - 1)).astype(jnp.int32)
+    digit = ((key >> shift) & (num_bins - 1)).astype(jnp.int32)
     if prefix is not None:
-      matches = (key >> (shift + _DIGIT_BITS)) == prefix
-      digit = jnp.where(matches, digit, _NUM_BINS)  # out of range: dropped
+      matches = (key >> (shift + width)) == prefix
+      digit = jnp.where(matches, digit, num_bins)  # out of range: dropped
     hist = hist.at[digit].add(1, mode="drop")
   return hist
 
 
-def _kth_largest_bin(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The bin holding the k-th largest element, and its rank inside that bin."""
+def _kth_largest_bin(hist: jax.Array, k: jax.Array):
+  """(bin holding the k-th largest element, its rank in the bin, count above)."""
   at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = #elements in bins >= d
-  digit = jnp.sum(at_least >= k) - 1
+  digit = jnp.clip(jnp.sum(at_least >= k) - 1, 0, hist.shape[0] - 1)
   above = at_least[digit] - hist[digit]
-  return digit, k - above
+  return digit, k - above, above
+
+
+def radix_select(keys: Sequence[jax.Array], k: jax.Array,
+                 digits: Sequence[int] = _KEY_DIGITS) -> tuple[jax.Array, jax.Array]:
+  """Exact k-th largest of uint32 keys spread over several arrays.
+
+  One histogram pass per digit, most significant first; each pass counts only
+  the keys that share the digits found so far. Requires 1 <= k <= total size.
+
+  Returns:
+    (the k-th largest key, the number of keys >= it).
+  """
+  rank = jnp.asarray(k, jnp.int32)
+  prefix, above_total, shift = None, jnp.zeros([], jnp.int32), sum(digits)
+  for width in digits:
+    shift -= width
+    hist = _digit_histogram(keys, shift, width, prefix)
+    digit, rank, above = _kth_largest_bin(hist, rank)
+    above_total += above
+    digit = digit.astype(jnp.uint32)
+    prefix = digit if prefix is None else (prefix << width) | digit
+  return prefix, above_total + hist[digit]
 
 
 def select_kth_largest_key(keys: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-  """Exact k-th largest of uint32 keys spread over several arrays (radix select).
-
-  Two histogram passes: the high 16 bits, then the low 16 bits of the keys
-  that share the high digit found first. Requires 1 <= k <= total size.
-  """
-  k = jnp.asarray(k, jnp.int32)
-  high, rank = _kth_largest_bin(_digit_histogram(keys, _DIGIT_BITS, None), k)
-  high = high.astype(jnp.uint32)
-  low, _ = _kth_largest_bin(_digit_histogram(keys, 0, high), rank)
-  return (high << _DIGIT_BITS) | low.astype(jnp.uint32)
+  """Exact k-th largest of uint32 keys spread over several arrays."""
+  return radix_select(keys, k, _KEY_DIGITS)[0]
 
 
 def _check_leaves(leaves: Sequence[Any]) -> None:
@@ -115,28 +139,28 @@ def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
 
 
 def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-  """Exact k-th greatest of non-negative scores (float32), NaN ranked as 0."""
-  keys = [sortable_key(jnp.where(jnp.isnan(s), jnp.float32(0), s))
-          for s in scores]
-  return key_to_float(select_kth_largest_key(keys, k))
-
-
+  """Exact k-th greatest of scores >= 0 (e.g. from `jnp.abs`), NaN ranked as 0."""
+  keys = [_nan_as_zero(key) for key in _score_keys(scores)]
+  key, _ = radix_select(keys, k, _SCORE_DIGITS)
+  return lax.bitcast_convert_type(key, jnp.float32)
 
 
 # --------------------------------------------------------------------------
 # Taylor-score selection for the GSM mask.
 #
-# Non-negative float32 scores sort like their int32 bit patterns. For large
-# pools a strided sample (1/16) first gives a 16-bit high bin just below the
-# answer; one full pass then histograms the keys in the 4 high bins from there
-# at full resolution and counts those above. A sample that misses (rare, and
-# detected exactly) falls back to the two-pass radix select.
+# Non-negative float32 scores sort like their int32 bit patterns (31 bits). For
+# large pools a strided 1/16 sample first gives a bin of 2^15 keys (0.4% of a
+# float's range) at or just below the answer; one full pass then histograms the
+# keys of the 4 bins from there at full resolution and counts those above. A
+# sample that misses (rare, and detected exactly by the counts) falls back to
+# the radix select, which is also the path for smaller pools.
 
 _INF_KEY = 0x7F800000            # +inf; NaN bit patterns are greater
 _SAMPLE_STRIDE = 16
-_SAMPLED_MIN_SIZE = 1 << 22      # below this the two-pass radix select is as cheap
-_BRACKET_BINS = 4                # high bins a bracket may span
-_FINE = _BRACKET_BINS << _DIGIT_BITS
+_SAMPLED_MIN_SIZE = 1 << 22      # below this the radix select is as cheap
+_BRACKET_SHIFT = 15              # a bracket bin spans 2^15 keys
+_BRACKET_BINS = 4
+_FINE = _BRACKET_BINS << _BRACKET_SHIFT
 _ABOVE, _INF, _NAN = _FINE, _FINE + 1, _FINE + 2
 
 
@@ -153,6 +177,10 @@ def _score_keys(scores: Sequence[jax.Array]) -> list[jax.Array]:
   return [lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32) for s in scores]
 
 
+def _nan_as_zero(key: jax.Array) -> jax.Array:
+  return jnp.where(key > _INF_KEY, 0, key).astype(jnp.uint32)
+
+
 def _strided_sample(key: jax.Array) -> jax.Array:
   """Every 16th entry along the longest axis (keeps the other axes' layout)."""
   if key.ndim == 0:
@@ -162,20 +190,18 @@ def _strided_sample(key: jax.Array) -> jax.Array:
 
 
 def _sample_low_bin(keys, k, size):
-  """A high bin at or just below the k-th greatest key, from a 1/16 sample."""
-  samples = [_strided_sample(key) for key in keys]
+  """A bracket bin at or just below the k-th greatest key, from a 1/16 sample."""
+  samples = [_nan_as_zero(_strided_sample(key)) for key in keys]
   sample_size = sum(x.size for x in samples)
-  clean = [jnp.where(x > _INF_KEY, 0, x) for x in samples]  # NaN ranks as 0
-  hist = _digit_histogram([x.astype(jnp.uint32) for x in clean], _DIGIT_BITS, None)
+  hist = _digit_histogram(samples, _BRACKET_SHIFT, 31 - _BRACKET_SHIFT, None)
   rank = jnp.clip(k.astype(jnp.float32) * (sample_size / size), 0.0, sample_size)
   spread = 6.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / sample_size, 0.0)) + 16.0
   low_rank = jnp.clip(jnp.ceil(rank + spread), 1, sample_size).astype(jnp.int32)
-  low_bin, _ = _kth_largest_bin(hist, low_rank)
-  return jnp.maximum(low_bin, 0)
+  return _kth_largest_bin(hist, low_rank)[0]
 
 
 def _bracket_histogram(keys, base):
-  """One pass: keys in [base, base + 4 * 2^16) at full resolution, plus counts
+  """One pass: keys in [base, base + _FINE) at full resolution, plus counts
   above the bracket, of +inf and of NaN; keys below are dropped."""
   hists = []
   for key in keys:
@@ -188,7 +214,8 @@ def _bracket_histogram(keys, base):
 
 
 def _select_sampled(keys, k, size):
-  base = _sample_low_bin(keys, k, size).astype(jnp.int32) << _DIGIT_BITS
+  """(ScoreSelection from the sampled bracket, whether it held the answer)."""
+  base = _sample_low_bin(keys, k, size).astype(jnp.int32) << _BRACKET_SHIFT
   hist = _bracket_histogram(keys, base)
   fine = hist[:_FINE]
   above = hist[_ABOVE] + hist[_INF]
@@ -207,26 +234,18 @@ def _select_sampled(keys, k, size):
 
 
 def _select_radix(scores, keys, k):
-  """Two-pass radix select with NaN ranked as 0, and the counts."""
-  clean = [jnp.where(key > _INF_KEY, 0, key).astype(jnp.uint32) for key in keys]
-  k = jnp.asarray(k, jnp.int32)
-  high_hist = _digit_histogram(clean, _DIGIT_BITS, None)
-  high, rank = _kth_largest_bin(high_hist, k)
-  high = high.astype(jnp.uint32)
-  low_hist = _digit_histogram(clean, 0, high)
-  low, _ = _kth_largest_bin(low_hist, rank)
-  threshold_key = (high << _DIGIT_BITS) | low.astype(jnp.uint32)
-  above_high = jnp.sum(jnp.where(jnp.arange(_NUM_BINS) > high, high_hist, 0))
-  low_at_least = jnp.sum(jnp.where(jnp.arange(_NUM_BINS) >= low, low_hist, 0))
+  """Radix select with NaN ranked as 0, and the counts."""
+  threshold_key, at_least = radix_select([_nan_as_zero(key) for key in keys], k,
+                                         _SCORE_DIGITS)
   num_nan = sum(jnp.sum(jnp.isnan(s), dtype=jnp.int32) for s in scores)
   num_inf = sum(jnp.sum(jnp.isinf(s), dtype=jnp.int32) for s in scores)
+  num_zero = sum(jnp.sum(s == 0, dtype=jnp.int32) for s in scores)
   threshold = lax.bitcast_convert_type(threshold_key, jnp.float32)
   # NaN keys were counted as 0: remove them when the threshold is 0.
-  num_at_least = above_high + low_at_least - jnp.where(threshold == 0, num_nan, 0)
   return ScoreSelection(
       threshold=threshold,
-      num_at_least=num_at_least,
-      num_zero=jnp.where(high == 0, low_hist[0] - num_nan, 0),
+      num_at_least=at_least - jnp.where(threshold == 0, num_nan, 0),
+      num_zero=num_zero,
       num_nonfinite=num_nan + num_inf,
       sampled=jnp.asarray(False))
 
@@ -236,8 +255,8 @@ def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSe
 
   Pools of 2^22 weights or more first bracket the answer from a 1/16 strided
   sample, so one full histogram pass usually suffices; whenever the bracket
-  misses, the exact two-pass radix select runs instead (`lax.cond`). Both
-  paths return the same threshold and counts.
+  misses, the exact radix select runs instead (`lax.cond`). Both paths return
+  the same threshold and counts.
   """
   keys = _score_keys(scores)
   size = sum(key.size for key in keys)
