@@ -2,7 +2,7 @@
 
 IEEE floats map to unsigned integers whose order is the float order ("sortable
 keys"), so the k-th largest value is found digit by digit with histograms
-(radix select): three passes of 11/11/10-bit digits for 32-bit keys. Each pass
+(radix select): two passes of 16-bit digits for 32-bit keys. Each pass
 works leaf by leaf and only adds up the per-leaf counts, so the pytree is never
 concatenated and, under SPMD, only the small histograms cross devices.
 """
@@ -19,11 +19,11 @@ from jax import lax
 _SIGN_BIT = jnp.uint32(1 << 31)
 _INF_BITS = jnp.uint32(0x7F800000)
 _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-# Digit widths of the radix select, from the most significant: 3 passes over
-# the data with histograms of at most 2,048 bins (cheap to scan) beat 2 passes
-# with 65,536 bins on CPU for the pool sizes where the radix select runs.
-_KEY_DIGITS = (11, 11, 10)     # 32-bit sortable keys
-_SCORE_DIGITS = (11, 10, 10)   # non-negative scores: the sign bit is 0
+# Digit widths of the radix select, from the most significant: two passes over
+# the data (65,536-bin histograms, scanned in two levels) measured faster on
+# CPU than three passes with 2,048 bins, from 0.27M to 0.85M weights.
+_KEY_DIGITS = (16, 16)     # 32-bit sortable keys
+_SCORE_DIGITS = (16, 15)   # non-negative scores: the sign bit is 0
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
@@ -67,10 +67,35 @@ def _digit_histogram(keys: Sequence[jax.Array], shift: int, width: int,
 
 
 def _kth_largest_bin(hist: jax.Array, k: jax.Array):
-  """(bin holding the k-th largest element, its rank in the bin, count above)."""
-  at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = #elements in bins >= d
-  digit = jnp.clip(jnp.sum(at_least >= k) - 1, 0, hist.shape[0] - 1)
-  above = at_least[digit] - hist[digit]
+  """(bin holding the k-th largest element, its rank in the bin, count above).
+
+  Two levels (rows of ~sqrt(bins) bins, then one row) instead of a cumulative
+  sum over every bin, which is slow on CPU for large histograms.
+  """
+  num_bins = hist.shape[0]
+  cols = 1 << ((num_bins.bit_length() - 1) // 2)
+  rows = num_bins // cols
+  table = hist[:rows * cols].reshape(rows, cols)
+  row_totals = jnp.sum(table, axis=1)
+  rest = jnp.sum(hist[rows * cols:])  # bins past the table (the greatest)
+  row_at_least = jnp.cumsum(row_totals[::-1])[::-1] + rest
+  if rows * cols < num_bins:
+    # k-th largest among the trailing bins: handled as a last "row".
+    tail = hist[rows * cols:]
+    tail_at_least = jnp.cumsum(tail[::-1])[::-1]
+    in_tail = k <= rest
+    tail_bin = jnp.clip(jnp.sum(tail_at_least >= k) - 1, 0, tail.shape[0] - 1)
+    tail_above = tail_at_least[tail_bin] - tail[tail_bin]
+  row = jnp.clip(jnp.sum(row_at_least >= k) - 1, 0, rows - 1)
+  above_row = row_at_least[row] - row_totals[row]
+  counts = lax.dynamic_index_in_dim(table, row, keepdims=False)
+  at_least = jnp.cumsum(counts[::-1])[::-1] + above_row
+  col = jnp.clip(jnp.sum(at_least >= k) - 1, 0, cols - 1)
+  digit = row * cols + col
+  above = at_least[col] - counts[col]
+  if rows * cols < num_bins:
+    digit = jnp.where(in_tail, rows * cols + tail_bin, digit)
+    above = jnp.where(in_tail, tail_above, above)
   return digit, k - above, above
 
 
@@ -156,6 +181,8 @@ def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
 # the radix select, which is also the path for smaller pools.
 
 _INF_KEY = 0x7F800000            # +inf; NaN bit patterns are greater
+_NAN_KEY = 0x7FFFFFFF            # every NaN, in the radix select
+_LOW_BITS = 15                   # radix select: high 16 bits, then low 15
 _SAMPLE_STRIDE = 16
 _SAMPLED_MIN_SIZE = 1 << 22      # below this the radix select is as cheap
 _BRACKET_SHIFT = 15              # a bracket bin spans 2^15 keys
@@ -219,34 +246,44 @@ def _select_sampled(keys, k, size):
   hist = _bracket_histogram(keys, base)
   fine = hist[:_FINE]
   above = hist[_ABOVE] + hist[_INF]
-  at_least = jnp.cumsum(fine[::-1])[::-1]
   inf_is_kth = k <= hist[_INF]
-  found = ((above < k) & (above + at_least[0] >= k)) | inf_is_kth
-  offset = jnp.clip(jnp.sum(at_least >= k - above) - 1, 0, _FINE - 1)
+  found = ((above < k) & (above + jnp.sum(fine) >= k)) | inf_is_kth
+  offset, _, above_in_fine = _kth_largest_bin(fine, jnp.maximum(k - above, 1))
   threshold_key = jnp.where(inf_is_kth, _INF_KEY, base + offset)
   selection = ScoreSelection(
       threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
-      num_at_least=jnp.where(inf_is_kth, hist[_INF], above + at_least[offset]),
+      num_at_least=jnp.where(inf_is_kth, hist[_INF],
+                             above + above_in_fine + fine[offset]),
       num_zero=jnp.where(base == 0, fine[0], 0),
       num_nonfinite=hist[_INF] + hist[_NAN],
       sampled=jnp.asarray(True))
   return selection, found
 
 
-def _select_radix(scores, keys, k):
-  """Radix select with NaN ranked as 0, and the counts."""
-  threshold_key, at_least = radix_select([_nan_as_zero(key) for key in keys], k,
-                                         _SCORE_DIGITS)
-  num_nan = sum(jnp.sum(jnp.isnan(s), dtype=jnp.int32) for s in scores)
-  num_inf = sum(jnp.sum(jnp.isinf(s), dtype=jnp.int32) for s in scores)
-  num_zero = sum(jnp.sum(s == 0, dtype=jnp.int32) for s in scores)
-  threshold = lax.bitcast_convert_type(threshold_key, jnp.float32)
-  # NaN keys were counted as 0: remove them when the threshold is 0.
+def _select_radix(keys, k):
+  """Radix select over the score keys in two passes (high 16, low 15 bits).
+
+  NaN keys become 0x7FFFFFFF, alone in the top high bin (and +inf alone in
+  bin 0xFF00), so the first histogram also counts them; they are then ranked
+  with the zeros.
+  """
+  keys = [jnp.where(key > _INF_KEY, _NAN_KEY, key).astype(jnp.uint32) for key in keys]
+  high_hist = _digit_histogram(keys, _LOW_BITS, 31 - _LOW_BITS, None)
+  num_inf, num_nan = high_hist[_INF_KEY >> _LOW_BITS], high_hist[-1]
+  high_hist = high_hist.at[0].add(num_nan).at[-1].set(0)
+  high, rank, above = _kth_largest_bin(high_hist, k)
+  high = high.astype(jnp.uint32)
+  low_hist = _digit_histogram(keys, 0, _LOW_BITS, high)
+  num_zero = jnp.where(high == 0, low_hist[0], 0)
+  low_hist = low_hist.at[0].add(jnp.where(high == 0, num_nan, 0))
+  low, _, low_above = _kth_largest_bin(low_hist, rank)
+  threshold_key = (high << _LOW_BITS) | low.astype(jnp.uint32)
+  nan_counted = jnp.where(threshold_key == 0, num_nan, 0)
   return ScoreSelection(
-      threshold=threshold,
-      num_at_least=at_least - jnp.where(threshold == 0, num_nan, 0),
+      threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
+      num_at_least=above + low_above + low_hist[low] - nan_counted,
       num_zero=num_zero,
-      num_nonfinite=num_nan + num_inf,
+      num_nonfinite=num_inf + num_nan,
       sampled=jnp.asarray(False))
 
 
@@ -262,6 +299,6 @@ def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSe
   size = sum(key.size for key in keys)
   k = jnp.clip(jnp.asarray(k, jnp.int32), 1, size)
   if size < _SAMPLED_MIN_SIZE:
-    return _select_radix(scores, keys, k)
+    return _select_radix(keys, k)
   sampled, found = _select_sampled(keys, k, size)
-  return lax.cond(found, lambda: sampled, lambda: _select_radix(scores, keys, k))
+  return lax.cond(found, lambda: sampled, lambda: _select_radix(keys, k))
