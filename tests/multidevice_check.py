@@ -1,0 +1,244 @@
+"""Multi-device checks of gsm_optax on 8 simulated CPU devices.
+
+Run by tests/test_multidevice.py in a subprocess, because the device count must
+be fixed before JAX starts:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_check.py
+
+Prints one JSON object with three parts; the test asserts on it:
+  sharded: params sharded with NamedSharding over a 1D mesh "data"; the jitted
+           update equals the single-device update bit for bit.
+  hlo:     the collectives of the compiled sharded update; all-gathers whose
+           result is as large as a pooled leaf would mean the pool is gathered.
+  pmap:    under jax.pmap with pmean'd gradients every device gets the same
+           params and state (threshold, so mask), equal to the single-device
+           update and to NumPy's threshold on the averaged gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import gsm_optax  # noqa: E402
+
+NUM_DEVICES = 8
+COMPRESSION = 10.0
+# Kernels have a dimension divisible by 8 (sharded), biases are replicated.
+SHAPES = {
+    "conv": {"kernel": (3, 3, 4, 16), "bias": (16,)},
+    "dense1": {"kernel": (64, 24), "bias": (24,)},
+    "dense2": {"kernel": (24, 8), "bias": (8,)},
+}
+SPECS = {
+    "conv": {"kernel": P(None, None, None, "data"), "bias": P()},
+    "dense1": {"kernel": P("data", None), "bias": P()},
+    "dense2": {"kernel": P("data", None), "bias": P()},
+}
+POOLED_SHAPES = [SHAPES[k]["kernel"] for k in ("conv", "dense1", "dense2")]
+POOL_SIZE = sum(int(np.prod(s)) for s in POOLED_SHAPES)
+
+
+def _is_shape(x):
+  return isinstance(x, tuple)
+
+
+def _random_tree(rng, scale=1.0):
+  return jax.tree.map(lambda s: (scale * rng.standard_normal(s)).astype(np.float32),
+                      SHAPES, is_leaf=_is_shape)
+
+
+def _optimizer():
+  return gsm_optax.gsm(0.05, COMPRESSION, momentum=0.9, weight_decay=1e-2,
+                       nesterov=True)
+
+
+def _step_fn(opt):
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _trees_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def check_sharded(num_steps: int = 4):
+  """NamedSharding over 8 devices vs one device, several steps."""
+  devices = np.array(jax.devices()[:NUM_DEVICES])
+  mesh = Mesh(devices, ("data",))
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), SPECS,
+                           is_leaf=lambda x: isinstance(x, P))
+  opt = _optimizer()
+  step = jax.jit(_step_fn(opt))
+  rng = np.random.default_rng(0)
+  host_params = _random_tree(rng)
+  one_device = jax.devices()[0]
+
+  sharded_params = jax.tree.map(jax.device_put, host_params, shardings)
+  single_params = jax.device_put(host_params, one_device)
+  sharded_state = opt.init(sharded_params)
+  single_state = opt.init(single_params)
+  lowered_args = None
+  equal_steps, diffs, stats, kernel_shardings = [], [], [], []
+  for _ in range(num_steps):
+    host_grads = _random_tree(rng)
+    sharded_grads = jax.tree.map(jax.device_put, host_grads, shardings)
+    single_grads = jax.device_put(host_grads, one_device)
+    if lowered_args is None:
+      lowered_args = (sharded_params, sharded_state, sharded_grads)
+    sharded_params, sharded_state = step(sharded_params, sharded_state,
+                                         sharded_grads)
+    single_params, single_state = step(single_params, single_state, single_grads)
+    equal_steps.append(_trees_equal(sharded_params, single_params)
+                       and _trees_equal(sharded_state, single_state))
+    diffs.append(_max_abs_diff(sharded_params, single_params))
+    s_stats = {k: float(v) for k, v in gsm_optax.gsm_stats(sharded_state).items()}
+    o_stats = {k: float(v) for k, v in gsm_optax.gsm_stats(single_state).items()}
+    stats.append({"sharded": s_stats, "single": o_stats})
+  for name in ("conv", "dense1", "dense2"):
+    kernel = sharded_params[name]["kernel"]
+    kernel_shardings.append(bool(kernel.sharding.is_equivalent_to(
+        shardings[name]["kernel"], kernel.ndim)))
+  return {
+      "equal_every_step": equal_steps,
+      "max_abs_diff": diffs,
+      "stats": stats,
+      "keep": int(POOL_SIZE / COMPRESSION),
+      "kernels_stay_sharded": kernel_shardings,
+      "num_devices": len(jax.devices()),
+  }, step, lowered_args
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<result>\(?[a-z0-9]+\[[^\]]*\][^=]*?)\s+"
+    r"(?P<op>all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+    r"(?:-start)?\(")
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+
+
+def check_hlo(step, args):
+  """The collectives in the compiled sharded program, with result shapes."""
+  text = step.lower(*args).compile().as_text()
+  collectives = []
+  for line in text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    for dtype, dims in _ARRAY.findall(match.group("result")):
+      shape = [int(d) for d in dims.split(",") if d]
+      collectives.append({"op": match.group("op"), "dtype": dtype,
+                          "shape": shape, "elements": int(np.prod(shape))})
+  pooled_sizes = sorted({int(np.prod(s)) for s in POOLED_SHAPES})
+  pooled_shapes = [list(s) for s in POOLED_SHAPES]
+  # A gathered pooled leaf (or the pool, or more) has one of these sizes or
+  # shapes; the selection's histograms (a few thousand bins) have none of them.
+  big_gathers = [c for c in collectives if c["op"] == "all-gather"
+                 and (c["elements"] in pooled_sizes or c["elements"] >= POOL_SIZE
+                      or c["shape"] in pooled_shapes)]
+  return {
+      "collectives": collectives,
+      "ops": sorted({c["op"] for c in collectives}),
+      "pooled_leaf_sizes": pooled_sizes,
+      "pool_size": POOL_SIZE,
+      "pool_sized_all_gathers": big_gathers,
+      "hlo_chars": len(text),
+  }
+
+
+def _numpy_threshold(params, grads):
+  """Reference threshold: the Q-th greatest |g * w| of the pooled kernels."""
+  scores = [np.abs(np.asarray(grads[k]["kernel"]) * np.asarray(params[k]["kernel"]))
+            for k in SHAPES]
+  return float(np.sort(np.concatenate([s.ravel() for s in scores]))[
+      -int(POOL_SIZE / COMPRESSION)])
+
+
+def check_pmap(single_step, num_steps: int = 3):
+  """pmap with pmean'd gradients vs the single-device update (`single_step`,
+  the jitted step of `check_sharded`, already compiled for one device)."""
+  opt = _optimizer()
+  step = _step_fn(opt)
+
+  def parallel_step(params, state, grads):
+    grads = jax.lax.pmean(grads, "i")
+    params, state = step(params, state, grads)
+    return params, state, grads
+
+  pstep = jax.pmap(parallel_step, axis_name="i")
+  rng = np.random.default_rng(1)
+  host_params = _random_tree(rng)
+  replicate = lambda x: np.broadcast_to(x, (NUM_DEVICES,) + x.shape)  # noqa: E731
+  params = jax.tree.map(replicate, host_params)
+  state = jax.tree.map(replicate, opt.init(host_params))
+  one_device = jax.devices()[0]
+  single_params = jax.device_put(host_params, one_device)
+  single_state = opt.init(single_params)
+  results = []
+  for _ in range(num_steps):
+    per_device = [_random_tree(rng) for _ in range(NUM_DEVICES)]
+    grads = jax.tree.map(lambda *xs: np.stack(xs), *per_device)
+    before = jax.tree.map(np.asarray, single_params)
+    params, state, mean_grads = pstep(params, state, grads)
+    mean0 = jax.tree.map(lambda x: np.asarray(x[0]), mean_grads)
+    single_params, single_state = single_step(
+        single_params, single_state, jax.device_put(mean0, one_device))
+    host = jax.tree.map(np.asarray, params)
+    states = jax.tree.map(np.asarray, state)
+    numpy_mean = jax.tree.map(lambda x: x.mean(axis=0), grads)
+    results.append({
+        "same_params_on_every_device": all(
+            np.array_equal(x[d], x[0]) for x in jax.tree.leaves(host)
+            for d in range(NUM_DEVICES)),
+        "same_state_on_every_device": all(
+            np.array_equal(x[d], x[0]) for x in jax.tree.leaves(states)
+            for d in range(NUM_DEVICES)),
+        # The mask is B = (|g w| >= threshold): same threshold, same mask.
+        "threshold": [float(x) for x in np.asarray(
+            gsm_optax.gsm_stats(states)["threshold"])],
+        "numpy_threshold": _numpy_threshold(before, mean0),
+        "pmean_is_the_mean": all(np.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(
+            jax.tree.leaves(mean0), jax.tree.leaves(numpy_mean))),
+        "equals_single_device": _trees_equal(
+            jax.tree.map(lambda x: x[0], host), single_params),
+        "max_abs_diff": _max_abs_diff(jax.tree.map(lambda x: x[0], host),
+                                      single_params),
+        "num_active": [int(x) for x in np.asarray(
+            gsm_optax.gsm_stats(states)["num_active"])],
+        "single_num_active": int(gsm_optax.gsm_stats(single_state)["num_active"]),
+    })
+  return {"steps": results}
+
+
+def main():
+  report = {}
+  sharded, step, args = check_sharded()
+  report["sharded"] = sharded
+  report["hlo"] = check_hlo(step, args)
+  report["pmap"] = check_pmap(step)
+  json.dump(report, sys.stdout)
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  main()
