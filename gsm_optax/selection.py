@@ -157,10 +157,17 @@ def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
   size = sum(jnp.size(leaf) for leaf in leaves)
   if isinstance(k, int) and not 1 <= k <= size:
     raise ValueError(f"k must be in [1, {size}] (the number of elements), got {k}.")
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 1, size)
-  key = select_kth_largest_key([sortable_key(leaf) for leaf in leaves], k)
   dtype = jnp.result_type(*[jnp.asarray(leaf).dtype for leaf in leaves])
-  return key_to_float(key).astype(dtype)
+  return _kth_largest_value(leaves, jnp.asarray(k, jnp.int32)).astype(dtype)
+
+
+@jax.jit
+def _kth_largest_value(leaves: Sequence[jax.Array], k: jax.Array) -> jax.Array:
+  # One compiled program (inlined when the caller is jitted): op by op, the
+  # radix select would compile dozens of small XLA programs on first use.
+  size = sum(jnp.size(leaf) for leaf in leaves)
+  k = jnp.clip(k, 1, size)
+  return key_to_float(select_kth_largest_key([sortable_key(x) for x in leaves], k))
 
 
 def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
