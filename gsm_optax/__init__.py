@@ -37,3 +37,11 @@ __all__ = [
 ]
 
 from gsm_optax import baselines  # noqa: E402  (the baselines subpackage)
+
+# Diagnostics for notebooks and logs: the active set, mask agreement, decay.
+from gsm_optax.diagnostics import MaskOverlap  # noqa: E402
+from gsm_optax.diagnostics import mask_overlap  # noqa: E402
+from gsm_optax.diagnostics import passive_decay  # noqa: E402
+from gsm_optax.diagnostics import taylor_mask  # noqa: E402
+
+__all__ += ["MaskOverlap", "mask_overlap", "passive_decay", "taylor_mask"]
