@@ -1,9 +1,14 @@
 """gsm_optax: Global Sparse Momentum SGD (Ding et al., NeurIPS 2019) for optax."""
 
+from gsm_optax import baselines
 from gsm_optax._pool import default_pool
 from gsm_optax._pool import keep_count
 from gsm_optax._pool import pool_size
 from gsm_optax._pool import resolve_pool
+from gsm_optax.diagnostics import MaskOverlap
+from gsm_optax.diagnostics import mask_overlap
+from gsm_optax.diagnostics import passive_decay
+from gsm_optax.diagnostics import taylor_mask
 from gsm_optax.pruning import apply_mask
 from gsm_optax.pruning import global_magnitude_mask
 from gsm_optax.pruning import prune
@@ -21,8 +26,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LeafSparsity",
     "MaskByGlobalTaylorState",
+    "MaskOverlap",
     "SparsityReport",
     "apply_mask",
+    "baselines",
     "default_pool",
     "global_kth_largest",
     "global_magnitude_mask",
@@ -30,18 +37,11 @@ __all__ = [
     "gsm_stats",
     "keep_count",
     "mask_by_global_taylor",
+    "mask_overlap",
+    "passive_decay",
     "pool_size",
     "prune",
     "resolve_pool",
     "sparsity_report",
+    "taylor_mask",
 ]
-
-from gsm_optax import baselines  # noqa: E402  (the baselines subpackage)
-
-# Diagnostics for notebooks and logs: the active set, mask agreement, decay.
-from gsm_optax.diagnostics import MaskOverlap  # noqa: E402
-from gsm_optax.diagnostics import mask_overlap  # noqa: E402
-from gsm_optax.diagnostics import passive_decay  # noqa: E402
-from gsm_optax.diagnostics import taylor_mask  # noqa: E402
-
-__all__ += ["MaskOverlap", "mask_overlap", "passive_decay", "taylor_mask"]
