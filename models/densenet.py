@@ -33,38 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# He normal init over fan_out = 3*3*out_channels, as in the original Torch code.
-conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-zeros = nnx.initializers.zeros_init()
-
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
-
-
-def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """BN in training mode; ``model.eval()`` switches it to running averages."""
-    return nnx.BatchNorm(
-        features,
-        use_running_average=False,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        rngs=rngs,
-    )
-
-
-def conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs) -> nnx.Conv:
-    """``kernel`` x ``kernel`` convolution, stride 1, SAME padding, no bias."""
-    return nnx.Conv(
-        cin,
-        cout,
-        kernel_size=(kernel, kernel),
-        padding='SAME',
-        use_bias=False,
-        kernel_init=conv_init,
-        rngs=rngs,
-    )
+from models.layers import BN_EPSILON, BN_MOMENTUM, batch_norm, conv, conv_init, dense_init, zeros  # noqa: F401
 
 
 class DenseLayer(nnx.Module):
@@ -72,7 +41,7 @@ class DenseLayer(nnx.Module):
 
     def __init__(self, cin: int, growth_rate: int, *, rngs: nnx.Rngs):
         self.bn = batch_norm(cin, rngs)
-        self.conv = conv(cin, growth_rate, 3, rngs)
+        self.conv = conv(cin, growth_rate, 3, 1, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.conv(nnx.relu(self.bn(x)))
@@ -84,7 +53,7 @@ class Transition(nnx.Module):
 
     def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
         self.bn = batch_norm(cin, rngs)
-        self.conv = conv(cin, cout, 1, rngs)
+        self.conv = conv(cin, cout, 1, 1, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv(nnx.relu(self.bn(x)))
@@ -106,7 +75,7 @@ class DenseNetCifar(nnx.Module):
         init_channels: int = 16,
         rngs: nnx.Rngs,
     ):
-        self.conv = conv(in_channels, init_channels, 3, rngs)
+        self.conv = conv(in_channels, init_channels, 3, 1, rngs)
         layers = []
         c = init_channels
         for block in range(3):

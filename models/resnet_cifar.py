@@ -30,39 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# He et al. (2015) normal init with fan_out, as torchvision's ResNets.
-conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-zeros = nnx.initializers.zeros_init()
-
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
-
-
-def conv3x3(cin: int, cout: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
-    """3x3 convolution, padding 1, no bias."""
-    return nnx.Conv(
-        cin,
-        cout,
-        kernel_size=(3, 3),
-        strides=(stride, stride),
-        padding=((1, 1), (1, 1)),
-        use_bias=False,
-        kernel_init=conv_init,
-        rngs=rngs,
-    )
-
-
-def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """BN in training mode; ``model.eval()`` switches it to running averages."""
-    return nnx.BatchNorm(
-        features,
-        use_running_average=False,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        rngs=rngs,
-    )
+from models.layers import BN_EPSILON, BN_MOMENTUM, batch_norm, conv, conv_init, dense_init, zeros  # noqa: F401
 
 
 class BasicBlock(nnx.Module):
@@ -75,9 +43,9 @@ class BasicBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
         self.stride = stride
         self.pad_channels = cout - cin
-        self.conv1 = conv3x3(cin, cout, stride, rngs)
+        self.conv1 = conv(cin, cout, 3, stride, rngs)
         self.bn1 = batch_norm(cout, rngs)
-        self.conv2 = conv3x3(cout, cout, 1, rngs)
+        self.conv2 = conv(cout, cout, 3, 1, rngs)
         self.bn2 = batch_norm(cout, rngs)
 
     def shortcut(self, x: jax.Array) -> jax.Array:
@@ -110,7 +78,7 @@ class ResNetCifar(nnx.Module):
         in_channels: int = 3,
         rngs: nnx.Rngs,
     ):
-        self.conv = conv3x3(in_channels, 16, 1, rngs)
+        self.conv = conv(in_channels, 16, 3, 1, rngs)
         self.bn = batch_norm(16, rngs)
         blocks = []
         cin = 16
