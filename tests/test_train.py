@@ -310,10 +310,18 @@ def test_dense_checkpoint_replaces_dense_training(finished_run, data_dir, tmp_pa
         ("gsm.momentum", 1.0, "config.gsm.momentum must be in [0, 1), got 1.0"),
         ("gsm.boundaries", (5, 3), "config.gsm.boundaries must be a strictly increasing"),
         ("dense_checkpoint", "/nonexistent/dense", "config.dense_checkpoint='/nonexistent/dense'"),
+        ("method", "obd", "unknown method 'obd' (config.method); choose one of gsm, magnitude"),
+        ("magnitude.rounds", 0, "config.magnitude.rounds must be an integer >= 1, got 0"),
+        ("gmp.initial_sparsity", 1.5, "config.gmp.initial_sparsity must be in [0, 1), got 1.5"),
+        ("finetune.learning_rate", -1.0, "config.finetune.learning_rate must be a number > 0"),
+        ("admm.rho", -1.0, "config.admm.rho must be a number >= 0, got -1.0"),
+        ("lottery.ticket", "random", "config.lottery.ticket must be one of magnitude, gsm"),
     ],
 )
 def test_bad_config_is_refused_before_anything_runs(data_dir, tmp_path, field, value, message):
     config = tiny_config(data_dir)
+    if field.split(".")[0] in ("magnitude", "gmp", "finetune", "admm", "lottery"):
+        config.method = field.split(".")[0] if field.split(".")[0] != "finetune" else "magnitude"
     section, _, key = field.rpartition(".")
     with config.unlocked():
         (config[section] if section else config)[key] = value
@@ -445,3 +453,132 @@ def test_cli_bad_config_prints_one_error_line_and_exits_1(tmp_path):
         "(pool size / weights kept), got 0.5"
     ]
     assert not (tmp_path / "w").exists()
+
+
+# --------------------------------------------------------------------------- #
+# Baselines (config.method)
+# --------------------------------------------------------------------------- #
+
+BASELINE_EPOCHS = 2
+
+
+def baseline_config(data_dir, method, dense_workdir, **fields):
+    """A baseline from the finished run's dense model, every stage 2 epochs."""
+    config = tiny_config(data_dir)
+    config.method = method
+    config.dense_checkpoint = dense_workdir
+    for section in ("finetune", "gmp", "admm"):
+        config[section].epochs = BASELINE_EPOCHS
+        config[section].learning_rate = 0.05
+        config[section].boundaries = (1,)
+    config.gmp.update_every_steps = 3
+    config.admm.steps_per_iteration = 4
+    for key, value in fields.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+def _dense_pool(workdir):
+    params = checkpoints.load_model(os.path.join(workdir, "dense_model"))["params"]
+    return _pool_arrays(params)
+
+
+def _global_top_keep_mask(kernels, keep):
+    """Independent reference: the keep largest |w| over all kernels, by sorting."""
+    flat = np.concatenate([np.abs(k).ravel() for k in kernels])
+    threshold = np.sort(flat)[::-1][keep - 1]
+    return [np.abs(k) >= threshold for k in kernels]
+
+
+@pytest.mark.parametrize(
+    "method, fields, stages",
+    [
+        ("magnitude", {}, {"finetune": BASELINE_EPOCHS}),
+        ("magnitude", {"magnitude__rounds": 2}, {"finetune1": 1, "finetune2": 1}),
+        ("gmp", {}, {"gmp": BASELINE_EPOCHS, "finetune": BASELINE_EPOCHS}),
+        ("admm", {}, {"admm": BASELINE_EPOCHS, "finetune": BASELINE_EPOCHS}),
+        ("lottery", {"lottery__ticket": "magnitude"}, {"ticket": DENSE_EPOCHS}),
+        ("lottery", {"lottery__ticket": "gsm"}, {"gsm": GSM_EPOCHS, "ticket": DENSE_EPOCHS}),
+    ],
+)
+def test_every_baseline_reports_accuracies_compression_and_epochs(
+    finished_run, data_dir, tmp_path, method, fields, stages
+):
+    reference_dir, reference_summary, _ = finished_run
+    workdir = str(tmp_path / method)
+    summary = train_lib.train_and_evaluate(
+        baseline_config(data_dir, method, reference_dir, **fields), workdir
+    )
+    assert summary["method"] == method
+    assert summary["epochs"] == stages
+    assert summary["dense_accuracy"] == reference_summary["dense_accuracy"]
+    for key in ("accuracy_after_prune", "accuracy_final"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    # Exactly KEEP weights survive: pruned weights stayed at zero during training.
+    kernels = _pool_arrays(checkpoints.load_model(os.path.join(workdir, "final_model"))["params"])
+    assert sum(int(np.count_nonzero(k)) for k in kernels) == summary["nonzeros_after_cut"] == KEEP
+    assert summary["compression_reached"] == pytest.approx(POOL_SIZE / KEEP)
+    assert [layer["nonzeros"] for layer in summary["layers"]] == [
+        int(np.count_nonzero(k)) for k in kernels]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    rows = _rows(workdir)
+    assert [r["phase"] for r in rows] == [p for p, n in stages.items() for _ in range(n)]
+
+
+def test_one_shot_magnitude_keeps_the_global_top_weights_of_the_dense_model(
+    finished_run, data_dir, tmp_path
+):
+    reference_dir = finished_run[0]
+    workdir = str(tmp_path / "magnitude")
+    train_lib.train_and_evaluate(baseline_config(data_dir, "magnitude", reference_dir), workdir)
+    expected = _global_top_keep_mask(_dense_pool(reference_dir), KEEP)
+    final = _pool_arrays(checkpoints.load_model(os.path.join(workdir, "final_model"))["params"])
+    for mask, kernel in zip(expected, final):
+        np.testing.assert_array_equal(kernel != 0, mask)
+
+
+def test_admm_targets_are_the_per_layer_counts_of_the_gsm_run(finished_run, data_dir, tmp_path):
+    reference_dir, reference_summary, _ = finished_run
+    config = baseline_config(data_dir, "admm", reference_dir, admm__densities_from=reference_dir)
+    summary = train_lib.train_and_evaluate(config, str(tmp_path / "admm"))
+    assert [layer["nonzeros"] for layer in summary["layers"]] == [
+        layer["nonzeros"] for layer in reference_summary["layers"]]
+    assert "summary.json" in summary["admm_targets_source"]
+
+
+def test_lottery_ticket_starts_from_the_masked_initial_weights(finished_run, data_dir, tmp_path):
+    reference_dir = finished_run[0]
+    config = baseline_config(data_dir, "lottery", reference_dir)
+    config.dense.epochs = 0  # no retraining: the final model is theta_0 * mask
+    workdir = str(tmp_path / "ticket")
+    train_lib.train_and_evaluate(config, workdir)
+    theta_0 = _pool_arrays(
+        checkpoints.load_model(os.path.join(reference_dir, "initial_model"))["params"])
+    masks = _global_top_keep_mask(_dense_pool(reference_dir), KEEP)
+    final = _pool_arrays(checkpoints.load_model(os.path.join(workdir, "final_model"))["params"])
+    for kernel, init, mask in zip(final, theta_0, masks):
+        np.testing.assert_array_equal(kernel, np.where(mask, init, 0.0))
+
+
+def test_ctrl_c_in_a_baseline_stage_then_resume_is_bitwise_equal(
+    finished_run, data_dir, tmp_path, monkeypatch
+):
+    reference_dir = finished_run[0]
+    config = baseline_config(data_dir, "gmp", reference_dir)
+    reference = train_lib.train_and_evaluate(config, str(tmp_path / "reference"))
+    workdir = str(tmp_path / "interrupted")
+    # Data epochs are numbered across stages: finetune epoch 1 reads data epoch 2.
+    for at, where in (((1, 4), ("gmp", 1, 5)), ((BASELINE_EPOCHS, 2), ("finetune", 0, 3))):
+        monkeypatch.undo()
+        _load_with_ctrl_c(monkeypatch, at)
+        with pytest.raises(train_lib.TrainingInterrupted):
+            train_lib.train_and_evaluate(config, workdir)
+        _, meta = _final_state(workdir)
+        assert (meta["phase"], meta["epoch"], meta["batch"]) == where
+    monkeypatch.undo()
+    summary = train_lib.train_and_evaluate(config, workdir)
+    _assert_trees_equal(_final_state(workdir)[0], _final_state(str(tmp_path / "reference"))[0])
+    for key in ("accuracy_after_prune", "accuracy_final", "layers"):
+        assert summary[key] == reference[key], key

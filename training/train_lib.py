@@ -14,9 +14,14 @@ parses flags and calls it. The pieces, in the order data flows through them:
   always ``tx.update(grads, opt_state, params)``;
 * cut and report: ``gsm_optax.prune`` then ``gsm_optax.sparsity_report``.
 
+``config.method`` other than "gsm" (magnitude, gmp, admm, lottery) replaces the
+GSM phase by the stages of ``training/methods.py``; the dense phase, the
+checkpoints and the resume logic are shared.
+
 Workdir layout: ``config.json``; ``checkpoints/<step>/`` (orbax; every epoch and
-on Ctrl-C, the latest ``checkpoint_keep`` kept); ``dense_model/`` and
-``final_model/`` (exported variables; ``final_model`` is the pruned model);
+on Ctrl-C, the latest ``checkpoint_keep`` kept); ``initial_model/`` (theta_0,
+written before dense training), ``dense_model/`` and ``final_model/`` (exported
+variables; ``final_model`` is the pruned model);
 ``metrics.jsonl`` (one row per epoch); ``summary.json``; ``sparsity.png``;
 ``curves.png``.
 
@@ -60,7 +65,7 @@ from training import plots
 # resuming it: where the data comes from, the eval batching and the logging.
 HARMLESS_FIELDS = frozenset(
     {"data_dir", "download", "eval_batch_size", "log_every_steps", "checkpoint_keep",
-     "progress_bar"}
+     "progress_bar", "plots"}
 )
 
 PHASES = ("dense", "gsm")
@@ -199,6 +204,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.dense_checkpoint={config.dense_checkpoint!r} is not a directory "
                 "(give a dense_model/ directory or the workdir of an earlier run)"
             )
+    from training import methods  # noqa: PLC0415  (methods imports this module)
+
+    methods.validate_method_config(config)
 
 
 def _flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -770,13 +778,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.model, dataset.num_classes, config.seed
     )
 
+    from training import methods  # noqa: PLC0415  (methods imports this module)
+
+    gsm_path = methods.method_of(config) == "gsm"
     with _StopRequest().installed() as stop:
         run = _Run(config, workdir, dataset, train_graphdef, eval_graphdef, stop)
         try:
-            state = _run_phases(run, params, batch_stats)
+            if gsm_path:
+                state = _run_phases(run, params, batch_stats)
+            else:
+                state = methods.run_stages(run, params, batch_stats)
         finally:
             run.checkpointer.close()
-        summary = _cut_and_report(run, state, run_start)
+        if gsm_path:
+            summary = _cut_and_report(run, state, run_start)
+        else:
+            summary = methods.report(run, state, run_start)
     return summary
 
 
@@ -805,42 +822,59 @@ def _run_phases(run: _Run, params, batch_stats) -> TrainState:
     meta = run.meta
 
     if meta["phase"] == "dense":
-        if config.dense_checkpoint:
-            path = _dense_model_dir(config.dense_checkpoint)
-            variables = _fresh_arrays(
-                checkpoints.load_model(
-                    path, {"params": state.params, "batch_stats": state.batch_stats}
-                )
-            )
-            state = state._replace(params=variables["params"], batch_stats=variables["batch_stats"])
-            meta["dense_source"] = f"checkpoint:{os.path.abspath(path)}"
-        elif config.skip_dense:
-            meta["dense_source"] = "skipped"
-        else:
-            state = _train_phase(run, state, dense, config.dense.epochs)
-            meta["dense_source"] = "trained"
-        history = meta["history"]
-        if history and history[-1]["phase"] == "dense":
-            meta["dense_accuracy"] = history[-1]["test_accuracy"]
-        else:
-            meta["dense_accuracy"] = run.evaluate(state)["accuracy"]
-        checkpoints.save_model(
-            os.path.join(run.workdir, "dense_model"),
-            {"params": state.params, "batch_stats": state.batch_stats},
-        )
-        _log("dense model (%s): test accuracy %.4f", meta["dense_source"], meta["dense_accuracy"])
+        state = finish_dense_phase(run, state, dense)
         meta.update(
             phase="gsm",
             epoch=0,
             batch=0,
             partial=_zero_totals(),
             phase_start_step=int(state.step),
-            epoch_offset=len(history),
+            epoch_offset=len(meta["history"]),
         )
         state = state._replace(opt_state=gsm.tx.init(state.params))
 
     if not config.skip_gsm:
         state = _train_phase(run, state, gsm, config.gsm.epochs)
+    return state
+
+
+def finish_dense_phase(run: _Run, state: TrainState, dense: Phase) -> TrainState:
+    """Trains (or loads, or skips) the dense model and exports it to ``dense_model/``.
+
+    Before dense training starts, the initial weights theta_0 are exported to
+    ``initial_model/`` (the lottery-ticket protocol needs them). Sets
+    ``run.meta["dense_source"]`` and ``run.meta["dense_accuracy"]``.
+    """
+    config, meta = run.config, run.meta
+    if config.dense_checkpoint:
+        path = _dense_model_dir(config.dense_checkpoint)
+        variables = _fresh_arrays(
+            checkpoints.load_model(
+                path, {"params": state.params, "batch_stats": state.batch_stats}
+            )
+        )
+        state = state._replace(params=variables["params"], batch_stats=variables["batch_stats"])
+        meta["dense_source"] = f"checkpoint:{os.path.abspath(path)}"
+    elif config.skip_dense:
+        meta["dense_source"] = "skipped"
+    else:
+        initial_dir = os.path.join(run.workdir, "initial_model")
+        if meta["epoch"] == 0 and meta["batch"] == 0 and not os.path.isdir(initial_dir):
+            checkpoints.save_model(
+                initial_dir, {"params": state.params, "batch_stats": state.batch_stats}
+            )
+        state = _train_phase(run, state, dense, config.dense.epochs)
+        meta["dense_source"] = "trained"
+    history = meta["history"]
+    if history and history[-1]["phase"] == "dense":
+        meta["dense_accuracy"] = history[-1]["test_accuracy"]
+    else:
+        meta["dense_accuracy"] = run.evaluate(state)["accuracy"]
+    checkpoints.save_model(
+        os.path.join(run.workdir, "dense_model"),
+        {"params": state.params, "batch_stats": state.batch_stats},
+    )
+    _log("dense model (%s): test accuracy %.4f", meta["dense_source"], meta["dense_accuracy"])
     return state
 
 
@@ -877,7 +911,14 @@ def _cut_and_report(run: _Run, state: TrainState, run_start: float) -> dict[str,
         "dense_epochs": sum(1 for row in meta["history"] if row["phase"] == "dense"),
         "gsm_epochs": sum(1 for row in meta["history"] if row["phase"] == "gsm"),
         "dense_source": meta["dense_source"],
+        "method": "gsm",
+        "epochs": {
+            phase: sum(1 for row in meta["history"] if row["phase"] == phase)
+            for phase in PHASES
+        },
         "dense_accuracy": meta["dense_accuracy"],
+        "accuracy_after_prune": after["accuracy"],
+        "accuracy_final": after["accuracy"],
         "accuracy_before_cut": before["accuracy"],
         "accuracy_after_cut": after["accuracy"],
         "cut_cost_points": 100.0 * (before["accuracy"] - after["accuracy"]),
@@ -899,14 +940,15 @@ def _cut_and_report(run: _Run, state: TrainState, run_start: float) -> dict[str,
         },
     }
     _write_json(os.path.join(workdir, "summary.json"), summary)
-    title = f"{config.model} on {config.dataset}, C={compression:g}"
-    plots.plot_sparsity(layers, os.path.join(workdir, "sparsity.png"), title=title)
-    plots.plot_curves(
-        meta["history"],
-        os.path.join(workdir, "curves.png"),
-        accuracy_after_cut=after["accuracy"],
-        title=title,
-    )
+    if config.get("plots", True):
+        title = f"{config.model} on {config.dataset}, C={compression:g}"
+        plots.plot_sparsity(layers, os.path.join(workdir, "sparsity.png"), title=title)
+        plots.plot_curves(
+            meta["history"],
+            os.path.join(workdir, "curves.png"),
+            accuracy_after_cut=after["accuracy"],
+            title=title,
+        )
     print(report)
     print(
         f"dense {_pct(meta['dense_accuracy'])} -> before the cut {_pct(before['accuracy'])} "
