@@ -622,18 +622,13 @@ def report(run, state, run_start: float) -> dict[str, Any]:
         os.path.join(workdir, "final_model"),
         {"params": state.params, "batch_stats": state.batch_stats},
     )
-    layers = layer_rows(sparsity)
     history = meta["history"]
     epochs = {}
     for row in history:
         epochs[row["phase"]] = epochs.get(row["phase"], 0) + 1
     results = dict(meta["results"])
     summary = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "data_source": run.dataset.source,
-        "num_train": run.dataset.num_train,
-        "num_test": run.dataset.num_test,
+        **train_lib.summary_header(run),
         "method": method_of(config),
         "dense_source": meta["dense_source"],
         "dense_epochs": epochs.get("dense", 0),
@@ -647,7 +642,7 @@ def report(run, state, run_start: float) -> dict[str, Any]:
         "keep": gsm_optax.keep_count(state.params, compression),
         "nonzeros_after_cut": int(sparsity.total_nonzeros),
         "compression_reached": float(sparsity.total_size) / max(int(sparsity.total_nonzeros), 1),
-        "layers": layers,
+        "layers": sparsity.to_dict()["leaves"],
         **results,
     }
     summary["wall_time_s"] = {
@@ -658,7 +653,7 @@ def report(run, state, run_start: float) -> dict[str, Any]:
     train_lib._write_json(os.path.join(workdir, "summary.json"), summary)
     if config.get("plots", True):
         title = f"{config.model} on {config.dataset}, {summary['method']}, C={compression:g}"
-        plots.plot_sparsity(layers, os.path.join(workdir, "sparsity.png"), title=title)
+        plots.plot_sparsity(summary["layers"], os.path.join(workdir, "sparsity.png"), title=title)
         plots.plot_curves(history, os.path.join(workdir, "curves.png"),
                           accuracy_after_cut=final["accuracy"], title=title)
     print(sparsity)
@@ -670,16 +665,3 @@ def report(run, state, run_start: float) -> dict[str, Any]:
         f"epochs {epochs}"
     )
     return summary
-
-
-def layer_rows(sparsity: gsm_optax.SparsityReport) -> list[dict[str, Any]]:
-    return [
-        {
-            "path": row.path,
-            "shape": list(row.shape),
-            "size": int(row.size),
-            "nonzeros": int(row.nonzeros),
-            "density": float(row.density),
-        }
-        for row in sparsity.rows
-    ]

@@ -878,6 +878,17 @@ def finish_dense_phase(run: _Run, state: TrainState, dense: Phase) -> TrainState
     return state
 
 
+def summary_header(run: _Run) -> dict[str, Any]:
+    """The fields every summary.json starts with: model and data."""
+    return {
+        "model": run.config.model,
+        "dataset": run.config.dataset,
+        "data_source": run.dataset.source,
+        "num_train": run.dataset.num_train,
+        "num_test": run.dataset.num_test,
+    }
+
+
 def _cut_and_report(run: _Run, state: TrainState, run_start: float) -> dict[str, Any]:
     config, meta, workdir = run.config, run.meta, run.workdir
     compression = config.gsm.compression
@@ -892,22 +903,8 @@ def _cut_and_report(run: _Run, state: TrainState, run_start: float) -> dict[str,
     )
     cut_time = time.perf_counter() - start
 
-    layers = [
-        {
-            "path": row.path,
-            "shape": list(row.shape),
-            "size": int(row.size),
-            "nonzeros": int(row.nonzeros),
-            "density": float(row.density),
-        }
-        for row in report.rows
-    ]
     summary = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "data_source": run.dataset.source,
-        "num_train": run.dataset.num_train,
-        "num_test": run.dataset.num_test,
+        **summary_header(run),
         "dense_epochs": sum(1 for row in meta["history"] if row["phase"] == "dense"),
         "gsm_epochs": sum(1 for row in meta["history"] if row["phase"] == "gsm"),
         "dense_source": meta["dense_source"],
@@ -931,7 +928,7 @@ def _cut_and_report(run: _Run, state: TrainState, run_start: float) -> dict[str,
         "compression_reached": float(report.total_size) / max(int(report.total_nonzeros), 1),
         "largest_passive_abs_weight_before_cut": largest_passive,
         "smallest_kept_abs_weight_before_cut": smallest_kept,
-        "layers": layers,
+        "layers": report.to_dict()["leaves"],
         "wall_time_s": {
             "dense": meta["wall_time_s"]["dense"],
             "gsm": meta["wall_time_s"]["gsm"],
@@ -942,7 +939,7 @@ def _cut_and_report(run: _Run, state: TrainState, run_start: float) -> dict[str,
     _write_json(os.path.join(workdir, "summary.json"), summary)
     if config.get("plots", True):
         title = f"{config.model} on {config.dataset}, C={compression:g}"
-        plots.plot_sparsity(layers, os.path.join(workdir, "sparsity.png"), title=title)
+        plots.plot_sparsity(summary["layers"], os.path.join(workdir, "sparsity.png"), title=title)
         plots.plot_curves(
             meta["history"],
             os.path.join(workdir, "curves.png"),
