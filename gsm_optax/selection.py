@@ -9,8 +9,7 @@ concatenated and, under SPMD, only the small histograms cross devices.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -177,22 +176,35 @@ def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------
 # Taylor-score selection for the GSM mask.
 #
-# Non-negative float32 scores sort like their int32 bit patterns (31 bits). For
-# large pools a strided 1/16 sample first gives a bin of 2^15 keys (0.4% of a
-# float's range) at or just below the answer; one full pass then histograms the
-# keys of the 4 bins from there at full resolution and counts those above. A
-# sample that misses (rare, and detected exactly by the counts) falls back to
-# the radix select, which is also the path for smaller pools.
+# Non-negative float32 scores sort like their int32 bit patterns (31 bits).
+# Pools below 2^22 weights use the two-pass radix select. On XLA:CPU each of
+# its passes is a scatter over the whole pool (~4 ns per weight), so larger
+# pools take a path with one cheap pass and scatters over 1/8 of the pool:
+#
+#   1. A strided 1/16 sample brackets the k-th greatest key in [lo, hi): the
+#      sample ranks +- 6 sigma, rounded out to 2^15-key bins.
+#   2. One pass over the pool counts the keys above the bracket and, per block
+#      of 8 keys, summarizes those inside it as (count, largest, second
+#      largest, smallest, sum): that holds up to 4 values exactly.
+#   3. The blocks' largest values are histogrammed at full resolution; the
+#      rarer extra values of blocks holding 2 to 4 bracket keys are summarized
+#      again, 8 blocks at a time, until few are left.
+#
+# A bracket that misses the k-th key, that reaches 0 or +inf, or a block with
+# more than 4 bracket keys is detected exactly from the counts and falls back
+# to the radix select (`lax.cond`), so both paths give the same result.
 
 _INF_KEY = 0x7F800000            # +inf; NaN bit patterns are greater
 _NAN_KEY = 0x7FFFFFFF            # every NaN, in the radix select
 _LOW_BITS = 15                   # radix select: high 16 bits, then low 15
 _SAMPLE_STRIDE = 16
 _SAMPLED_MIN_SIZE = 1 << 22      # below this the radix select is as cheap
-_BRACKET_SHIFT = 15              # a bracket bin spans 2^15 keys
-_BRACKET_BINS = 4
-_FINE = _BRACKET_BINS << _BRACKET_SHIFT
-_ABOVE, _INF, _NAN = _FINE, _FINE + 1, _FINE + 2
+_SAMPLE_BIN_BITS = 15            # the sample brackets in bins of 2^15 keys
+_MAX_BRACKET = 1 << 20           # at most 32 such bins (the histogram's size)
+_BLOCK = 8                       # keys per block summary
+_BLOCK_CAPACITY = 4              # values a block summary determines exactly
+_EMPTY_LARGEST = -1
+_EMPTY_SMALLEST = 2 ** 31 - 1
 
 
 class ScoreSelection(NamedTuple):
@@ -220,46 +232,177 @@ def _strided_sample(key: jax.Array) -> jax.Array:
   return lax.slice_in_dim(key, 0, key.shape[axis], _SAMPLE_STRIDE, axis=axis)
 
 
-def _sample_low_bin(keys, k, size):
-  """A bracket bin at or just below the k-th greatest key, from a 1/16 sample."""
+def _sample_bracket(keys, k, size):
+  """[lo, hi): keys likely to hold the k-th greatest, from a 1/16 sample."""
   samples = [_nan_as_zero(_strided_sample(key)) for key in keys]
   sample_size = sum(x.size for x in samples)
-  hist = _digit_histogram(samples, _BRACKET_SHIFT, 31 - _BRACKET_SHIFT, None)
+  hist = _digit_histogram(samples, _SAMPLE_BIN_BITS, 31 - _SAMPLE_BIN_BITS, None)
   rank = jnp.clip(k.astype(jnp.float32) * (sample_size / size), 0.0, sample_size)
-  spread = 6.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / sample_size, 0.0)) + 16.0
-  low_rank = jnp.clip(jnp.ceil(rank + spread), 1, sample_size).astype(jnp.int32)
-  return _kth_largest_bin(hist, low_rank)[0]
+  spread = 5.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / sample_size, 0.0)) + 16.0
+
+  def bin_at(sample_rank):
+    sample_rank = jnp.clip(sample_rank, 1, sample_size).astype(jnp.int32)
+    return _kth_largest_bin(hist, sample_rank)[0].astype(jnp.int32)
+
+  hi = (bin_at(jnp.floor(rank - spread)) + 1) << _SAMPLE_BIN_BITS
+  lo = jnp.maximum(bin_at(jnp.ceil(rank + spread)) << _SAMPLE_BIN_BITS,
+                   hi - _MAX_BRACKET)
+  return lo, hi
 
 
-def _bracket_histogram(keys, base):
-  """One pass: keys in [base, base + _FINE) at full resolution, plus counts
-  above the bracket, of +inf and of NaN; keys below are dropped."""
-  hists = []
-  for key in keys:
-    offset = key - base
-    index = jnp.where(offset < _FINE, offset, _ABOVE)
-    index = jnp.where(key == _INF_KEY, _INF, jnp.where(key > _INF_KEY, _NAN, index))
-    index = jnp.where(offset < 0, _NAN + 1, index)  # out of range: dropped
-    hists.append(jnp.zeros((_NAN + 1,), jnp.int32).at[index].add(1, mode="drop"))
-  return functools.reduce(jnp.add, hists)
+class _BlockSummary(NamedTuple):
+  """Per block: how many values, and the values' largest, second largest,
+  smallest and sum (integers), which give up to 4 values exactly."""
+  count: jax.Array
+  largest: jax.Array
+  second: jax.Array
+  smallest: jax.Array
+  total: jax.Array
 
 
+def _merge_summaries(a, b):
+  """Summary of the union of two multisets (exact while it holds <= 4)."""
+  return (a[0] + b[0],
+          jnp.maximum(a[1], b[1]),
+          jnp.maximum(jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])),
+          jnp.minimum(a[3], b[3]),
+          a[4] + b[4])
+
+
+def _singletons(values: jax.Array, valid: jax.Array) -> _BlockSummary:
+  """Each valid value as a summary of one value, the others as empty ones."""
+  return _BlockSummary(
+      count=valid.astype(jnp.int32),
+      largest=jnp.where(valid, values, _EMPTY_LARGEST),
+      second=jnp.full_like(values, _EMPTY_LARGEST),
+      smallest=jnp.where(valid, values, _EMPTY_SMALLEST),
+      total=jnp.where(valid, values, 0))
+
+
+def _reduce_blocks(sums, summary: _BlockSummary, axis: int):
+  """One variadic reduction over `axis`: the sums of the arrays in `sums`,
+  and the merged summaries."""
+  num_sums = len(sums)
+  init = tuple(jnp.int32(v) for v in (0,) * num_sums + (
+      0, _EMPTY_LARGEST, _EMPTY_LARGEST, _EMPTY_SMALLEST, 0))
+
+  def reducer(a, b):
+    return (*(x + y for x, y in zip(a[:num_sums], b[:num_sums])),
+            *_merge_summaries(a[num_sums:], b[num_sums:]))
+
+  out = lax.reduce((*sums, *summary), init, reducer, (axis,))
+  return out[:num_sums], _BlockSummary(*out[num_sums:])
+
+
+def _fourth(summary: _BlockSummary) -> jax.Array:
+  """The third largest value of a block holding exactly 4."""
+  return summary.total - summary.largest - summary.second - summary.smallest
+
+
+def _without_largest(summary: _BlockSummary) -> _BlockSummary:
+  """Summaries of the blocks' values other than their largest (elementwise)."""
+  count = summary.count
+  return _BlockSummary(
+      count=jnp.maximum(count - 1, 0),
+      largest=jnp.where(count >= 2, summary.second, _EMPTY_LARGEST),
+      second=jnp.where(count >= 4, _fourth(summary),
+                       jnp.where(count == 3, summary.smallest, _EMPTY_LARGEST)),
+      smallest=jnp.where(count >= 2, summary.smallest, _EMPTY_SMALLEST),
+      total=jnp.where(count >= 2, summary.total - summary.largest, 0))
+
+
+def _in_blocks(x: jax.Array, block: int, fill) -> jax.Array:
+  """`x` with its last axis split into (n / block, block) when divisible
+  (sharded leaves stay sharded), else flattened and padded with `fill`."""
+  if x.ndim >= 1 and x.shape[-1] % block == 0:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+  flat = x.reshape(-1)
+  flat = jnp.pad(flat, (0, (-flat.size) % block), constant_values=fill)
+  return flat.reshape(-1, block)
+
+
+def _summary_in_blocks(summary: _BlockSummary) -> _BlockSummary:
+  empty = _BlockSummary(0, _EMPTY_LARGEST, _EMPTY_LARGEST, _EMPTY_SMALLEST, 0)
+  return _BlockSummary(*[_in_blocks(x, _BLOCK, e) for x, e in zip(summary, empty)])
+
+
+def _block_total(x: jax.Array) -> jax.Array:
+  """Sum of an int32 array by blocks of 8: XLA:CPU runs a full reduction as
+  one serial chain (~2 ns per element); block sums stay vectorized."""
+  while x.size > 64:
+    x = jnp.sum(_in_blocks(lax.optimization_barrier(x), _BLOCK, 0), axis=-1)
+  return jnp.sum(x)
+
+
+def _histogram_add(hist: jax.Array, value: jax.Array, valid: jax.Array) -> jax.Array:
+  index = jnp.where(valid, value, hist.shape[0])  # out of range: dropped
+  return hist.at[index].add(1, mode="drop")
+
+
+def _overflowing(summary: _BlockSummary) -> jax.Array:
+  return (summary.count > _BLOCK_CAPACITY).astype(jnp.int32)
+
+
+def _leaf_summaries(key, lo, hi):
+  """One pass over a leaf's keys, by blocks of 8 keys (level 1) and of 8 such
+  blocks (level 2): (level-1 summaries, level-2 summaries of the values
+  other than each level-1 block's largest, packed counts per level-2 block).
+
+  The counts are packed by 8 bits: keys in the bracket, keys above it (up to
+  +inf), NaN or inf keys, and level-1 blocks holding more than 4 bracket
+  keys. At level 1 they ride in the summaries' count (one operand less).
+  """
+  blocks = _in_blocks(key, _BLOCK, -1)  # -1: below any bracket
+  inside = (blocks >= lo) & (blocks < hi)
+  singletons = _singletons(blocks - lo, inside)
+  packed = (singletons.count
+            | ((blocks >= hi) & (blocks <= _INF_KEY)).astype(jnp.int32) << 8
+            | (blocks >= _INF_KEY).astype(jnp.int32) << 16)
+  _, level1 = _reduce_blocks((), singletons._replace(count=packed), blocks.ndim - 1)
+  packed = level1.count
+  level1 = level1._replace(count=packed & 0xFF)
+  packed += _overflowing(level1) << 24
+  rest = _summary_in_blocks(_without_largest(level1))
+  (packed,), level2 = _reduce_blocks(
+      (_in_blocks(packed, _BLOCK, 0),), rest, rest.count.ndim - 1)
+  return level1, level2, packed
 def _select_sampled(keys, k, size):
-  """(ScoreSelection from the sampled bracket, whether it held the answer)."""
-  base = _sample_low_bin(keys, k, size).astype(jnp.int32) << _BRACKET_SHIFT
-  hist = _bracket_histogram(keys, base)
-  fine = hist[:_FINE]
-  above = hist[_ABOVE] + hist[_INF]
-  inf_is_kth = k <= hist[_INF]
-  found = ((above < k) & (above + jnp.sum(fine) >= k)) | inf_is_kth
-  offset, _, above_in_fine = _kth_largest_bin(fine, jnp.maximum(k - above, 1))
-  threshold_key = jnp.where(inf_is_kth, _INF_KEY, base + offset)
+  """(ScoreSelection from the sampled bracket, whether it holds the answer)."""
+  lo, hi = _sample_bracket(keys, k, size)
+  hist = jnp.zeros((_MAX_BRACKET,), jnp.int32)
+  counts, level2 = [], []
+  for key in keys:
+    leaf_level1, leaf_level2, leaf_counts = _leaf_summaries(key, lo, hi)
+    hist = _histogram_add(hist, leaf_level1.largest, leaf_level1.count >= 1)
+    counts.append(leaf_counts.reshape(-1))
+    level2.append(leaf_level2)
+  counts = jnp.concatenate(counts)
+  # Levels 2 and up, over all leaves at once (1/64 of the pool and less).
+  summary = _BlockSummary(*[jnp.concatenate([s[i].reshape(-1) for s in level2])
+                            for i in range(len(_BlockSummary._fields))])
+  overflow = _block_total(counts >> 24)
+  while True:
+    overflow += _block_total(_overflowing(summary))
+    hist = _histogram_add(hist, summary.largest, summary.count >= 1)
+    if summary.count.size <= _BLOCK:
+      break
+    rest = _summary_in_blocks(_without_largest(summary))
+    _, summary = _reduce_blocks((), rest, rest.count.ndim - 1)
+  for value, valid in ((summary.second, summary.count >= 2),
+                       (summary.smallest, summary.count >= 3),
+                       (_fourth(summary), summary.count == 4)):
+    hist = _histogram_add(hist, value, valid)
+  inside = _block_total(counts & 0xFF)
+  above = _block_total((counts >> 8) & 0xFF)
+  nonfinite = _block_total((counts >> 16) & 0xFF)
+  found = ((above < k) & (k <= above + inside) & (overflow == 0)
+           & (lo > 0) & (hi <= _INF_KEY))
+  offset, _, above_in_bracket = _kth_largest_bin(hist, jnp.maximum(k - above, 1))
   selection = ScoreSelection(
-      threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
-      num_at_least=jnp.where(inf_is_kth, hist[_INF],
-                             above + above_in_fine + fine[offset]),
-      num_zero=jnp.where(base == 0, fine[0], 0),
-      num_nonfinite=hist[_INF] + hist[_NAN],
+      threshold=lax.bitcast_convert_type(lo + offset, jnp.float32),
+      num_at_least=above + above_in_bracket + hist[offset],
+      num_zero=jnp.zeros([], jnp.int32),  # the threshold is > 0 here
+      num_nonfinite=nonfinite,
       sampled=jnp.asarray(True))
   return selection, found
 
@@ -291,18 +434,30 @@ def _select_radix(keys, k):
       sampled=jnp.asarray(False))
 
 
-def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSelection:
-  """Exact k-th greatest of non-negative scores (NaN ranked as 0), and counts.
+def select_threshold(operands: Sequence[Sequence[jax.Array]],
+                     score_fn: Callable[..., jax.Array],
+                     k: jax.Array) -> ScoreSelection:
+  """Exact k-th greatest score, NaN ranked as 0, and counts, where leaf i's
+  scores are ``score_fn(*(leaves[i] for leaves in operands)) >= 0``.
 
-  Pools of 2^22 weights or more first bracket the answer from a 1/16 strided
-  sample, so one full histogram pass usually suffices; whenever the bracket
-  misses, the exact radix select runs instead (`lax.cond`). Both paths return
-  the same threshold and counts.
+  The scores are computed inside each pass and never stored. Pools of 2^22
+  weights or more first bracket the answer from a 1/16 strided sample, then
+  summarize the bracket's keys in one pass (see above); whenever that cannot
+  decide, the exact radix select runs instead (`lax.cond`, which gets the
+  operands rather than the scores). Both paths give the same result.
   """
-  keys = _score_keys(scores)
-  size = sum(key.size for key in keys)
+  def keys_of(operands):
+    return _score_keys([score_fn(*leaf) for leaf in zip(*operands)])
+
+  size = sum(leaf.size for leaf in operands[0])
   k = jnp.clip(jnp.asarray(k, jnp.int32), 1, size)
   if size < _SAMPLED_MIN_SIZE:
-    return _select_radix(keys, k)
-  sampled, found = _select_sampled(keys, k, size)
-  return lax.cond(found, lambda: sampled, lambda: _select_radix(keys, k))
+    return _select_radix(keys_of(operands), k)
+  sampled, found = _select_sampled(keys_of(operands), k, size)
+  return lax.cond(found, lambda _: sampled,
+                  lambda ops: _select_radix(keys_of(ops), k), operands)
+
+
+def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSelection:
+  """Exact k-th greatest of non-negative scores (NaN ranked as 0), and counts."""
+  return select_threshold((list(scores),), lambda score: score, k)

@@ -71,10 +71,14 @@ def _keep_for_step(size: int, compression: ScalarOrSchedule,
   return jnp.clip(keep, 1, size)
 
 
+def taylor_score(grad: jax.Array, param: jax.Array) -> jax.Array:
+  """T(w) = |g * w|, computed in float32."""
+  return jnp.abs(grad.astype(jnp.float32) * param.astype(jnp.float32))
+
+
 def taylor_scores(grads: list[jax.Array], params: list[jax.Array]) -> list[jax.Array]:
   """T(w) = |g * w| per leaf, computed in float32."""
-  return [jnp.abs(g.astype(jnp.float32) * w.astype(jnp.float32))
-          for g, w in zip(grads, params)]
+  return [taylor_score(g, w) for g, w in zip(grads, params)]
 
 
 @jax.jit
@@ -88,8 +92,8 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
   it compiles once per pool layout. Inside `jax.jit` it is inlined.
   """
   size = sum(g.size for g in grads)
+  selected = selection.select_threshold((grads, weights), taylor_score, keep)
   scores = taylor_scores(grads, weights)
-  selected = selection.select_score_threshold(scores, keep)
   threshold = selected.threshold
   keep_all = keep >= size
   masked = []

@@ -193,11 +193,8 @@ def test_kth_largest_rejects_non_float_leaves(dtype):
 
 
 # ----------------------------------------------------------------------------
-# The GSM score selection (transform.py uses it): the sampled bracket path.
-#
-# Pools of 2^22 weights or more first bracket the k-th score from a strided
-# 1/16 sample, then count exactly; a missed bracket falls back to the radix
-# select. The size limit is lowered here so that small pools take that path.
+# The GSM score selection (transform.py uses it) for large pools: a sampled
+# bracket, then block summaries of the bracket's keys (selection.py explains).
 # ----------------------------------------------------------------------------
 
 
@@ -211,11 +208,64 @@ def _numpy_score_selection(scores, k):
                 num_nonfinite=int(np.sum(~np.isfinite(flat))))
 
 
+def _assert_selection_equals_numpy(got, scores, k):
+  expected = _numpy_score_selection(scores, k)
+  assert float(got.threshold) == expected["threshold"], k
+  assert int(got.num_at_least) == expected["num_at_least"], k
+  assert int(got.num_nonfinite) == expected["num_nonfinite"], k
+  if expected["threshold"] == 0:
+    assert int(got.num_zero) == expected["num_zero"], k
+
+
+def _decoded_blocks(summary, values_of_block):
+  """NumPy multisets of each block's values, decoded from its summary."""
+  fields = [np.asarray(x) for x in summary]
+  count, largest, second, smallest, total = fields
+  fourth = total - largest - second - smallest
+  return [sorted(v for v, present in zip(
+      (largest[b], second[b], smallest[b], fourth[b]),
+      (count[b] >= 1, count[b] >= 2, count[b] >= 3, count[b] == 4)) if present)
+          for b in range(values_of_block)]
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_block_summaries_hold_up_to_four_values_exactly(use_jit):
+  # Small integers, so blocks hold ties; 0 to 8 valid values per block.
+  rng = np.random.default_rng(3)
+  values = rng.integers(0, 6, (512, 8)).astype(np.int32)
+  valid = rng.random((512, 8)) < rng.random((512, 1))
+  valid[:9] = np.arange(8)[None, :] < np.arange(9)[:, None]  # counts 0..8
+
+  def summarize(values, valid):
+    _, level1 = selection._reduce_blocks(
+        (), selection._singletons(values, valid), 1)
+    rest = selection._summary_in_blocks(selection._without_largest(level1))
+    _, level2 = selection._reduce_blocks((), rest, 1)
+    return level1, level2
+
+  fn = jax.jit(summarize) if use_jit else summarize
+  level1, level2 = fn(jnp.asarray(values), jnp.asarray(valid))
+  expected = [sorted(values[b][valid[b]]) for b in range(512)]
+  counts = valid.sum(axis=1)
+  np.testing.assert_array_equal(level1.count, counts)
+  for b, got in enumerate(_decoded_blocks(level1, 512)):
+    if counts[b] <= 4:
+      assert got == expected[b], b
+  # Level 2: the values of 8 blocks but each block's largest.
+  rest = [sorted(v for b in range(g * 8, g * 8 + 8) for v in expected[b][:-1])
+          for g in range(64)]
+  np.testing.assert_array_equal(level2.count, [len(r) for r in rest])
+  for g, got in enumerate(_decoded_blocks(level2, 64)):
+    if len(rest[g]) <= 4:
+      assert got == rest[g], g
+
+
 def _score_case(name):
+  """Small pools (the path is forced for them): exactness in every case."""
   rng = np.random.default_rng(21)
   big = rng.uniform(1.0, 1.02, (64, 64)).astype(np.float32)
   small = rng.uniform(1.0, 1.02, (16, 8)).astype(np.float32)
-  if name == "narrow":  # within a few high 16-bit bins: the bracket holds
+  if name == "narrow":
     pass
   elif name == "narrow_with_ties_nan_inf_zero":
     big[5, :20] = big[5, 0]  # 20 ties
@@ -230,6 +280,9 @@ def _score_case(name):
   elif name == "mostly_zero":
     big[:] = 0.0
     small[:, 4:] = 0.0
+  elif name == "odd_shapes":  # last axes not divisible by 8: padded blocks
+    big = big[:63, :61]
+    small = small[:, :7]
   else:
     raise ValueError(name)
   return [jnp.asarray(big), jnp.asarray(small)]
@@ -249,24 +302,59 @@ def sampled_select(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["narrow", "narrow_with_ties_nan_inf_zero",
-                                  "wide", "sample_misleads", "mostly_zero"])
+                                  "wide", "sample_misleads", "mostly_zero",
+                                  "odd_shapes"])
 def test_sampled_score_selection_equals_numpy_sort(case, sampled_select):
-  select = sampled_select
   scores = _score_case(case)
-  paths = []
-  for k in [1, 3, 100, 421, 2000, 4000, 4224]:
-    got = select(scores, k)
-    expected = _numpy_score_selection(scores, k)
-    assert float(got.threshold) == expected["threshold"], k
-    assert int(got.num_at_least) == expected["num_at_least"], k
-    assert int(got.num_nonfinite) == expected["num_nonfinite"], k
-    if expected["threshold"] == 0:
-      assert int(got.num_zero) == expected["num_zero"], k
-    paths.append(bool(got.sampled))
-  if case == "narrow":
-    assert all(paths)  # the sampled path really ran
-  if case == "sample_misleads":
-    assert not paths[4]  # k = 2000: bracket missed, exact fallback
+  size = sum(s.size for s in scores)
+  for k in [1, 3, 100, 421, 2000, size - 200, size]:
+    _assert_selection_equals_numpy(sampled_select(scores, k), scores, k)
+
+
+def _million_scores(seed: int, copies=(1, 2, 3, 4)):
+  """2^20 Taylor-like scores |a * b| in two leaves, the last axis of one not
+  divisible by 8. Block i of 8 (one per summary at every level) holds
+  copies[i] copies of the 1/5-quantile score and nothing else of the bracket.
+  """
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal(1 << 20, dtype=np.float32)
+  b = rng.standard_normal(1 << 20, dtype=np.float32)
+  flat = np.abs(a * b)
+  quantile = np.sort(flat)[-(flat.size // 5)]
+  for block, num in enumerate(copies):
+    start = block * 8 ** 5
+    flat[start:start + 8] = 0.0
+    flat[start:start + num] = quantile
+  return [jnp.asarray(flat[:(1 << 20) - 4000].reshape(-1, 96)),
+          jnp.asarray(flat[(1 << 20) - 4000:].reshape(-1, 125))]
+
+
+_MILLION_SELECT = jax.jit(
+    lambda s, k: selection.select_score_threshold(s, k))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_summary_path_decides_exactly_on_a_million_scores(seed, monkeypatch):
+  # 2^20 weights is below the path's size limit (it pays off from 2^22 on
+  # CPU), lowered here; the scores are those of a large pool: bracket keys
+  # are sparse, and blocks with 2-4 of them are decided by their summaries.
+  monkeypatch.setattr(selection, "_SAMPLED_MIN_SIZE", 1 << 20)
+  scores = _million_scores(seed)
+  size = 1 << 20
+  for k in [size // 2, size // 5, size // 50, 1000]:
+    got = _MILLION_SELECT(scores, k)
+    _assert_selection_equals_numpy(got, scores, k)
+    if k >= size // 50:
+      assert bool(got.sampled), k  # the block summaries decided
+
+
+def test_block_with_five_bracket_keys_falls_back_to_the_radix_select(monkeypatch):
+  monkeypatch.setattr(selection, "_SAMPLED_MIN_SIZE", 1 << 20)
+  scores = _million_scores(0, copies=(5,))
+  k = (1 << 20) // 5
+  got = _MILLION_SELECT(scores, k)
+  _assert_selection_equals_numpy(got, scores, k)
+  assert not bool(got.sampled)
 
 
 @pytest.mark.slow
