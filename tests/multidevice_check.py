@@ -34,6 +34,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import gsm_optax  # noqa: E402
+from gsm_optax import selection  # noqa: E402
 
 NUM_DEVICES = 8
 COMPRESSION = 10.0
@@ -236,6 +237,12 @@ def main():
   report["sharded"] = sharded
   report["hlo"] = check_hlo(step, args)
   report["pmap"] = check_pmap(step)
+  # The large-pool path (sampled bracket + block summaries), forced for this
+  # small pool: traced and compiled sharded, and exact whichever branch runs.
+  selection._SAMPLED_MIN_SIZE = 0
+  sharded, step, args = check_sharded()
+  report["sharded_large_pool_path"] = sharded
+  report["hlo_large_pool_path"] = check_hlo(step, args)
   json.dump(report, sys.stdout)
   sys.stdout.write("\n")
 

@@ -21,8 +21,9 @@ def test_eight_devices_are_simulated(report):
   assert report["sharded"]["num_devices"] == 8
 
 
-def test_sharded_update_equals_single_device_update_exactly(report):
-  sharded = report["sharded"]
+@pytest.mark.parametrize("path", ["sharded", "sharded_large_pool_path"])
+def test_sharded_update_equals_single_device_update_exactly(report, path):
+  sharded = report[path]
   assert sharded["equal_every_step"] == [True] * len(sharded["equal_every_step"])
   assert max(sharded["max_abs_diff"]) == 0.0
   for step, stats in enumerate(sharded["stats"]):
@@ -33,8 +34,9 @@ def test_sharded_update_equals_single_device_update_exactly(report):
   assert sharded["kernels_stay_sharded"] == [True, True, True]
 
 
-def test_compiled_sharded_update_gathers_no_pool_sized_array(report):
-  hlo = report["hlo"]
+@pytest.mark.parametrize("path", ["hlo", "hlo_large_pool_path"])
+def test_compiled_sharded_update_gathers_no_pool_sized_array(report, path):
+  hlo = report[path]
   assert hlo["pooled_leaf_sizes"] == [192, 576, 1536]
   assert hlo["pool_size"] == 2304
   gathers = hlo["pool_sized_all_gathers"]
