@@ -1,7 +1,9 @@
 """The quick mode of benchmarks/paper_tables.py: every table, row and method, numbers in range.
 
 One module-level run of ``paper_tables.py --quick`` on tiny Fashion-MNIST subsets
-(skipped when Fashion-MNIST is not installed).
+(skipped when Fashion-MNIST is not installed). It compiles some 140 XLA
+programs (about 90 s on 2 cores), so it is a slow test, kept out of the default
+run to hold the suite under 5 minutes: ``bash scripts/test.sh -m slow``.
 """
 
 import json
@@ -17,10 +19,13 @@ if ROOT not in sys.path:
 from benchmarks import paper_tables  # noqa: E402
 from training import data  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR),
-    reason="Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR),
+        reason="Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
