@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
 from gsm_optax import _pool
@@ -60,15 +61,38 @@ def _check_compression_arg(compression: ScalarOrSchedule) -> None:
     _pool.validate_compression(compression)
 
 
+def floor_divide_by_float(size: int, divisor: jax.Array) -> jax.Array:
+  """floor(size / c) exactly, for an int 0 <= size < 2^31 and float32 c >= 1.
+
+  Float32 division rounds (int(n / C) could be one too many near an
+  integer), so this divides by c = m * 2^e in integers: by m << e when
+  e >= 0, else n // m and then one binary digit of the remainder per bit of
+  -e (at most 23). A non-finite c gives 0.
+  """
+  bits = lax.bitcast_convert_type(jnp.asarray(divisor, jnp.float32), jnp.int32)
+  exponent = ((bits >> 23) & 0xFF) - 150           # c = mantissa * 2^exponent
+  mantissa = (bits & 0x7FFFFF) | 0x800000
+  n = jnp.int32(size)
+  whole = n // (mantissa << jnp.clip(exponent, 0, 7))
+  quotient, remainder = n // mantissa, n % mantissa
+  for bit in range(23):
+    active = bit < -exponent
+    twice = remainder * 2
+    digit = (twice >= mantissa).astype(jnp.int32)
+    remainder = jnp.where(active, twice - digit * mantissa, remainder)
+    quotient = jnp.where(active, quotient * 2 + digit, quotient)
+  return jnp.where(exponent >= 8, 0, jnp.where(exponent >= 0, whole, quotient))
+
+
 def _keep_for_step(size: int, compression: ScalarOrSchedule,
                    count: jax.Array) -> jax.Array:
-  """Q = int(|pool| / C) for this step; exact for a Python number C."""
+  """Q = int(|pool| / C) for this step: exact for a Python number C (as the
+  reference code computes it), and for a traced float32 C."""
   if isinstance(compression, (int, float)):
     return jnp.asarray(_pool.keep_count_for_size(size, compression), jnp.int32)
   value = compression(count) if callable(compression) else compression
   value = jnp.maximum(jnp.asarray(value, jnp.float32), 1.0)
-  keep = jnp.floor(jnp.float32(size) / value).astype(jnp.int32)
-  return jnp.clip(keep, 1, size)
+  return jnp.clip(floor_divide_by_float(size, value), 1, size)
 
 
 def taylor_score(grad: jax.Array, param: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ does the same (`fused=True`), eagerly it rounds twice like NumPy.
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import jax
@@ -24,6 +25,7 @@ import optax
 import pytest
 
 import gsm_optax
+from gsm_optax import transform
 
 LR, BETA, ETA = 0.05, 0.9, 1e-2
 
@@ -833,3 +835,23 @@ def test_state_leaves_are_arrays_and_survive_a_numpy_round_trip(
   u2, s2 = opt.update(grads, restored, params)
   for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("size", [138, 266_200, 2**24 + 3, 25_502_912, 2**31 - 1])
+def test_keep_for_a_traced_compression_is_exactly_floor_of_size_over_c(size, use_jit):
+  # Q = floor(|pool| / C) for float32 C from a schedule. Divisors near
+  # |pool| / q make the quotient land next to an integer, where float32
+  # division rounds to the wrong side.
+  rng = np.random.default_rng(size % 1000)
+  near_integer = (np.float64(size) / rng.integers(1, size + 1, 200)).astype(np.float32)
+  spread = np.exp(rng.uniform(0.0, 25.0, 200)).astype(np.float32)
+  divisors = np.concatenate([near_integer, spread, np.float32([1.0, 5.0, 60.0])])
+  divisors = divisors[divisors >= 1.0]
+  divide = lambda c: transform.floor_divide_by_float(size, c)  # noqa: E731
+  if use_jit:
+    divide = jax.jit(divide)
+  got = [int(divide(jnp.float32(c))) for c in divisors[:40]]
+  got += [int(x) for x in jax.vmap(divide)(jnp.asarray(divisors[40:]))]
+  expected = [math.floor(fractions.Fraction(size) / fractions.Fraction(float(c)))
+              for c in divisors]
+  assert got == expected
