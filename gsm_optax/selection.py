@@ -45,6 +45,12 @@ def key_to_float(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _histogram_add(hist: jax.Array, value: jax.Array, valid: jax.Array) -> jax.Array:
+  """Adds 1 at each valid `value` (an index into `hist`)."""
+  index = jnp.where(valid, value, hist.shape[0])  # out of range: dropped
+  return hist.at[index].add(1, mode="drop")
+
+
 def _digit_histogram(keys: Sequence[jax.Array], shift: int, width: int,
                      prefix: jax.Array | None) -> jax.Array:
   """Counts of the `width`-bit digit at `shift` among the keys whose higher
@@ -57,10 +63,8 @@ def _digit_histogram(keys: Sequence[jax.Array], shift: int, width: int,
   hist = jnp.zeros((num_bins,), jnp.int32)
   for key in keys:
     digit = ((key >> shift) & (num_bins - 1)).astype(jnp.int32)
-    if prefix is not None:
-      matches = (key >> (shift + width)) == prefix
-      digit = jnp.where(matches, digit, num_bins)  # out of range: dropped
-    hist = hist.at[digit].add(1, mode="drop")
+    matches = True if prefix is None else (key >> (shift + width)) == prefix
+    hist = _histogram_add(hist, digit, matches)
   return hist
 
 
@@ -332,11 +336,6 @@ def _block_total(x: jax.Array) -> jax.Array:
   while x.size > 64:
     x = jnp.sum(_in_blocks(lax.optimization_barrier(x), _BLOCK, 0), axis=-1)
   return jnp.sum(x)
-
-
-def _histogram_add(hist: jax.Array, value: jax.Array, valid: jax.Array) -> jax.Array:
-  index = jnp.where(valid, value, hist.shape[0])  # out of range: dropped
-  return hist.at[index].add(1, mode="drop")
 
 
 def _overflowing(summary: _BlockSummary) -> jax.Array:
