@@ -23,28 +23,28 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and outputs.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py).", lock_config=True
+  "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py).", lock_config=True
 )
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-    try:
-        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (train_lib.ConfigError, data.DataNotFoundError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
-    except train_lib.TrainingInterrupted as err:
-        print(f"train.py: {err}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("train.py: interrupted (the latest checkpoint, if any, is intact)", file=sys.stderr)
-        return 130
-    return 0
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (train_lib.ConfigError, data.DataNotFoundError) as err:
+    print(f"train.py: error: {err}", file=sys.stderr)
+    return 1
+  except train_lib.TrainingInterrupted as err:
+    print(f"train.py: {err}", file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:
+    print("train.py: interrupted (the latest checkpoint, if any, is intact)", file=sys.stderr)
+    return 130
+  return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

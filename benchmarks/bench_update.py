@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,7 @@ def lenet_300_100_shapes() -> list[tuple[int, ...]]:
 
 
 def lenet5_shapes() -> list[tuple[int, ...]]:
-  return [(5, 5, 1, 20), (20,), (5, 5, 20, 50), (50,), (800, 500), (500,),
-          (500, 10), (10,)]
+  return [(5, 5, 1, 20), (20,), (5, 5, 20, 50), (50,), (800, 500), (500,), (500, 10), (10,)]
 
 
 def resnet56_shapes() -> list[tuple[int, ...]]:
@@ -51,8 +50,7 @@ def resnet56_shapes() -> list[tuple[int, ...]]:
   cin = 16
   for width in (16, 32, 64):
     for _ in range(9):
-      shapes += [(3, 3, cin, width), (width,), (width,),
-                 (3, 3, width, width), (width,), (width,)]
+      shapes += [(3, 3, cin, width), (width,), (width,), (3, 3, width, width), (width,), (width,)]
       cin = width
   return shapes + [(64, 10), (10,)]
 
@@ -71,46 +69,61 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 
 
 POOLS: dict[str, tuple[Callable[[], list[tuple[int, ...]]], float]] = {
-    "lenet_300_100": (lenet_300_100_shapes, 60.0),
-    "lenet5": (lenet5_shapes, 125.0),
-    "resnet56": (resnet56_shapes, 10.0),
-    "resnet50": (resnet50_shapes, 5.0),
+  "lenet_300_100": (lenet_300_100_shapes, 60.0),
+  "lenet5": (lenet5_shapes, 125.0),
+  "resnet56": (resnet56_shapes, 10.0),
+  "resnet50": (resnet50_shapes, 5.0),
 }
 
 
 def random_tree(shapes, seed: int, scale: float) -> dict[str, jax.Array]:
   keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-  return {f"p{i:03d}": scale * jax.random.normal(k, s, jnp.float32)
-          for i, (k, s) in enumerate(zip(keys, shapes))}
+  return {
+    f"p{i:03d}": scale * jax.random.normal(k, s, jnp.float32)
+    for i, (k, s) in enumerate(zip(keys, shapes))
+  }
 
 
 # --------------------------------------------------------------- naive GSM
-def naive_gsm(learning_rate: float, compression: float, *, momentum: float = MOMENTUM,
-              weight_decay: float = 5e-4) -> optax.GradientTransformation:
+def naive_gsm(
+  learning_rate: float,
+  compression: float,
+  *,
+  momentum: float = MOMENTUM,
+  weight_decay: float = 5e-4,
+) -> optax.GradientTransformation:
   """GSM with the obvious selection: concatenate the scores, lax.top_k."""
 
   def mask_grads(updates, state, params):
     pool = gsm_optax.default_pool(params)
-    scores = [jnp.abs(g * w).ravel() for g, w, m in zip(
-        jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(pool)) if m]
+    scores = [
+      jnp.abs(g * w).ravel()
+      for g, w, m in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(pool))
+      if m
+    ]
     flat = jnp.concatenate(scores)
     keep = int(flat.size / compression)
     threshold = jax.lax.top_k(flat, keep)[0][-1]
-    masked = jax.tree.map(lambda g, w, m: jnp.where(jnp.abs(g * w) >= threshold, g, 0) if m else g,
-                          updates, params, pool)
+    masked = jax.tree.map(
+      lambda g, w, m: jnp.where(jnp.abs(g * w) >= threshold, g, 0) if m else g,
+      updates,
+      params,
+      pool,
+    )
     return masked, state
 
   return optax.chain(
-      optax.GradientTransformation(lambda p: optax.EmptyState(), mask_grads),
-      optax.add_decayed_weights(weight_decay, mask=gsm_optax.default_pool),
-      optax.trace(decay=momentum),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.GradientTransformation(lambda p: optax.EmptyState(), mask_grads),
+    optax.add_decayed_weights(weight_decay, mask=gsm_optax.default_pool),
+    optax.trace(decay=momentum),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 # ------------------------------------------------------------------ timing
-def time_interleaved(steps: dict[str, Callable[[Any, int], Any]], states: dict[str, Any],
-                     repeats: dict[str, int]) -> tuple[dict[str, float], dict[str, Any]]:
+def time_interleaved(
+  steps: dict[str, Callable[[Any, int], Any]], states: dict[str, Any], repeats: dict[str, int]
+) -> tuple[dict[str, float], dict[str, Any]]:
   """Median milliseconds of `state = step(state, i)` for each step function.
 
   The calls are interleaved round-robin, so that the machine's load drifts
@@ -134,12 +147,13 @@ def bench_pool(name: str, repeats: int, naive_repeats: int) -> dict[str, Any]:
   params = random_tree(shapes, 0, 0.05)
   grad_sets = [random_tree(shapes, s, 0.01) for s in (1, 2, 3, 4)]
   pool_size = gsm_optax.pool_size(params)
-  result: dict[str, Any] = dict(pool=name, leaves=len(shapes), pool_size=pool_size,
-                                compression=compression)
+  result: dict[str, Any] = dict(
+    pool=name, leaves=len(shapes), pool_size=pool_size, compression=compression
+  )
   optimizers = {
-      "sgd_momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
-      "gsm": gsm_optax.gsm(LEARNING_RATE, compression, momentum=MOMENTUM),
-      "naive_topk_gsm": naive_gsm(LEARNING_RATE, compression),
+    "sgd_momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
+    "gsm": gsm_optax.gsm(LEARNING_RATE, compression, momentum=MOMENTUM),
+    "naive_topk_gsm": naive_gsm(LEARNING_RATE, compression),
   }
   steps, states = {}, {}
   for label, tx in optimizers.items():
@@ -169,9 +183,13 @@ def bench_pool(name: str, repeats: int, naive_repeats: int) -> dict[str, Any]:
 def sampled_path_used(params, grads, compression: float) -> bool:
   """Whether the selection took the one-full-pass sampled path (vs radix)."""
   from gsm_optax import selection  # pylint: disable=g-import-not-at-top
+
   pool = gsm_optax.default_pool(params)
-  scores = [jnp.abs(g * w) for g, w, m in zip(
-      jax.tree.leaves(grads), jax.tree.leaves(params), jax.tree.leaves(pool)) if m]
+  scores = [
+    jnp.abs(g * w)
+    for g, w, m in zip(jax.tree.leaves(grads), jax.tree.leaves(params), jax.tree.leaves(pool))
+    if m
+  ]
   keep = gsm_optax.keep_count(params, compression)
   return bool(jax.jit(selection.select_score_threshold)(scores, keep).sampled)
 
@@ -179,13 +197,19 @@ def sampled_path_used(params, grads, compression: float) -> bool:
 def bench_lenet_train_step(repeats: int) -> dict[str, Any]:
   """Full jitted LeNet-300-100 train step (batch 256): forward, backward, update."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   import models  # pylint: disable=g-import-not-at-top
 
   model = models.create_model("lenet_300_100", num_classes=10, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   rng = np.random.default_rng(0)
-  batches = [(jnp.asarray(rng.standard_normal((256, 28, 28, 1)), jnp.float32),
-              jnp.asarray(rng.integers(0, 10, 256), jnp.int32)) for _ in range(4)]
+  batches = [
+    (
+      jnp.asarray(rng.standard_normal((256, 28, 28, 1)), jnp.float32),
+      jnp.asarray(rng.integers(0, 10, 256), jnp.int32),
+    )
+    for _ in range(4)
+  ]
 
   def loss_fn(p, images, labels):
     logits = nnx.merge(graphdef, p)(images)
@@ -193,12 +217,13 @@ def bench_lenet_train_step(repeats: int) -> dict[str, Any]:
 
   result: dict[str, Any] = {}
   optimizers = {
-      "sgd_momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
-      "gsm": gsm_optax.gsm(LEARNING_RATE, 60.0, momentum=MOMENTUM),
-      "naive_topk_gsm": naive_gsm(LEARNING_RATE, 60.0),
+    "sgd_momentum": optax.sgd(LEARNING_RATE, momentum=MOMENTUM),
+    "gsm": gsm_optax.gsm(LEARNING_RATE, 60.0, momentum=MOMENTUM),
+    "naive_topk_gsm": naive_gsm(LEARNING_RATE, 60.0),
   }
   steps, states = {}, {}
   for label, tx in optimizers.items():
+
     @jax.jit
     def train_step(p, opt_state, images, labels, tx=tx):
       grads = jax.grad(loss_fn)(p, images, labels)
@@ -219,25 +244,29 @@ def bench_lenet_train_step(repeats: int) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
   lines = [
-      "| pool | leaves | pooled weights | C | sgd-momentum ms | gsm ms | gsm / sgd | naive top_k ms | naive / sgd |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| pool | leaves | pooled weights | C | sgd-momentum ms | gsm ms | gsm / sgd | naive top_k ms | naive / sgd |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results["updates"]:
     lines.append(
-        f"| {r['pool']} | {r['leaves']} | {r['pool_size']:,} | {r['compression']:g} | "
-        f"{r['sgd_momentum_ms']:.2f} | {r['gsm_ms']:.2f} | {r['gsm_ratio']:.2f}x | "
-        f"{r['naive_topk_gsm_ms']:.1f} | {r['naive_ratio']:.1f}x |")
+      f"| {r['pool']} | {r['leaves']} | {r['pool_size']:,} | {r['compression']:g} | "
+      f"{r['sgd_momentum_ms']:.2f} | {r['gsm_ms']:.2f} | {r['gsm_ratio']:.2f}x | "
+      f"{r['naive_topk_gsm_ms']:.1f} | {r['naive_ratio']:.1f}x |"
+    )
   t = results.get("lenet_300_100_train_step")
   if t:
     lines += [
-        "",
-        "| LeNet-300-100 train step, batch 256 | sgd-momentum ms | gsm ms | gsm / sgd | naive top_k ms | naive / sgd |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| forward + backward + update | {t['sgd_momentum_ms']:.2f} | {t['gsm_ms']:.2f} | "
-        f"{t['gsm_ratio']:.2f}x | {t['naive_topk_gsm_ms']:.2f} | {t['naive_ratio']:.1f}x |",
+      "",
+      "| LeNet-300-100 train step, batch 256 | sgd-momentum ms | gsm ms | gsm / sgd | naive top_k ms | naive / sgd |",
+      "|---|---:|---:|---:|---:|---:|",
+      f"| forward + backward + update | {t['sgd_momentum_ms']:.2f} | {t['gsm_ms']:.2f} | "
+      f"{t['gsm_ratio']:.2f}x | {t['naive_topk_gsm_ms']:.2f} | {t['naive_ratio']:.1f}x |",
     ]
-  lines += ["", f"{results['machine']}; jax {results['jax']}, optax {results['optax']}; "
-                f"median of {results['repeats']} calls."]
+  lines += [
+    "",
+    f"{results['machine']}; jax {results['jax']}, optax {results['optax']}; "
+    f"median of {results['repeats']} calls.",
+  ]
   return "\n".join(lines)
 
 
@@ -250,8 +279,12 @@ def main() -> None:
   repeats = args.repeats or (5 if args.quick else 20)
   pools = ["lenet_300_100", "lenet5"] if args.quick else list(POOLS)
   results: dict[str, Any] = dict(
-      machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
-      jax=jax.__version__, optax=optax.__version__, repeats=repeats, updates=[])
+    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+    jax=jax.__version__,
+    optax=optax.__version__,
+    repeats=repeats,
+    updates=[],
+  )
   for name in pools:
     naive_repeats = 2 if name == "resnet50" else repeats
     results["updates"].append(bench_pool(name, repeats, naive_repeats))

@@ -53,89 +53,89 @@ from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = "lenet_300_100"
-    config.dataset = "fashion_mnist"
-    config.data_dir = config_dict.placeholder(str)
-    config.download = False
-    config.max_train_examples = config_dict.placeholder(int)
-    config.max_test_examples = config_dict.placeholder(int)
-    config.seed = 0
-    config.batch_size = 256
-    config.eval_batch_size = 1000
+  config = ml_collections.ConfigDict()
+  config.model = "lenet_300_100"
+  config.dataset = "fashion_mnist"
+  config.data_dir = config_dict.placeholder(str)
+  config.download = False
+  config.max_train_examples = config_dict.placeholder(int)
+  config.max_test_examples = config_dict.placeholder(int)
+  config.seed = 0
+  config.batch_size = 256
+  config.eval_batch_size = 1000
 
-    config.dense = ml_collections.ConfigDict()
-    config.dense.epochs = 30
-    config.dense.learning_rate = 3e-2
-    config.dense.momentum = 0.9
-    config.dense.nesterov = False
-    config.dense.weight_decay = 5e-4
-    config.dense.boundaries = (15, 23)
-    config.dense.decay_factor = 0.1
-    config.dense.warmup_epochs = 2.0
+  config.dense = ml_collections.ConfigDict()
+  config.dense.epochs = 30
+  config.dense.learning_rate = 3e-2
+  config.dense.momentum = 0.9
+  config.dense.nesterov = False
+  config.dense.weight_decay = 5e-4
+  config.dense.boundaries = (15, 23)
+  config.dense.decay_factor = 0.1
+  config.dense.warmup_epochs = 2.0
 
-    config.gsm = ml_collections.ConfigDict()
-    config.gsm.epochs = 60
-    config.gsm.learning_rate = 3e-2
-    config.gsm.momentum = 0.99
-    config.gsm.nesterov = True
-    config.gsm.weight_decay = 5e-4
-    config.gsm.boundaries = (48,)
-    config.gsm.decay_factor = 0.1
-    config.gsm.compression = 60.0
+  config.gsm = ml_collections.ConfigDict()
+  config.gsm.epochs = 60
+  config.gsm.learning_rate = 3e-2
+  config.gsm.momentum = 0.99
+  config.gsm.nesterov = True
+  config.gsm.weight_decay = 5e-4
+  config.gsm.boundaries = (48,)
+  config.gsm.decay_factor = 0.1
+  config.gsm.compression = 60.0
 
-    config.method = "gsm"
+  config.method = "gsm"
 
-    # Baselines (config.method != "gsm"): SGD like the dense phase, masked where pruned.
-    config.finetune = ml_collections.ConfigDict()
-    config.finetune.epochs = 60
-    config.finetune.learning_rate = 3e-2
-    config.finetune.momentum = 0.9
-    config.finetune.nesterov = False
-    config.finetune.weight_decay = 5e-4
-    config.finetune.boundaries = (48,)
-    config.finetune.decay_factor = 0.1
+  # Baselines (config.method != "gsm"): SGD like the dense phase, masked where pruned.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.epochs = 60
+  config.finetune.learning_rate = 3e-2
+  config.finetune.momentum = 0.9
+  config.finetune.nesterov = False
+  config.finetune.weight_decay = 5e-4
+  config.finetune.boundaries = (48,)
+  config.finetune.decay_factor = 0.1
 
-    config.magnitude = ml_collections.ConfigDict()
-    config.magnitude.layerwise = False
-    config.magnitude.rounds = 1
+  config.magnitude = ml_collections.ConfigDict()
+  config.magnitude.layerwise = False
+  config.magnitude.rounds = 1
 
-    config.gmp = ml_collections.ConfigDict()
-    config.gmp.epochs = 30
-    config.gmp.learning_rate = 3e-2
-    config.gmp.momentum = 0.9
-    config.gmp.nesterov = False
-    config.gmp.weight_decay = 5e-4
-    config.gmp.boundaries = ()
-    config.gmp.decay_factor = 0.1
-    config.gmp.update_every_steps = 50
-    config.gmp.initial_sparsity = 0.0
-    config.gmp.layerwise = False
+  config.gmp = ml_collections.ConfigDict()
+  config.gmp.epochs = 30
+  config.gmp.learning_rate = 3e-2
+  config.gmp.momentum = 0.9
+  config.gmp.nesterov = False
+  config.gmp.weight_decay = 5e-4
+  config.gmp.boundaries = ()
+  config.gmp.decay_factor = 0.1
+  config.gmp.update_every_steps = 50
+  config.gmp.initial_sparsity = 0.0
+  config.gmp.layerwise = False
 
-    config.admm = ml_collections.ConfigDict()
-    config.admm.epochs = 30
-    config.admm.learning_rate = 3e-2
-    config.admm.momentum = 0.9
-    config.admm.nesterov = False
-    config.admm.weight_decay = 5e-4
-    config.admm.boundaries = ()
-    config.admm.decay_factor = 0.1
-    config.admm.steps_per_iteration = 234  # one epoch of Fashion-MNIST at batch 256
-    config.admm.rho = 3e-3
-    config.admm.rho_growth = 1.3
-    config.admm.densities_from = config_dict.placeholder(str)
-    config.admm.densities = config_dict.placeholder(tuple)
+  config.admm = ml_collections.ConfigDict()
+  config.admm.epochs = 30
+  config.admm.learning_rate = 3e-2
+  config.admm.momentum = 0.9
+  config.admm.nesterov = False
+  config.admm.weight_decay = 5e-4
+  config.admm.boundaries = ()
+  config.admm.decay_factor = 0.1
+  config.admm.steps_per_iteration = 234  # one epoch of Fashion-MNIST at batch 256
+  config.admm.rho = 3e-3
+  config.admm.rho_growth = 1.3
+  config.admm.densities_from = config_dict.placeholder(str)
+  config.admm.densities = config_dict.placeholder(tuple)
 
-    config.lottery = ml_collections.ConfigDict()
-    config.lottery.ticket = "magnitude"
-    config.lottery.gsm_checkpoint = config_dict.placeholder(str)
+  config.lottery = ml_collections.ConfigDict()
+  config.lottery.ticket = "magnitude"
+  config.lottery.gsm_checkpoint = config_dict.placeholder(str)
 
-    config.dense_checkpoint = config_dict.placeholder(str)
-    config.skip_dense = False
-    config.skip_gsm = False
+  config.dense_checkpoint = config_dict.placeholder(str)
+  config.skip_dense = False
+  config.skip_gsm = False
 
-    config.log_every_steps = 50
-    config.checkpoint_keep = 3
-    config.progress_bar = True
-    config.plots = True
-    return config
+  config.log_every_steps = 50
+  config.checkpoint_keep = 3
+  config.progress_bar = True
+  config.plots = True
+  return config

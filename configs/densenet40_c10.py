@@ -11,6 +11,6 @@ from configs import resnet56_c10
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = resnet56_c10.get_config()
-    config.model = "densenet40"
-    return config
+  config = resnet56_c10.get_config()
+  config.model = "densenet40"
+  return config

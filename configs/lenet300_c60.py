@@ -14,26 +14,26 @@ from configs import default as default_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default_lib.get_config()
-    config.model = "lenet_300_100"
-    config.dataset = "mnist"
-    config.batch_size = 256
+  config = default_lib.get_config()
+  config.model = "lenet_300_100"
+  config.dataset = "mnist"
+  config.batch_size = 256
 
-    config.dense.epochs = 200
-    config.dense.learning_rate = 3e-2
-    config.dense.momentum = 0.9
-    config.dense.nesterov = False
-    config.dense.weight_decay = 5e-4
-    config.dense.boundaries = (40, 80, 120, 160)
-    config.dense.decay_factor = 0.1
-    config.dense.warmup_epochs = 5.0
+  config.dense.epochs = 200
+  config.dense.learning_rate = 3e-2
+  config.dense.momentum = 0.9
+  config.dense.nesterov = False
+  config.dense.weight_decay = 5e-4
+  config.dense.boundaries = (40, 80, 120, 160)
+  config.dense.decay_factor = 0.1
+  config.dense.warmup_epochs = 5.0
 
-    config.gsm.epochs = 280
-    config.gsm.learning_rate = 1e-2
-    config.gsm.momentum = 0.99
-    config.gsm.nesterov = True
-    config.gsm.weight_decay = 5e-4
-    config.gsm.boundaries = (160, 200, 240)
-    config.gsm.decay_factor = 0.1
-    config.gsm.compression = 60.0
-    return config
+  config.gsm.epochs = 280
+  config.gsm.learning_rate = 1e-2
+  config.gsm.momentum = 0.99
+  config.gsm.nesterov = True
+  config.gsm.weight_decay = 5e-4
+  config.gsm.boundaries = (160, 200, 240)
+  config.gsm.decay_factor = 0.1
+  config.gsm.compression = 60.0
+  return config

@@ -11,7 +11,7 @@ from configs import lenet300_c60
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = lenet300_c60.get_config()
-    config.model = "lenet5"
-    config.gsm.compression = 125.0
-    return config
+  config = lenet300_c60.get_config()
+  config.model = "lenet5"
+  config.gsm.compression = 125.0
+  return config

@@ -16,28 +16,28 @@ from configs import default as default_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default_lib.get_config()
-    config.model = "resnet50"
-    config.dataset = "imagenet2012"
-    config.batch_size = 256
-    config.eval_batch_size = 250
-    config.log_every_steps = 100
+  config = default_lib.get_config()
+  config.model = "resnet50"
+  config.dataset = "imagenet2012"
+  config.batch_size = 256
+  config.eval_batch_size = 250
+  config.log_every_steps = 100
 
-    config.dense.epochs = 90
-    config.dense.learning_rate = 0.1
-    config.dense.momentum = 0.9
-    config.dense.nesterov = False
-    config.dense.weight_decay = 1e-4
-    config.dense.boundaries = (30, 60, 80)
-    config.dense.decay_factor = 0.1
-    config.dense.warmup_epochs = 5.0
+  config.dense.epochs = 90
+  config.dense.learning_rate = 0.1
+  config.dense.momentum = 0.9
+  config.dense.nesterov = False
+  config.dense.weight_decay = 1e-4
+  config.dense.boundaries = (30, 60, 80)
+  config.dense.decay_factor = 0.1
+  config.dense.warmup_epochs = 5.0
 
-    config.gsm.epochs = 40
-    config.gsm.learning_rate = 1e-2
-    config.gsm.momentum = 0.98
-    config.gsm.nesterov = True
-    config.gsm.weight_decay = 1e-4
-    config.gsm.boundaries = (30,)
-    config.gsm.decay_factor = 0.1
-    config.gsm.compression = 5.0
-    return config
+  config.gsm.epochs = 40
+  config.gsm.learning_rate = 1e-2
+  config.gsm.momentum = 0.98
+  config.gsm.nesterov = True
+  config.gsm.weight_decay = 1e-4
+  config.gsm.boundaries = (30,)
+  config.gsm.decay_factor = 0.1
+  config.gsm.compression = 5.0
+  return config

@@ -13,28 +13,28 @@ from configs import default as default_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default_lib.get_config()
-    config.model = "resnet56"
-    config.dataset = "cifar10"
-    config.batch_size = 64
-    config.eval_batch_size = 500
-    config.log_every_steps = 100
+  config = default_lib.get_config()
+  config.model = "resnet56"
+  config.dataset = "cifar10"
+  config.batch_size = 64
+  config.eval_batch_size = 500
+  config.log_every_steps = 100
 
-    config.dense.epochs = 500
-    config.dense.learning_rate = 0.1
-    config.dense.momentum = 0.9
-    config.dense.nesterov = False
-    config.dense.weight_decay = 1e-4
-    config.dense.boundaries = (100, 200, 300, 400)
-    config.dense.decay_factor = 0.1
-    config.dense.warmup_epochs = 0.0
+  config.dense.epochs = 500
+  config.dense.learning_rate = 0.1
+  config.dense.momentum = 0.9
+  config.dense.nesterov = False
+  config.dense.weight_decay = 1e-4
+  config.dense.boundaries = (100, 200, 300, 400)
+  config.dense.decay_factor = 0.1
+  config.dense.warmup_epochs = 0.0
 
-    config.gsm.epochs = 600
-    config.gsm.learning_rate = 5e-3
-    config.gsm.momentum = 0.98
-    config.gsm.nesterov = True
-    config.gsm.weight_decay = 1e-4
-    config.gsm.boundaries = (400, 500)
-    config.gsm.decay_factor = 0.1
-    config.gsm.compression = 10.0
-    return config
+  config.gsm.epochs = 600
+  config.gsm.learning_rate = 5e-3
+  config.gsm.momentum = 0.98
+  config.gsm.nesterov = True
+  config.gsm.weight_decay = 1e-4
+  config.gsm.boundaries = (400, 500)
+  config.gsm.decay_factor = 0.1
+  config.gsm.compression = 10.0
+  return config

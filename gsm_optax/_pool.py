@@ -9,7 +9,9 @@ of Ding et al. (2019) does.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from typing import Any
+from typing import Callable
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +23,8 @@ Pool = Union[None, Any, Callable[[Any], Any]]
 def default_pool(params: Any) -> Any:
   """Every floating leaf with ``ndim >= 2``: dense and convolution kernels."""
   return jax.tree.map(
-      lambda x: bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
-                     and jnp.ndim(x) >= 2),
-      params)
+    lambda x: bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) and jnp.ndim(x) >= 2), params
+  )
 
 
 def _path_name(path) -> str:
@@ -50,35 +51,37 @@ def resolve_pool(params: Any, pool: Pool = None) -> Any:
   mask_def = jax.tree.structure(mask)
   if params_def != mask_def:
     raise ValueError(
-        "pool must have the same tree structure as params; "
-        f"params: {params_def}, pool: {mask_def}.")
+      f"pool must have the same tree structure as params; params: {params_def}, pool: {mask_def}."
+    )
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   flags = jax.tree.leaves(mask)
   any_selected = False
   for (path, leaf), flag in zip(flat, flags):
     if not isinstance(flag, (bool, np.bool_)):
       raise ValueError(
-          f"pool leaf at {_path_name(path)} must be a Python bool, got "
-          f"{type(flag).__name__}; a pool is static (known when the "
-          "optimizer is built), not a traced array.")
+        f"pool leaf at {_path_name(path)} must be a Python bool, got "
+        f"{type(flag).__name__}; a pool is static (known when the "
+        "optimizer is built), not a traced array."
+      )
     if flag:
       dtype = jnp.asarray(leaf).dtype
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-            f"pool selects the leaf {_path_name(path)} of dtype {dtype}; "
-            "only floating leaves can be pruned.")
+          f"pool selects the leaf {_path_name(path)} of dtype {dtype}; "
+          "only floating leaves can be pruned."
+        )
       any_selected = True
   if not any_selected:
     raise ValueError(
-        "the pool selects no leaf: GSM needs at least one floating leaf to "
-        "prune (the default pool takes floating leaves with ndim >= 2).")
+      "the pool selects no leaf: GSM needs at least one floating leaf to "
+      "prune (the default pool takes floating leaves with ndim >= 2)."
+    )
   return jax.tree.unflatten(params_def, [bool(f) for f in flags])
 
 
 def pool_leaves(params: Any, pool_mask: Any) -> list[jax.Array]:
   """The pooled leaves of `params`, in tree order."""
-  return [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(pool_mask))
-          if m]
+  return [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(pool_mask)) if m]
 
 
 def pool_size(params: Any, pool: Pool = None) -> int:
@@ -90,19 +93,17 @@ def pool_size(params: Any, pool: Pool = None) -> int:
 def validate_compression(compression: float, name: str = "compression") -> float:
   """Checks a constant compression ratio C: finite and >= 1."""
   if isinstance(compression, (str, bytes, bool)):  # float("4") would pass
-    raise TypeError(
-        f"{name} must be a number >= 1 or an optax schedule, got "
-        f"{compression!r}.")
+    raise TypeError(f"{name} must be a number >= 1 or an optax schedule, got {compression!r}.")
   try:
     value = float(compression)
   except (TypeError, ValueError):
     raise TypeError(
-        f"{name} must be a number >= 1 or an optax schedule, got "
-        f"{compression!r}.") from None
+      f"{name} must be a number >= 1 or an optax schedule, got {compression!r}."
+    ) from None
   if not math.isfinite(value) or value < 1:
     raise ValueError(
-        f"{name} must be finite and >= 1 (C = |pool| / kept weights), got "
-        f"{compression!r}.")
+      f"{name} must be finite and >= 1 (C = |pool| / kept weights), got {compression!r}."
+    )
   return value
 
 
@@ -112,8 +113,9 @@ def keep_count_for_size(size: int, compression: float) -> int:
   keep = int(size / value)
   if keep < 1:
     raise ValueError(
-        f"compression {compression!r} keeps Q = int({size} / {value}) = 0 of "
-        f"{size} pooled weights; use compression <= {size}.")
+      f"compression {compression!r} keeps Q = int({size} / {value}) = 0 of "
+      f"{size} pooled weights; use compression <= {size}."
+    )
   return keep
 
 

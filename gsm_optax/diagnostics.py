@@ -13,8 +13,7 @@ from gsm_optax import _pool
 from gsm_optax import transform
 
 
-def taylor_mask(grads: Any, params: Any, compression: float, *,
-                pool: _pool.Pool = None) -> Any:
+def taylor_mask(grads: Any, params: Any, compression: float, *, pool: _pool.Pool = None) -> Any:
   """The active set B of GSM for one gradient: B = [|g * w| >= t].
 
   t is the Q-th greatest Taylor score over the pool, Q = int(|pool| / C)
@@ -52,6 +51,7 @@ def taylor_mask(grads: Any, params: Any, compression: float, *,
 @dataclasses.dataclass(frozen=True)
 class MaskOverlap:
   """How two masks of one leaf (or of the whole pool) agree."""
+
   path: str
   size: int
   kept_a: int
@@ -70,8 +70,7 @@ class MaskOverlap:
     return self.both / self.kept_a if self.kept_a else 1.0
 
 
-def mask_overlap(mask_a: Any, mask_b: Any, *,
-                 pool: Any = None) -> dict[str, MaskOverlap]:
+def mask_overlap(mask_a: Any, mask_b: Any, *, pool: Any = None) -> dict[str, MaskOverlap]:
   """Per-leaf and total agreement of two bool masks over the pool.
 
   Counts |A|, |B| and |A and B| on every pooled leaf; e.g. a GSM ticket
@@ -93,15 +92,15 @@ def mask_overlap(mask_a: Any, mask_b: Any, *,
   """
   def_a, def_b = jax.tree.structure(mask_a), jax.tree.structure(mask_b)
   if def_a != def_b:
-    raise ValueError(
-        f"mask_a and mask_b have different tree structures: {def_a} vs {def_b}.")
+    raise ValueError(f"mask_a and mask_b have different tree structures: {def_a} vs {def_b}.")
   if pool is None:
     flags = [np.ndim(m) >= 2 for m in jax.tree.leaves(mask_a)]
   else:
     if jax.tree.structure(pool) != def_a:
       raise ValueError(
-          "pool must have the masks' tree structure; masks: "
-          f"{def_a}, pool: {jax.tree.structure(pool)}.")
+        "pool must have the masks' tree structure; masks: "
+        f"{def_a}, pool: {jax.tree.structure(pool)}."
+      )
     flags = [bool(f) for f in jax.tree.leaves(pool)]
   if not any(flags):
     raise ValueError("the pool selects no leaf of the masks.")
@@ -113,22 +112,28 @@ def mask_overlap(mask_a: Any, mask_b: Any, *,
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     name = jax.tree_util.keystr(path)
     if a.shape != b.shape:
-      raise ValueError(
-          f"the masks differ in shape at {name}: {a.shape} vs {b.shape}.")
-    rows[name] = MaskOverlap(path=name, size=int(a.size),
-                             kept_a=int(a.sum()), kept_b=int(b.sum()),
-                             both=int(np.sum(a & b)))
+      raise ValueError(f"the masks differ in shape at {name}: {a.shape} vs {b.shape}.")
+    rows[name] = MaskOverlap(
+      path=name, size=int(a.size), kept_a=int(a.sum()), kept_b=int(b.sum()), both=int(np.sum(a & b))
+    )
   rows["total"] = MaskOverlap(
-      path="total",
-      size=sum(r.size for r in rows.values()),
-      kept_a=sum(r.kept_a for r in rows.values()),
-      kept_b=sum(r.kept_b for r in rows.values()),
-      both=sum(r.both for r in rows.values()))
+    path="total",
+    size=sum(r.size for r in rows.values()),
+    kept_a=sum(r.kept_a for r in rows.values()),
+    kept_b=sum(r.kept_b for r in rows.values()),
+    both=sum(r.both for r in rows.values()),
+  )
   return rows
 
 
-def passive_decay(learning_rate: float, weight_decay: float, momentum: float,
-                  steps: int = 1, *, nesterov: bool = False) -> float:
+def passive_decay(
+  learning_rate: float,
+  weight_decay: float,
+  momentum: float,
+  steps: int = 1,
+  *,
+  nesterov: bool = False,
+) -> float:
   """Factor by which a passive weight shrinks over `steps` GSM steps.
 
   A passive weight gets no loss gradient: z <- beta * z + eta * w,
@@ -156,9 +161,8 @@ def passive_decay(learning_rate: float, weight_decay: float, momentum: float,
     raise ValueError(f"steps must be >= 0, got {steps}.")
   alpha, eta, beta = float(learning_rate), float(weight_decay), float(momentum)
   if nesterov:
-    step_map = [[1.0 - alpha * eta * (1.0 + beta), -alpha * beta * beta],
-                [eta, beta]]
+    step_map = [[1.0 - alpha * eta * (1.0 + beta), -alpha * beta * beta], [eta, beta]]
   else:
     step_map = [[1.0 - alpha * eta, -alpha * beta], [eta, beta]]
   rho = float(np.max(np.abs(np.linalg.eigvals(np.asarray(step_map)))))
-  return rho ** steps
+  return rho**steps

@@ -10,14 +10,12 @@ import jax.numpy as jnp
 from gsm_optax import _pool
 from gsm_optax import selection
 
-
 # One compiled computation for eager calls (jitted callers inline it): op by
 # op, the radix select compiles dozens of XLA programs on first use.
 _kth_largest_score = jax.jit(selection.kth_largest_score)
 
 
-def global_magnitude_mask(params: Any, compression: float, *,
-                          pool: _pool.Pool = None) -> Any:
+def global_magnitude_mask(params: Any, compression: float, *, pool: _pool.Pool = None) -> Any:
   """Keeps the Q = int(|pool| / C) pooled weights of greatest |w|.
 
   mask(w) = |w| >= t, t the Q-th greatest |w| over the whole pool; ties at t

@@ -14,6 +14,7 @@ from gsm_optax import _pool
 @dataclasses.dataclass(frozen=True)
 class LeafSparsity:
   """Sparsity of one pooled leaf."""
+
   path: str
   shape: tuple[int, ...]
   size: int
@@ -27,6 +28,7 @@ class LeafSparsity:
 @dataclasses.dataclass(frozen=True)
 class SparsityReport:
   """Sparsity of every pooled leaf and of the whole pool; str() is a table."""
+
   rows: tuple[LeafSparsity, ...]
 
   @property
@@ -49,31 +51,35 @@ class SparsityReport:
 
   def to_dict(self) -> dict[str, Any]:
     return {
-        "leaves": [dict(path=r.path, shape=list(r.shape), size=r.size,
-                        nonzeros=r.nonzeros, density=r.density)
-                   for r in self.rows],
-        "total_size": self.total_size,
-        "total_nonzeros": self.total_nonzeros,
-        "density": self.density,
-        "compression": self.compression,
+      "leaves": [
+        dict(path=r.path, shape=list(r.shape), size=r.size, nonzeros=r.nonzeros, density=r.density)
+        for r in self.rows
+      ],
+      "total_size": self.total_size,
+      "total_nonzeros": self.total_nonzeros,
+      "density": self.density,
+      "compression": self.compression,
     }
 
   def __str__(self) -> str:
     header = ("path", "shape", "size", "non-zeros", "density")
-    lines = [(r.path, str(r.shape), str(r.size), str(r.nonzeros),
-              f"{100 * r.density:.2f}%") for r in self.rows]
-    lines.append(("total", "", str(self.total_size), str(self.total_nonzeros),
-                  f"{100 * self.density:.2f}%"))
+    lines = [
+      (r.path, str(r.shape), str(r.size), str(r.nonzeros), f"{100 * r.density:.2f}%")
+      for r in self.rows
+    ]
+    lines.append(
+      ("total", "", str(self.total_size), str(self.total_nonzeros), f"{100 * self.density:.2f}%")
+    )
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(5)]
 
     def fmt(row):
-      return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths)))
+      return "  ".join(
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+      )
 
     rule = "-" * len(fmt(header))
     body = [fmt(header), rule] + [fmt(r) for r in lines[:-1]] + [rule, fmt(lines[-1])]
-    body.append(f"compression {self.compression:.2f}x "
-                f"({self.total_size} / {self.total_nonzeros})")
+    body.append(f"compression {self.compression:.2f}x ({self.total_size} / {self.total_nonzeros})")
     return "\n".join(body)
 
 
@@ -85,7 +91,12 @@ def sparsity_report(params: Any, *, pool: _pool.Pool = None) -> SparsityReport:
   for (path, leaf), in_pool in zip(flat, jax.tree.leaves(mask)):
     if in_pool:
       value = np.asarray(leaf)
-      rows.append(LeafSparsity(path=jax.tree_util.keystr(path),
-                               shape=tuple(value.shape), size=int(value.size),
-                               nonzeros=int(np.count_nonzero(value))))
+      rows.append(
+        LeafSparsity(
+          path=jax.tree_util.keystr(path),
+          shape=tuple(value.shape),
+          size=int(value.size),
+          nonzeros=int(np.count_nonzero(value)),
+        )
+      )
   return SparsityReport(rows=tuple(rows))

@@ -9,11 +9,14 @@ concatenated and, under SPMD, only the small histograms cross devices.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 _SIGN_BIT = jnp.uint32(1 << 31)
 _INF_BITS = jnp.uint32(0x7F800000)
@@ -21,7 +24,7 @@ _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 # Digit widths of the radix select, from the most significant: two passes over
 # the data (65,536-bin histograms, scanned in two levels) measured faster on
 # CPU than three passes with 2,048 bins, from 0.27M to 0.85M weights.
-_KEY_DIGITS = (16, 16)     # 32-bit sortable keys
+_KEY_DIGITS = (16, 16)  # 32-bit sortable keys
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
@@ -33,7 +36,7 @@ def sortable_key(x: jax.Array) -> jax.Array:
   """
   bits = lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.float32), jnp.uint32)
   magnitude = bits & ~_SIGN_BIT
-  bits = jnp.where(magnitude == 0, jnp.uint32(0), bits)                 # -0.0
+  bits = jnp.where(magnitude == 0, jnp.uint32(0), bits)  # -0.0
   bits = jnp.where(magnitude > _INF_BITS, jnp.uint32(0x7FC00000), bits)  # NaN
   negative = bits >= _SIGN_BIT
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
@@ -51,8 +54,9 @@ def _histogram_add(hist: jax.Array, value: jax.Array, valid: jax.Array) -> jax.A
   return hist.at[index].add(1, mode="drop")
 
 
-def _digit_histogram(keys: Sequence[jax.Array], shift: int, width: int,
-                     prefix: jax.Array | None) -> jax.Array:
+def _digit_histogram(
+  keys: Sequence[jax.Array], shift: int, width: int, prefix: jax.Array | None
+) -> jax.Array:
   """Counts of the `width`-bit digit at `shift` among the keys whose higher
   bits equal `prefix` (all keys when `prefix` is None), summed over leaves.
 
@@ -77,13 +81,13 @@ def _kth_largest_bin(hist: jax.Array, k: jax.Array):
   num_bins = hist.shape[0]
   cols = 1 << ((num_bins.bit_length() - 1) // 2)
   rows = num_bins // cols
-  table = hist[:rows * cols].reshape(rows, cols)
+  table = hist[: rows * cols].reshape(rows, cols)
   row_totals = jnp.sum(table, axis=1)
-  rest = jnp.sum(hist[rows * cols:])  # bins past the table (the greatest)
+  rest = jnp.sum(hist[rows * cols :])  # bins past the table (the greatest)
   row_at_least = jnp.cumsum(row_totals[::-1])[::-1] + rest
   if rows * cols < num_bins:
     # k-th largest among the trailing bins: handled as a last "row".
-    tail = hist[rows * cols:]
+    tail = hist[rows * cols :]
     tail_at_least = jnp.cumsum(tail[::-1])[::-1]
     in_tail = k <= rest
     tail_bin = jnp.clip(jnp.sum(tail_at_least >= k) - 1, 0, tail.shape[0] - 1)
@@ -101,8 +105,9 @@ def _kth_largest_bin(hist: jax.Array, k: jax.Array):
   return digit, k - above, above
 
 
-def radix_select(keys: Sequence[jax.Array], k: jax.Array,
-                 digits: Sequence[int] = _KEY_DIGITS) -> tuple[jax.Array, jax.Array]:
+def radix_select(
+  keys: Sequence[jax.Array], k: jax.Array, digits: Sequence[int] = _KEY_DIGITS
+) -> tuple[jax.Array, jax.Array]:
   """Exact k-th largest of uint32 keys spread over several arrays.
 
   One histogram pass per digit, most significant first; each pass counts only
@@ -135,8 +140,9 @@ def _check_leaves(leaves: Sequence[Any]) -> None:
     dtype = jnp.asarray(leaf).dtype
     if not any(dtype == d for d in _SUPPORTED_DTYPES):
       raise TypeError(
-          f"global_kth_largest supports float16, bfloat16 and float32 leaves; "
-          f"got a leaf of dtype {dtype}.")
+        f"global_kth_largest supports float16, bfloat16 and float32 leaves; "
+        f"got a leaf of dtype {dtype}."
+      )
 
 
 def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
@@ -198,26 +204,27 @@ def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
 # more than 4 bracket keys is detected exactly from the counts and falls back
 # to the radix select (`lax.cond`), so both paths give the same result.
 
-_INF_KEY = 0x7F800000            # +inf; NaN bit patterns are greater
-_NAN_KEY = 0x7FFFFFFF            # every NaN, in the radix select
-_LOW_BITS = 15                   # radix select: high 16 bits, then low 15
+_INF_KEY = 0x7F800000  # +inf; NaN bit patterns are greater
+_NAN_KEY = 0x7FFFFFFF  # every NaN, in the radix select
+_LOW_BITS = 15  # radix select: high 16 bits, then low 15
 _SAMPLE_STRIDE = 16
-_SAMPLED_MIN_SIZE = 1 << 22      # below this the radix select is as cheap
-_SAMPLE_BIN_BITS = 15            # the sample brackets in bins of 2^15 keys
-_MAX_BRACKET = 1 << 20           # at most 32 such bins (the histogram's size)
-_BLOCK = 8                       # keys per block summary
-_BLOCK_CAPACITY = 4              # values a block summary determines exactly
+_SAMPLED_MIN_SIZE = 1 << 22  # below this the radix select is as cheap
+_SAMPLE_BIN_BITS = 15  # the sample brackets in bins of 2^15 keys
+_MAX_BRACKET = 1 << 20  # at most 32 such bins (the histogram's size)
+_BLOCK = 8  # keys per block summary
+_BLOCK_CAPACITY = 4  # values a block summary determines exactly
 _EMPTY_LARGEST = -1
-_EMPTY_SMALLEST = 2 ** 31 - 1
+_EMPTY_SMALLEST = 2**31 - 1
 
 
 class ScoreSelection(NamedTuple):
   """The k-th greatest score and the counts the GSM state reports."""
-  threshold: jax.Array       # float32; NaN ranks as 0
-  num_at_least: jax.Array    # non-NaN scores >= threshold
-  num_zero: jax.Array        # scores == 0 (valid when threshold == 0)
-  num_nonfinite: jax.Array   # NaN or inf scores
-  sampled: jax.Array         # the sampled bracket held the answer
+
+  threshold: jax.Array  # float32; NaN ranks as 0
+  num_at_least: jax.Array  # non-NaN scores >= threshold
+  num_zero: jax.Array  # scores == 0 (valid when threshold == 0)
+  num_nonfinite: jax.Array  # NaN or inf scores
+  sampled: jax.Array  # the sampled bracket held the answer
 
 
 def _score_keys(scores: Sequence[jax.Array]) -> list[jax.Array]:
@@ -249,14 +256,14 @@ def _sample_bracket(keys, k, size):
     return _kth_largest_bin(hist, sample_rank)[0].astype(jnp.int32)
 
   hi = (bin_at(jnp.floor(rank - spread)) + 1) << _SAMPLE_BIN_BITS
-  lo = jnp.maximum(bin_at(jnp.ceil(rank + spread)) << _SAMPLE_BIN_BITS,
-                   hi - _MAX_BRACKET)
+  lo = jnp.maximum(bin_at(jnp.ceil(rank + spread)) << _SAMPLE_BIN_BITS, hi - _MAX_BRACKET)
   return lo, hi
 
 
 class _BlockSummary(NamedTuple):
   """Per block: how many values, and the values' largest, second largest,
   smallest and sum (integers), which give up to 4 values exactly."""
+
   count: jax.Array
   largest: jax.Array
   second: jax.Array
@@ -266,33 +273,39 @@ class _BlockSummary(NamedTuple):
 
 def _merge_summaries(a, b):
   """Summary of the union of two multisets (exact while it holds <= 4)."""
-  return (a[0] + b[0],
-          jnp.maximum(a[1], b[1]),
-          jnp.maximum(jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])),
-          jnp.minimum(a[3], b[3]),
-          a[4] + b[4])
+  return (
+    a[0] + b[0],
+    jnp.maximum(a[1], b[1]),
+    jnp.maximum(jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])),
+    jnp.minimum(a[3], b[3]),
+    a[4] + b[4],
+  )
 
 
 def _singletons(values: jax.Array, valid: jax.Array) -> _BlockSummary:
   """Each valid value as a summary of one value, the others as empty ones."""
   return _BlockSummary(
-      count=valid.astype(jnp.int32),
-      largest=jnp.where(valid, values, _EMPTY_LARGEST),
-      second=jnp.full_like(values, _EMPTY_LARGEST),
-      smallest=jnp.where(valid, values, _EMPTY_SMALLEST),
-      total=jnp.where(valid, values, 0))
+    count=valid.astype(jnp.int32),
+    largest=jnp.where(valid, values, _EMPTY_LARGEST),
+    second=jnp.full_like(values, _EMPTY_LARGEST),
+    smallest=jnp.where(valid, values, _EMPTY_SMALLEST),
+    total=jnp.where(valid, values, 0),
+  )
 
 
 def _reduce_blocks(sums, summary: _BlockSummary, axis: int):
   """One variadic reduction over `axis`: the sums of the arrays in `sums`,
   and the merged summaries."""
   num_sums = len(sums)
-  init = tuple(jnp.int32(v) for v in (0,) * num_sums + (
-      0, _EMPTY_LARGEST, _EMPTY_LARGEST, _EMPTY_SMALLEST, 0))
+  init = tuple(
+    jnp.int32(v) for v in (0,) * num_sums + (0, _EMPTY_LARGEST, _EMPTY_LARGEST, _EMPTY_SMALLEST, 0)
+  )
 
   def reducer(a, b):
-    return (*(x + y for x, y in zip(a[:num_sums], b[:num_sums])),
-            *_merge_summaries(a[num_sums:], b[num_sums:]))
+    return (
+      *(x + y for x, y in zip(a[:num_sums], b[:num_sums])),
+      *_merge_summaries(a[num_sums:], b[num_sums:]),
+    )
 
   out = lax.reduce((*sums, *summary), init, reducer, (axis,))
   return out[:num_sums], _BlockSummary(*out[num_sums:])
@@ -307,12 +320,14 @@ def _without_largest(summary: _BlockSummary) -> _BlockSummary:
   """Summaries of the blocks' values other than their largest (elementwise)."""
   count = summary.count
   return _BlockSummary(
-      count=jnp.maximum(count - 1, 0),
-      largest=jnp.where(count >= 2, summary.second, _EMPTY_LARGEST),
-      second=jnp.where(count >= 4, _fourth(summary),
-                       jnp.where(count == 3, summary.smallest, _EMPTY_LARGEST)),
-      smallest=jnp.where(count >= 2, summary.smallest, _EMPTY_SMALLEST),
-      total=jnp.where(count >= 2, summary.total - summary.largest, 0))
+    count=jnp.maximum(count - 1, 0),
+    largest=jnp.where(count >= 2, summary.second, _EMPTY_LARGEST),
+    second=jnp.where(
+      count >= 4, _fourth(summary), jnp.where(count == 3, summary.smallest, _EMPTY_LARGEST)
+    ),
+    smallest=jnp.where(count >= 2, summary.smallest, _EMPTY_SMALLEST),
+    total=jnp.where(count >= 2, summary.total - summary.largest, 0),
+  )
 
 
 def _in_blocks(x: jax.Array, block: int, fill) -> jax.Array:
@@ -354,17 +369,20 @@ def _leaf_summaries(key, lo, hi):
   blocks = _in_blocks(key, _BLOCK, -1)  # -1: below any bracket
   inside = (blocks >= lo) & (blocks < hi)
   singletons = _singletons(blocks - lo, inside)
-  packed = (singletons.count
-            | ((blocks >= hi) & (blocks <= _INF_KEY)).astype(jnp.int32) << 8
-            | (blocks >= _INF_KEY).astype(jnp.int32) << 16)
+  packed = (
+    singletons.count
+    | ((blocks >= hi) & (blocks <= _INF_KEY)).astype(jnp.int32) << 8
+    | (blocks >= _INF_KEY).astype(jnp.int32) << 16
+  )
   _, level1 = _reduce_blocks((), singletons._replace(count=packed), blocks.ndim - 1)
   packed = level1.count
   level1 = level1._replace(count=packed & 0xFF)
   packed += _overflowing(level1) << 24
   rest = _summary_in_blocks(_without_largest(level1))
-  (packed,), level2 = _reduce_blocks(
-      (_in_blocks(packed, _BLOCK, 0),), rest, rest.count.ndim - 1)
+  (packed,), level2 = _reduce_blocks((_in_blocks(packed, _BLOCK, 0),), rest, rest.count.ndim - 1)
   return level1, level2, packed
+
+
 def _select_sampled(keys, k, size):
   """(ScoreSelection from the sampled bracket, whether it holds the answer)."""
   lo, hi = _sample_bracket(keys, k, size)
@@ -377,8 +395,11 @@ def _select_sampled(keys, k, size):
     level2.append(leaf_level2)
   counts = jnp.concatenate(counts)
   # Levels 2 and up, over all leaves at once (1/64 of the pool and less).
-  summary = _BlockSummary(*[jnp.concatenate([s[i].reshape(-1) for s in level2])
-                            for i in range(len(_BlockSummary._fields))])
+  summary = _BlockSummary(
+    *[
+      jnp.concatenate([s[i].reshape(-1) for s in level2]) for i in range(len(_BlockSummary._fields))
+    ]
+  )
   overflow = _block_total(counts >> 24)
   while True:
     overflow += _block_total(_overflowing(summary))
@@ -387,22 +408,24 @@ def _select_sampled(keys, k, size):
       break
     rest = _summary_in_blocks(_without_largest(summary))
     _, summary = _reduce_blocks((), rest, rest.count.ndim - 1)
-  for value, valid in ((summary.second, summary.count >= 2),
-                       (summary.smallest, summary.count >= 3),
-                       (_fourth(summary), summary.count == 4)):
+  for value, valid in (
+    (summary.second, summary.count >= 2),
+    (summary.smallest, summary.count >= 3),
+    (_fourth(summary), summary.count == 4),
+  ):
     hist = _histogram_add(hist, value, valid)
   inside = _block_total(counts & 0xFF)
   above = _block_total((counts >> 8) & 0xFF)
   nonfinite = _block_total((counts >> 16) & 0xFF)
-  found = ((above < k) & (k <= above + inside) & (overflow == 0)
-           & (lo > 0) & (hi <= _INF_KEY))
+  found = (above < k) & (k <= above + inside) & (overflow == 0) & (lo > 0) & (hi <= _INF_KEY)
   offset, _, above_in_bracket = _kth_largest_bin(hist, jnp.maximum(k - above, 1))
   selection = ScoreSelection(
-      threshold=lax.bitcast_convert_type(lo + offset, jnp.float32),
-      num_at_least=above + above_in_bracket + hist[offset],
-      num_zero=jnp.zeros([], jnp.int32),  # the threshold is > 0 here
-      num_nonfinite=nonfinite,
-      sampled=jnp.asarray(True))
+    threshold=lax.bitcast_convert_type(lo + offset, jnp.float32),
+    num_at_least=above + above_in_bracket + hist[offset],
+    num_zero=jnp.zeros([], jnp.int32),  # the threshold is > 0 here
+    num_nonfinite=nonfinite,
+    sampled=jnp.asarray(True),
+  )
   return selection, found
 
 
@@ -426,16 +449,17 @@ def _select_radix(keys, k):
   threshold_key = (high << _LOW_BITS) | low.astype(jnp.uint32)
   nan_counted = jnp.where(threshold_key == 0, num_nan, 0)
   return ScoreSelection(
-      threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
-      num_at_least=above + low_above + low_hist[low] - nan_counted,
-      num_zero=num_zero,
-      num_nonfinite=num_inf + num_nan,
-      sampled=jnp.asarray(False))
+    threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
+    num_at_least=above + low_above + low_hist[low] - nan_counted,
+    num_zero=num_zero,
+    num_nonfinite=num_inf + num_nan,
+    sampled=jnp.asarray(False),
+  )
 
 
-def select_threshold(operands: Sequence[Sequence[jax.Array]],
-                     score_fn: Callable[..., jax.Array],
-                     k: jax.Array) -> ScoreSelection:
+def select_threshold(
+  operands: Sequence[Sequence[jax.Array]], score_fn: Callable[..., jax.Array], k: jax.Array
+) -> ScoreSelection:
   """Exact k-th greatest score, NaN ranked as 0, and counts, where leaf i's
   scores are ``score_fn(*(leaves[i] for leaves in operands)) >= 0``.
 
@@ -445,6 +469,7 @@ def select_threshold(operands: Sequence[Sequence[jax.Array]],
   decide, the exact radix select runs instead (`lax.cond`, which gets the
   operands rather than the scores). Both paths give the same result.
   """
+
   def keys_of(operands):
     return _score_keys([score_fn(*leaf) for leaf in zip(*operands)])
 
@@ -453,8 +478,7 @@ def select_threshold(operands: Sequence[Sequence[jax.Array]],
   if size < _SAMPLED_MIN_SIZE:
     return _select_radix(keys_of(operands), k)
   sampled, found = _select_sampled(keys_of(operands), k, size)
-  return lax.cond(found, lambda _: sampled,
-                  lambda ops: _select_radix(keys_of(ops), k), operands)
+  return lax.cond(found, lambda _: sampled, lambda ops: _select_radix(keys_of(ops), k), operands)
 
 
 def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSelection:

@@ -13,11 +13,13 @@ trace(beta), scale_by_learning_rate(alpha))``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any
+from typing import NamedTuple
+from typing import Union
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import optax
 
 from gsm_optax import _pool
@@ -37,6 +39,7 @@ class MaskByGlobalTaylorState(NamedTuple):
     num_nonfinite: pooled weights whose score was NaN or inf at the last
       update (NaN scores are never active).
   """
+
   count: jax.Array
   keep: jax.Array
   threshold: jax.Array
@@ -55,8 +58,7 @@ def _check_compression_arg(compression: ScalarOrSchedule) -> None:
   if compression is None or isinstance(compression, (bool, str, bytes)):
     raise TypeError(f"compression must be a number >= 1, got {compression!r}.")
   if jnp.ndim(compression) != 0:
-    raise ValueError(
-        f"compression must be a scalar, got shape {jnp.shape(compression)}.")
+    raise ValueError(f"compression must be a scalar, got shape {jnp.shape(compression)}.")
   if _is_concrete(compression):
     _pool.validate_compression(compression)
 
@@ -70,7 +72,7 @@ def floor_divide_by_float(size: int, divisor: jax.Array) -> jax.Array:
   -e (at most 23). A non-finite c gives 0.
   """
   bits = lax.bitcast_convert_type(jnp.asarray(divisor, jnp.float32), jnp.int32)
-  exponent = ((bits >> 23) & 0xFF) - 150           # c = mantissa * 2^exponent
+  exponent = ((bits >> 23) & 0xFF) - 150  # c = mantissa * 2^exponent
   mantissa = (bits & 0x7FFFFF) | 0x800000
   n = jnp.int32(size)
   whole = n // (mantissa << jnp.clip(exponent, 0, 7))
@@ -84,8 +86,7 @@ def floor_divide_by_float(size: int, divisor: jax.Array) -> jax.Array:
   return jnp.where(exponent >= 8, 0, jnp.where(exponent >= 0, whole, quotient))
 
 
-def _keep_for_step(size: int, compression: ScalarOrSchedule,
-                   count: jax.Array) -> jax.Array:
+def _keep_for_step(size: int, compression: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   """Q = int(|pool| / C) for this step: exact for a Python number C (as the
   reference code computes it), and for a traced float32 C."""
   if isinstance(compression, (int, float)):
@@ -132,9 +133,9 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
 
 
 def mask_by_global_taylor(
-    compression: ScalarOrSchedule,
-    *,
-    pool: _pool.Pool = None,
+  compression: ScalarOrSchedule,
+  *,
+  pool: _pool.Pool = None,
 ) -> optax.GradientTransformation:
   """Keeps the loss gradient of the Q pooled weights with the greatest |g * w|.
 
@@ -169,23 +170,24 @@ def mask_by_global_taylor(
     if not callable(compression) and _is_concrete(compression):
       _pool.keep_count_for_size(size, float(compression))
     return MaskByGlobalTaylorState(
-        count=jnp.zeros([], jnp.int32),
-        keep=jnp.asarray(keep, jnp.int32),
-        threshold=jnp.zeros([], jnp.float32),
-        num_active=jnp.zeros([], jnp.int32),
-        num_nonfinite=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
+      keep=jnp.asarray(keep, jnp.int32),
+      threshold=jnp.zeros([], jnp.float32),
+      num_active=jnp.zeros([], jnp.int32),
+      num_nonfinite=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          "mask_by_global_taylor needs params to compute |g * w|: call "
-          "update(grads, state, params).")
+        "mask_by_global_taylor needs params to compute |g * w|: call update(grads, state, params)."
+      )
     mask = _pool.resolve_pool(params, pool)
     if jax.tree.structure(updates) != jax.tree.structure(params):
       raise ValueError(
-          "updates and params have different tree structures: "
-          f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
+        "updates and params have different tree structures: "
+        f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}."
+      )
     flat_updates, treedef = jax.tree.flatten(updates)
     flat_params = jax.tree.leaves(params)
     flat_mask = jax.tree.leaves(mask)
@@ -199,11 +201,11 @@ def mask_by_global_taylor(
     for i, g in zip(pooled, masked):
       flat_updates[i] = g
     new_state = MaskByGlobalTaylorState(
-        count=optax.safe_increment(state.count),
-        keep=keep,
-        threshold=threshold,
-        num_active=num_active,
-        num_nonfinite=num_nonfinite,
+      count=optax.safe_increment(state.count),
+      keep=keep,
+      threshold=threshold,
+      num_active=num_active,
+      num_nonfinite=num_nonfinite,
     )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
@@ -211,13 +213,13 @@ def mask_by_global_taylor(
 
 
 def gsm(
-    learning_rate: ScalarOrSchedule,
-    compression: ScalarOrSchedule,
-    *,
-    momentum: float = 0.99,
-    weight_decay: ScalarOrSchedule = 5e-4,
-    nesterov: bool = False,
-    pool: _pool.Pool = None,
+  learning_rate: ScalarOrSchedule,
+  compression: ScalarOrSchedule,
+  *,
+  momentum: float = 0.99,
+  weight_decay: ScalarOrSchedule = 5e-4,
+  nesterov: bool = False,
+  pool: _pool.Pool = None,
 ) -> optax.GradientTransformation:
   """Global Sparse Momentum SGD (Ding et al., NeurIPS 2019, eq. 7-8).
 
@@ -240,17 +242,19 @@ def gsm(
   """
   decay_mask = _pool.default_pool if pool is None else pool
   return optax.chain(
-      mask_by_global_taylor(compression, pool=pool),
-      optax.add_decayed_weights(weight_decay, mask=decay_mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
+    mask_by_global_taylor(compression, pool=pool),
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.trace(decay=momentum, nesterov=nesterov),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def _find_states(state: Any) -> list[MaskByGlobalTaylorState]:
-  return [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, MaskByGlobalTaylorState))
-          if isinstance(s, MaskByGlobalTaylorState)]
+  return [
+    s
+    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, MaskByGlobalTaylorState))
+    if isinstance(s, MaskByGlobalTaylorState)
+  ]
 
 
 def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -268,13 +272,14 @@ def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
   found = _find_states(opt_state)
   if len(found) != 1:
     raise ValueError(
-        "gsm_stats expects exactly one MaskByGlobalTaylorState in the "
-        f"optimizer state, found {len(found)}.")
+      "gsm_stats expects exactly one MaskByGlobalTaylorState in the "
+      f"optimizer state, found {len(found)}."
+    )
   state = found[0]
   return {
-      "step": state.count,
-      "keep": state.keep,
-      "threshold": state.threshold,
-      "num_active": state.num_active,
-      "num_nonfinite": state.num_nonfinite,
+    "step": state.count,
+    "keep": state.keep,
+    "threshold": state.threshold,
+    "num_active": state.num_active,
+    "num_nonfinite": state.num_nonfinite,
   }

@@ -11,51 +11,48 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from flax import nnx
+import jax
 
 from models.densenet import DenseNet40
-from models.lenet import LeNet5, LeNet300100
+from models.lenet import LeNet5
+from models.lenet import LeNet300100
 from models.resnet_cifar import ResNet56
 from models.resnet_imagenet import ResNet50
 
 MODELS: dict[str, type[nnx.Module]] = {
-    'lenet_300_100': LeNet300100,
-    'lenet5': LeNet5,
-    'resnet56': ResNet56,
-    'densenet40': DenseNet40,
-    'resnet50': ResNet50,
+  "lenet_300_100": LeNet300100,
+  "lenet5": LeNet5,
+  "resnet56": ResNet56,
+  "densenet40": DenseNet40,
+  "resnet50": ResNet50,
 }
 
 
-def create_model(
-    name: str, *, num_classes: int = 10, rngs: nnx.Rngs, **kwargs: Any
-) -> nnx.Module:
-    """Builds the model registered as ``name`` (see ``MODELS``).
+def create_model(name: str, *, num_classes: int = 10, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
+  """Builds the model registered as ``name`` (see ``MODELS``).
 
-    Extra keyword arguments (e.g. ``in_channels``) go to the model's
-    constructor. Raises ``ValueError`` for an unknown name.
-    """
-    if name not in MODELS:
-        raise ValueError(
-            f'Unknown model {name!r}; allowed names: {", ".join(sorted(MODELS))}.'
-        )
-    return MODELS[name](num_classes=num_classes, rngs=rngs, **kwargs)
+  Extra keyword arguments (e.g. ``in_channels``) go to the model's
+  constructor. Raises ``ValueError`` for an unknown name.
+  """
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; allowed names: {', '.join(sorted(MODELS))}.")
+  return MODELS[name](num_classes=num_classes, rngs=rngs, **kwargs)
 
 
 def count_params(model: nnx.Module) -> int:
-    """Number of scalars in the model's ``nnx.Param`` variables (kernels,
-    biases, BN scale/bias); ``nnx.BatchStat`` running statistics excluded."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  """Number of scalars in the model's ``nnx.Param`` variables (kernels,
+  biases, BN scale/bias); ``nnx.BatchStat`` running statistics excluded."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 __all__ = [
-    'MODELS',
-    'DenseNet40',
-    'LeNet300100',
-    'LeNet5',
-    'ResNet50',
-    'ResNet56',
-    'count_params',
-    'create_model',
+  "MODELS",
+  "DenseNet40",
+  "LeNet300100",
+  "LeNet5",
+  "ResNet50",
+  "ResNet56",
+  "count_params",
+  "create_model",
 ]

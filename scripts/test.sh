@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The test suite: install the test extras, then run pytest (fast tests and the
+# The test suite: install the test extras, check the formatting, then run pytest (fast tests and the
 # notebooks in smoke mode). Slow tests: scripts/test.sh -m slow
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test
+# One style for the whole repository (configured in pyproject.toml).
+ruff format --check --quiet .
+ruff check --quiet .
 python -m pytest "$@"

@@ -21,11 +21,11 @@ import pytest
 # Shapes of the shared multi-leaf problem: conv-shaped 4D kernel, two dense
 # kernels and their biases, nested dicts. Pool (default) = the three kernels.
 PARAM_SHAPES = {
-    "conv": {"kernel": (3, 3, 2, 4), "bias": (4,)},
-    "mlp": {
-        "dense1": {"kernel": (8, 6), "bias": (6,)},
-        "dense2": {"kernel": (6, 3), "bias": (3,)},
-    },
+  "conv": {"kernel": (3, 3, 2, 4), "bias": (4,)},
+  "mlp": {
+    "dense1": {"kernel": (8, 6), "bias": (6,)},
+    "dense2": {"kernel": (6, 3), "bias": (3,)},
+  },
 }
 POOL_SIZE = 3 * 3 * 2 * 4 + 8 * 6 + 6 * 3  # 138: the tests write 138 out
 
@@ -38,8 +38,7 @@ def _map_shapes(fn, shapes):
 
 def make_params(rng: np.random.Generator, dtype=np.float32, scale: float = 1.0):
   """A fresh random pytree with the shapes of `PARAM_SHAPES` (NumPy arrays)."""
-  return _map_shapes(
-      lambda s: (scale * rng.standard_normal(s)).astype(dtype), PARAM_SHAPES)
+  return _map_shapes(lambda s: (scale * rng.standard_normal(s)).astype(dtype), PARAM_SHAPES)
 
 
 @pytest.fixture
@@ -73,17 +72,18 @@ _MULTIDEVICE_KEY = pytest.StashKey[subprocess.Popen]()
 
 def _start_multidevice_check() -> subprocess.Popen:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8").strip()
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   repo = str(_MULTIDEVICE_SCRIPT.parent.parent)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [repo] + [p for p in [env.get("PYTHONPATH")] if p])
+  env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in [env.get("PYTHONPATH")] if p])
   # Files, not pipes: nobody reads the output until the tests need it, and a
   # full pipe would stall the script.
   stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-  process = subprocess.Popen([sys.executable, str(_MULTIDEVICE_SCRIPT)],
-                             env=env, stdout=stdout, stderr=stderr)
+  process = subprocess.Popen(
+    [sys.executable, str(_MULTIDEVICE_SCRIPT)], env=env, stdout=stdout, stderr=stderr
+  )
   process.output_files = (stdout, stderr)
   return process
 
@@ -136,5 +136,6 @@ def multidevice_report(pytestconfig) -> dict:
     pytest.fail(f"multidevice_check.py timed out:\n{_read_output(process)[1][-4000:]}")
   stdout, stderr = _read_output(process)
   assert process.returncode == 0, (
-      f"multidevice_check.py failed ({process.returncode}):\n{stderr[-4000:]}")
+    f"multidevice_check.py failed ({process.returncode}):\n{stderr[-4000:]}"
+  )
   return json.loads(stdout.strip().splitlines()[-1])

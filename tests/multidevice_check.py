@@ -28,10 +28,11 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import gsm_optax  # noqa: E402
 from gsm_optax import selection  # noqa: E402
@@ -40,14 +41,14 @@ NUM_DEVICES = 8
 COMPRESSION = 10.0
 # Kernels have a dimension divisible by 8 (sharded), biases are replicated.
 SHAPES = {
-    "conv": {"kernel": (3, 3, 4, 16), "bias": (16,)},
-    "dense1": {"kernel": (64, 24), "bias": (24,)},
-    "dense2": {"kernel": (24, 8), "bias": (8,)},
+  "conv": {"kernel": (3, 3, 4, 16), "bias": (16,)},
+  "dense1": {"kernel": (64, 24), "bias": (24,)},
+  "dense2": {"kernel": (24, 8), "bias": (8,)},
 }
 SPECS = {
-    "conv": {"kernel": P(None, None, None, "data"), "bias": P()},
-    "dense1": {"kernel": P("data", None), "bias": P()},
-    "dense2": {"kernel": P("data", None), "bias": P()},
+  "conv": {"kernel": P(None, None, None, "data"), "bias": P()},
+  "dense1": {"kernel": P("data", None), "bias": P()},
+  "dense2": {"kernel": P("data", None), "bias": P()},
 }
 POOLED_SHAPES = [SHAPES[k]["kernel"] for k in ("conv", "dense1", "dense2")]
 POOL_SIZE = sum(int(np.prod(s)) for s in POOLED_SHAPES)
@@ -58,38 +59,44 @@ def _is_shape(x):
 
 
 def _random_tree(rng, scale=1.0):
-  return jax.tree.map(lambda s: (scale * rng.standard_normal(s)).astype(np.float32),
-                      SHAPES, is_leaf=_is_shape)
+  return jax.tree.map(
+    lambda s: (scale * rng.standard_normal(s)).astype(np.float32), SHAPES, is_leaf=_is_shape
+  )
 
 
 def _optimizer():
-  return gsm_optax.gsm(0.05, COMPRESSION, momentum=0.9, weight_decay=1e-2,
-                       nesterov=True)
+  return gsm_optax.gsm(0.05, COMPRESSION, momentum=0.9, weight_decay=1e-2, nesterov=True)
 
 
 def _step_fn(opt):
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
 def _trees_equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _max_abs_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def check_sharded(num_steps: int = 4):
   """NamedSharding over 8 devices vs one device, several steps."""
   devices = np.array(jax.devices()[:NUM_DEVICES])
   mesh = Mesh(devices, ("data",))
-  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), SPECS,
-                           is_leaf=lambda x: isinstance(x, P))
+  shardings = jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), SPECS, is_leaf=lambda x: isinstance(x, P)
+  )
   opt = _optimizer()
   step = jax.jit(_step_fn(opt))
   rng = np.random.default_rng(0)
@@ -108,33 +115,39 @@ def check_sharded(num_steps: int = 4):
     single_grads = jax.device_put(host_grads, one_device)
     if lowered_args is None:
       lowered_args = (sharded_params, sharded_state, sharded_grads)
-    sharded_params, sharded_state = step(sharded_params, sharded_state,
-                                         sharded_grads)
+    sharded_params, sharded_state = step(sharded_params, sharded_state, sharded_grads)
     single_params, single_state = step(single_params, single_state, single_grads)
-    equal_steps.append(_trees_equal(sharded_params, single_params)
-                       and _trees_equal(sharded_state, single_state))
+    equal_steps.append(
+      _trees_equal(sharded_params, single_params) and _trees_equal(sharded_state, single_state)
+    )
     diffs.append(_max_abs_diff(sharded_params, single_params))
     s_stats = {k: float(v) for k, v in gsm_optax.gsm_stats(sharded_state).items()}
     o_stats = {k: float(v) for k, v in gsm_optax.gsm_stats(single_state).items()}
     stats.append({"sharded": s_stats, "single": o_stats})
   for name in ("conv", "dense1", "dense2"):
     kernel = sharded_params[name]["kernel"]
-    kernel_shardings.append(bool(kernel.sharding.is_equivalent_to(
-        shardings[name]["kernel"], kernel.ndim)))
-  return {
+    kernel_shardings.append(
+      bool(kernel.sharding.is_equivalent_to(shardings[name]["kernel"], kernel.ndim))
+    )
+  return (
+    {
       "equal_every_step": equal_steps,
       "max_abs_diff": diffs,
       "stats": stats,
       "keep": int(POOL_SIZE / COMPRESSION),
       "kernels_stay_sharded": kernel_shardings,
       "num_devices": len(jax.devices()),
-  }, step, lowered_args
+    },
+    step,
+    lowered_args,
+  )
 
 
 _COLLECTIVE = re.compile(
-    r"=\s*(?P<result>\(?[a-z0-9]+\[[^\]]*\][^=]*?)\s+"
-    r"(?P<op>all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
-    r"(?:-start)?\(")
+  r"=\s*(?P<result>\(?[a-z0-9]+\[[^\]]*\][^=]*?)\s+"
+  r"(?P<op>all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+  r"(?:-start)?\("
+)
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 
 
@@ -148,31 +161,35 @@ def check_hlo(step, args):
       continue
     for dtype, dims in _ARRAY.findall(match.group("result")):
       shape = [int(d) for d in dims.split(",") if d]
-      collectives.append({"op": match.group("op"), "dtype": dtype,
-                          "shape": shape, "elements": int(np.prod(shape))})
+      collectives.append(
+        {"op": match.group("op"), "dtype": dtype, "shape": shape, "elements": int(np.prod(shape))}
+      )
   pooled_sizes = sorted({int(np.prod(s)) for s in POOLED_SHAPES})
   pooled_shapes = [list(s) for s in POOLED_SHAPES]
   # A gathered pooled leaf (or the pool, or more) has one of these sizes or
   # shapes; the selection's histograms (a few thousand bins) have none of them.
-  big_gathers = [c for c in collectives if c["op"] == "all-gather"
-                 and (c["elements"] in pooled_sizes or c["elements"] >= POOL_SIZE
-                      or c["shape"] in pooled_shapes)]
+  big_gathers = [
+    c
+    for c in collectives
+    if c["op"] == "all-gather"
+    and (c["elements"] in pooled_sizes or c["elements"] >= POOL_SIZE or c["shape"] in pooled_shapes)
+  ]
   return {
-      "collectives": collectives,
-      "ops": sorted({c["op"] for c in collectives}),
-      "pooled_leaf_sizes": pooled_sizes,
-      "pool_size": POOL_SIZE,
-      "pool_sized_all_gathers": big_gathers,
-      "hlo_chars": len(text),
+    "collectives": collectives,
+    "ops": sorted({c["op"] for c in collectives}),
+    "pooled_leaf_sizes": pooled_sizes,
+    "pool_size": POOL_SIZE,
+    "pool_sized_all_gathers": big_gathers,
+    "hlo_chars": len(text),
   }
 
 
 def _numpy_threshold(params, grads):
   """Reference threshold: the Q-th greatest |g * w| of the pooled kernels."""
-  scores = [np.abs(np.asarray(grads[k]["kernel"]) * np.asarray(params[k]["kernel"]))
-            for k in SHAPES]
-  return float(np.sort(np.concatenate([s.ravel() for s in scores]))[
-      -int(POOL_SIZE / COMPRESSION)])
+  scores = [
+    np.abs(np.asarray(grads[k]["kernel"]) * np.asarray(params[k]["kernel"])) for k in SHAPES
+  ]
+  return float(np.sort(np.concatenate([s.ravel() for s in scores]))[-int(POOL_SIZE / COMPRESSION)])
 
 
 def check_pmap(single_step, num_steps: int = 3):
@@ -203,31 +220,32 @@ def check_pmap(single_step, num_steps: int = 3):
     params, state, mean_grads = pstep(params, state, grads)
     mean0 = jax.tree.map(lambda x: np.asarray(x[0]), mean_grads)
     single_params, single_state = single_step(
-        single_params, single_state, jax.device_put(mean0, one_device))
+      single_params, single_state, jax.device_put(mean0, one_device)
+    )
     host = jax.tree.map(np.asarray, params)
     states = jax.tree.map(np.asarray, state)
     numpy_mean = jax.tree.map(lambda x: x.mean(axis=0), grads)
-    results.append({
+    results.append(
+      {
         "same_params_on_every_device": all(
-            np.array_equal(x[d], x[0]) for x in jax.tree.leaves(host)
-            for d in range(NUM_DEVICES)),
+          np.array_equal(x[d], x[0]) for x in jax.tree.leaves(host) for d in range(NUM_DEVICES)
+        ),
         "same_state_on_every_device": all(
-            np.array_equal(x[d], x[0]) for x in jax.tree.leaves(states)
-            for d in range(NUM_DEVICES)),
+          np.array_equal(x[d], x[0]) for x in jax.tree.leaves(states) for d in range(NUM_DEVICES)
+        ),
         # The mask is B = (|g w| >= threshold): same threshold, same mask.
-        "threshold": [float(x) for x in np.asarray(
-            gsm_optax.gsm_stats(states)["threshold"])],
+        "threshold": [float(x) for x in np.asarray(gsm_optax.gsm_stats(states)["threshold"])],
         "numpy_threshold": _numpy_threshold(before, mean0),
-        "pmean_is_the_mean": all(np.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(
-            jax.tree.leaves(mean0), jax.tree.leaves(numpy_mean))),
-        "equals_single_device": _trees_equal(
-            jax.tree.map(lambda x: x[0], host), single_params),
-        "max_abs_diff": _max_abs_diff(jax.tree.map(lambda x: x[0], host),
-                                      single_params),
-        "num_active": [int(x) for x in np.asarray(
-            gsm_optax.gsm_stats(states)["num_active"])],
+        "pmean_is_the_mean": all(
+          np.allclose(a, b, rtol=1e-6, atol=1e-7)
+          for a, b in zip(jax.tree.leaves(mean0), jax.tree.leaves(numpy_mean))
+        ),
+        "equals_single_device": _trees_equal(jax.tree.map(lambda x: x[0], host), single_params),
+        "max_abs_diff": _max_abs_diff(jax.tree.map(lambda x: x[0], host), single_params),
+        "num_active": [int(x) for x in np.asarray(gsm_optax.gsm_stats(states)["num_active"])],
         "single_num_active": int(gsm_optax.gsm_stats(single_state)["num_active"]),
-    })
+      }
+    )
   return {"steps": results}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from conftest import POOL_SIZE
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +20,7 @@ import pytest
 import gsm_optax
 from gsm_optax import baselines
 
-from conftest import POOL_SIZE
-
-POOL_PATHS = ["['conv']['kernel']", "['mlp']['dense1']['kernel']",
-              "['mlp']['dense2']['kernel']"]
+POOL_PATHS = ["['conv']['kernel']", "['mlp']['dense1']['kernel']", "['mlp']['dense2']['kernel']"]
 DTYPES = [np.float32, jnp.bfloat16]
 DTYPE_IDS = ["float32", "bfloat16"]
 # jit compiles the radix select anew for every outer function: bfloat16 (whose
@@ -60,7 +58,7 @@ def _numpy_global_topk(leaves, k: int):
   mask = _numpy_topk_mask(flat, k)
   out, start = [], 0
   for x in leaves:
-    out.append(mask[start:start + x.size].reshape(x.shape))
+    out.append(mask[start : start + x.size].reshape(x.shape))
     start += x.size
   return out
 
@@ -80,17 +78,16 @@ def _as_dtype(tree, dtype):
 
 @pytest.mark.parametrize("use_jit,dtype", JIT_DTYPES, ids=JIT_DTYPE_IDS)
 def test_layerwise_mask_keeps_exactly_the_per_leaf_top_k_of_numpy_argsort(
-    rng, params_factory, use_jit, dtype):
+  rng, params_factory, use_jit, dtype
+):
   params = _as_dtype(params_factory(rng), dtype)
   compression = 3.0
-  mask = _maybe_jit(lambda p: baselines.layerwise_magnitude_mask(p, compression),
-                    use_jit)(params)
+  mask = _maybe_jit(lambda p: baselines.layerwise_magnitude_mask(p, compression), use_jit)(params)
   values = dict(_flat_with_paths(params))
   for path, got in _flat_with_paths(mask):
     if path in POOL_PATHS:
       k = int(values[path].size / compression)
-      np.testing.assert_array_equal(got, _numpy_topk_mask(values[path], k),
-                                    err_msg=path)
+      np.testing.assert_array_equal(got, _numpy_topk_mask(values[path], k), err_msg=path)
       assert got.sum() == k
     else:
       assert got.all(), f"{path} is outside the pool and must be all True"
@@ -101,8 +98,9 @@ def test_ties_at_the_cut_go_to_the_first_entries_and_zeros_are_never_kept():
   params = {"w": w, "b": np.zeros(4, np.float32)}
   keep_counts = {"w": 3, "b": optax.MaskedNode()}
   mask = baselines.topk_mask(params, keep_counts)
-  np.testing.assert_array_equal(mask["w"], [[True, True, False, True],
-                                            [False, False, False, False]])
+  np.testing.assert_array_equal(
+    mask["w"], [[True, True, False, True], [False, False, False, False]]
+  )
   np.testing.assert_array_equal(mask["b"], True)
   # Seven wanted, six non-zeros: only the non-zeros are kept.
   mask = baselines.topk_mask(params, {"w": 7, "b": optax.MaskedNode()})
@@ -111,20 +109,29 @@ def test_ties_at_the_cut_go_to_the_first_entries_and_zeros_are_never_kept():
   np.testing.assert_array_equal(z["w"], np.where(_numpy_topk_mask(w, 3), w, 0))
 
 
-def test_layerwise_mask_accepts_densities_as_pytree_paths_sequence_or_report(
-    rng, params_factory):
+def test_layerwise_mask_accepts_densities_as_pytree_paths_sequence_or_report(rng, params_factory):
   params = params_factory(rng)
   counts = [7, 11, 5]  # of 72, 48 and 18 weights
   sizes = [72, 48, 18]
   densities = [c / s for c, s in zip(counts, sizes)]
   as_paths = dict(zip(POOL_PATHS, densities))
-  as_tree = {"conv": {"kernel": densities[0], "bias": optax.MaskedNode()},
-             "mlp": {"dense1": {"kernel": densities[1], "bias": 1.0},
-                     "dense2": {"kernel": densities[2], "bias": 0.5}}}
+  as_tree = {
+    "conv": {"kernel": densities[0], "bias": optax.MaskedNode()},
+    "mlp": {
+      "dense1": {"kernel": densities[1], "bias": 1.0},
+      "dense2": {"kernel": densities[2], "bias": 0.5},
+    },
+  }
   expected = [_numpy_topk_mask(x, c) for x, c in zip(_pooled(params), counts)]
   pruned = jax.tree.map(np.array, params)  # a report with these counts
-  for leaf, keep in zip([pruned["conv"]["kernel"], pruned["mlp"]["dense1"]["kernel"],
-                         pruned["mlp"]["dense2"]["kernel"]], expected):
+  for leaf, keep in zip(
+    [
+      pruned["conv"]["kernel"],
+      pruned["mlp"]["dense1"]["kernel"],
+      pruned["mlp"]["dense2"]["kernel"],
+    ],
+    expected,
+  ):
     leaf[~keep] = 0.0
   report = gsm_optax.sparsity_report(pruned)
   for spec in (densities, as_paths, as_tree, report):
@@ -136,8 +143,7 @@ def test_layerwise_mask_accepts_densities_as_pytree_paths_sequence_or_report(
     assert isinstance(keep["conv"]["bias"], optax.MaskedNode)
 
 
-def test_layerwise_mask_rejects_compression_below_one_or_emptying_a_leaf(
-    rng, params_factory):
+def test_layerwise_mask_rejects_compression_below_one_or_emptying_a_leaf(rng, params_factory):
   params = params_factory(rng)
   with pytest.raises(ValueError, match="densities_or_compression"):
     baselines.layerwise_magnitude_mask(params, 0.5)
@@ -153,20 +159,19 @@ def test_magnitude_prune_zeroes_the_global_or_per_leaf_top_q(rng, params_factory
   params = params_factory(rng)
   pruned, mask = baselines.magnitude_prune(params, 4.0)
   want = _numpy_global_topk(_pooled(params), POOL_SIZE // 4)
-  for got_w, got_m, w, m in zip(_pooled(pruned), _pooled(mask),
-                                _pooled(params), want):
+  for got_w, got_m, w, m in zip(_pooled(pruned), _pooled(mask), _pooled(params), want):
     np.testing.assert_array_equal(got_m.astype(bool), m)
     np.testing.assert_array_equal(got_w, np.where(m, w, 0))
   pruned, mask = baselines.magnitude_prune(params, 4.0, layerwise=True)
   for got_m, w in zip(_pooled(mask), _pooled(params)):
-    np.testing.assert_array_equal(got_m.astype(bool),
-                                  _numpy_topk_mask(w, int(w.size / 4)))
+    np.testing.assert_array_equal(got_m.astype(bool), _numpy_topk_mask(w, int(w.size / 4)))
   np.testing.assert_array_equal(pruned["conv"]["bias"], params["conv"]["bias"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_keep_masked_holds_pruned_weights_at_zero_while_the_rest_trains_like_numpy(
-    rng, params_factory, use_jit, dtype):
+  rng, params_factory, use_jit, dtype
+):
   lr, beta, steps = 0.05, 0.9, 12
   params = params_factory(rng)
   target = params_factory(rng)
@@ -185,8 +190,7 @@ def test_keep_masked_holds_pruned_weights_at_zero_while_the_rest_trains_like_num
   # NumPy: momentum SGD on 1/2 ||w - target||^2, updates zeroed off the mask.
   w = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
   t = [np.asarray(x, np.float32) for x in jax.tree.leaves(target_j)]
-  m = [np.broadcast_to(np.asarray(x), y.shape) for x, y in
-       zip(jax.tree.leaves(mask), w)]
+  m = [np.broadcast_to(np.asarray(x), y.shape) for x, y in zip(jax.tree.leaves(mask), w)]
   z = [np.zeros_like(x) for x in w]
   for _ in range(steps):
     params, state = step(params, state)
@@ -204,8 +208,7 @@ def test_keep_masked_holds_pruned_weights_at_zero_while_the_rest_trains_like_num
   assert np.all(kernel[kept] != 0.0)
 
 
-def test_keep_masked_takes_a_callable_mask_and_stores_it_in_its_state(
-    rng, params_factory):
+def test_keep_masked_takes_a_callable_mask_and_stores_it_in_its_state(rng, params_factory):
   params = params_factory(rng)
   opt = baselines.keep_masked(lambda p: baselines.ticket_mask(p, 4.0))
   state = opt.init(params)
@@ -220,8 +223,7 @@ def test_keep_masked_takes_a_callable_mask_and_stores_it_in_its_state(
   assert baselines.masked_update is baselines.keep_masked
 
 
-def test_keep_masked_rejects_a_mask_of_wrong_structure_shape_or_dtype(
-    rng, params_factory):
+def test_keep_masked_rejects_a_mask_of_wrong_structure_shape_or_dtype(rng, params_factory):
   params = params_factory(rng)
   good = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
   with pytest.raises(ValueError, match="mask must have the tree structure"):
@@ -244,8 +246,8 @@ def test_iterative_schedule_is_geometric_and_ends_exactly_at_c(compression, roun
   assert len(schedule) == rounds
   assert schedule[-1] == compression
   np.testing.assert_allclose(
-      schedule, [compression ** (r / rounds) for r in range(1, rounds + 1)],
-      rtol=1e-12)
+    schedule, [compression ** (r / rounds) for r in range(1, rounds + 1)], rtol=1e-12
+  )
   # Every round keeps the same fraction of what the previous round kept.
   ratios = np.diff(np.log(np.concatenate([[1.0], schedule])))
   np.testing.assert_allclose(ratios, math.log(compression) / rounds, rtol=1e-9)
@@ -263,13 +265,13 @@ GMP = dict(begin_step=2, end_step=14, update_every=3, initial_sparsity=0.1)
 GMP_C = 4.0
 
 
-def _cubic_sparsity(t: int, c=GMP_C, begin_step=2, end_step=14, update_every=3,
-                    initial_sparsity=0.1) -> float:
+def _cubic_sparsity(
+  t: int, c=GMP_C, begin_step=2, end_step=14, update_every=3, initial_sparsity=0.1
+) -> float:
   """PAPER.md's s_t at the last mask update t_k <= t (0 before t0), float64."""
   if t < begin_step:
     return 0.0
-  t_k = begin_step + min((t - begin_step) // update_every * update_every,
-                         end_step - begin_step)
+  t_k = begin_step + min((t - begin_step) // update_every * update_every, end_step - begin_step)
   s_f, s_i = 1.0 - 1.0 / c, initial_sparsity
   if end_step == begin_step:
     return s_f
@@ -300,18 +302,18 @@ def test_gmp_sparsity_schedule_matches_the_cubic_formula_at_every_step():
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
 def test_gmp_realised_sparsity_equals_the_target_and_masks_change_only_every_dt(
-    rng, params_factory, use_jit, layerwise):
+  rng, params_factory, use_jit, layerwise
+):
   lr, steps = 0.1, 18
   params = params_factory(rng)
   grads = [params_factory(rng) for _ in range(steps)]  # independent of w
-  opt = optax.chain(optax.sgd(lr),
-                    baselines.gradual_magnitude_pruning(
-                        GMP_C, layerwise=layerwise, **GMP))
+  opt = optax.chain(
+    optax.sgd(lr), baselines.gradual_magnitude_pruning(GMP_C, layerwise=layerwise, **GMP)
+  )
   step = _maybe_jit(lambda p, g, s: _apply(opt, p, g, s), use_jit)
   state = opt.init(params)
   w = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
-  pooled_ids = [i for i, (path, _) in enumerate(_flat_with_paths(params))
-                if path in POOL_PATHS]
+  pooled_ids = [i for i, (path, _) in enumerate(_flat_with_paths(params)) if path in POOL_PATHS]
   mask = [np.ones(x.shape, bool) for x in w]
   for t in range(steps):
     is_update = t in (2, 5, 8, 11, 14)
@@ -324,8 +326,7 @@ def test_gmp_realised_sparsity_equals_the_target_and_masks_change_only_every_dt(
       for i, m in zip(pooled_ids, new):
         mask[i] = m
     g = [np.asarray(x, np.float32) for x in jax.tree.leaves(grads[t])]
-    w = [np.where(m, x - np.float32(lr) * gi, np.float32(0))
-         for x, gi, m in zip(w, g, mask)]
+    w = [np.where(m, x - np.float32(lr) * gi, np.float32(0)) for x, gi, m in zip(w, g, mask)]
 
     old_mask = jax.tree.leaves(state[1].mask)
     params, state = step(params, grads[t], state)
@@ -336,8 +337,7 @@ def test_gmp_realised_sparsity_equals_the_target_and_masks_change_only_every_dt(
     if not is_update:
       for got, old in zip(got_mask, old_mask):
         np.testing.assert_array_equal(got, old, err_msg=f"step {t}")
-    np.testing.assert_allclose(float(gmp_state.sparsity), _cubic_sparsity(t),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(gmp_state.sparsity), _cubic_sparsity(t), rtol=1e-6, atol=1e-7)
     kernels = [np.asarray(x) for x in _pooled(params)]
     if t >= 2:  # realised counts, exactly the target of the mask in force
       if layerwise:
@@ -357,8 +357,7 @@ def _apply(opt, params, grads, state):
   return optax.apply_updates(params, updates), state
 
 
-def test_gmp_on_bfloat16_params_keeps_exact_counts_despite_ties(
-    rng, params_factory):
+def test_gmp_on_bfloat16_params_keeps_exact_counts_despite_ties(rng, params_factory):
   params = _as_dtype(params_factory(rng), jnp.bfloat16)
   bias = np.asarray(params["conv"]["bias"], np.float32)
   opt = baselines.gradual_magnitude_pruning(GMP_C, **GMP)
@@ -368,8 +367,7 @@ def test_gmp_on_bfloat16_params_keeps_exact_counts_despite_ties(
     params, state = _apply(opt, params, zero, state)
     assert params["conv"]["kernel"].dtype == jnp.bfloat16
     if t >= 2:
-      nonzeros = sum(np.count_nonzero(np.asarray(x, np.float32))
-                     for x in _pooled(params))
+      nonzeros = sum(np.count_nonzero(np.asarray(x, np.float32)) for x in _pooled(params))
       assert nonzeros == _target_keep(POOL_SIZE, t)
   # Leaves outside the pool are never pruned.
   np.testing.assert_array_equal(np.asarray(params["conv"]["bias"], np.float32), bias)
@@ -378,8 +376,7 @@ def test_gmp_on_bfloat16_params_keeps_exact_counts_despite_ties(
 def test_gmp_with_begin_equal_to_end_is_one_shot_pruning_to_q(rng, params_factory):
   params = params_factory(rng)
   initial = _pooled(params)
-  opt = baselines.gradual_magnitude_pruning(5.0, begin_step=3, end_step=3,
-                                            update_every=1)
+  opt = baselines.gradual_magnitude_pruning(5.0, begin_step=3, end_step=3, update_every=1)
   state = opt.init(params)
   zero = jax.tree.map(np.zeros_like, params)
   for t in range(6):
@@ -392,8 +389,7 @@ def test_gmp_with_begin_equal_to_end_is_one_shot_pruning_to_q(rng, params_factor
     np.testing.assert_array_equal(got != 0, m)
 
 
-def test_gmp_state_is_arrays_and_resumes_from_a_numpy_round_trip(
-    rng, params_factory):
+def test_gmp_state_is_arrays_and_resumes_from_a_numpy_round_trip(rng, params_factory):
   params = params_factory(rng)
   opt = baselines.gradual_magnitude_pruning(GMP_C, **GMP)
   state = opt.init(params)
@@ -407,7 +403,9 @@ def test_gmp_state_is_arrays_and_resumes_from_a_numpy_round_trip(
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
+@pytest.mark.parametrize(
+  "kwargs,error,match",
+  [
     (dict(final_compression=0.5), ValueError, "final_compression"),
     (dict(initial_sparsity=-0.1), ValueError, "initial_sparsity"),
     (dict(initial_sparsity=1.0), ValueError, "initial_sparsity"),
@@ -417,7 +415,8 @@ def test_gmp_state_is_arrays_and_resumes_from_a_numpy_round_trip(
     (dict(update_every=0), ValueError, "update_every"),
     (dict(update_every=5), ValueError, "multiple of update_every"),
     (dict(end_step=14.0), TypeError, "end_step"),
-])
+  ],
+)
 def test_gmp_rejects_bad_hyperparameters_naming_the_argument(kwargs, error, match):
   args = dict(final_compression=GMP_C, **GMP)
   args.update(kwargs)
@@ -426,16 +425,14 @@ def test_gmp_rejects_bad_hyperparameters_naming_the_argument(kwargs, error, matc
     baselines.gradual_magnitude_pruning(compression, **args)
 
 
-def test_gmp_update_requires_params_and_layerwise_leaves_to_keep_a_weight(
-    rng, params_factory):
+def test_gmp_update_requires_params_and_layerwise_leaves_to_keep_a_weight(rng, params_factory):
   params = params_factory(rng)
   opt = baselines.gradual_magnitude_pruning(GMP_C, **GMP)
   state = opt.init(params)
   with pytest.raises(ValueError, match="needs params"):
     opt.update(params, state)
   with pytest.raises(ValueError, match=r"\['mlp'\]\['dense2'\]\['kernel'\]"):
-    baselines.gradual_magnitude_pruning(
-        30.0, layerwise=True, **GMP).init(params)
+    baselines.gradual_magnitude_pruning(30.0, layerwise=True, **GMP).init(params)
 
 
 # ----------------------------------------------------------------------------
@@ -447,18 +444,19 @@ COUNTS = [9, 6, 4]  # of 72, 48 and 18 weights
 
 def _keep_counts(params):
   return baselines.layer_keep_counts_from_density(
-      params, {p: c / s for p, c, s in zip(POOL_PATHS, COUNTS, [72, 48, 18])})
+    params, {p: c / s for p, c, s in zip(POOL_PATHS, COUNTS, [72, 48, 18])}
+  )
 
 
 @pytest.mark.parametrize("use_jit,dtype", JIT_DTYPES, ids=JIT_DTYPE_IDS)
 def test_admm_projection_keeps_the_l_largest_magnitudes_of_each_layer(
-    rng, params_factory, use_jit, dtype):
+  rng, params_factory, use_jit, dtype
+):
   params = _as_dtype(params_factory(rng), dtype)
   keep_counts = _keep_counts(params)
   z = _maybe_jit(lambda x: baselines.admm_project(x, keep_counts), use_jit)(params)
   assert isinstance(z["conv"]["bias"], optax.MaskedNode)
-  kernels = [z["conv"]["kernel"], z["mlp"]["dense1"]["kernel"],
-             z["mlp"]["dense2"]["kernel"]]
+  kernels = [z["conv"]["kernel"], z["mlp"]["dense1"]["kernel"], z["mlp"]["dense2"]["kernel"]]
   for got, x, k in zip(kernels, _pooled(params), COUNTS):
     assert got.dtype == dtype
     want = np.where(_numpy_topk_mask(x, k), x, 0.0)
@@ -466,7 +464,8 @@ def test_admm_projection_keeps_the_l_largest_magnitudes_of_each_layer(
 
 
 def test_admm_init_projects_w_with_zero_dual_and_the_dual_update_adds_w_minus_z(
-    rng, params_factory):
+  rng, params_factory
+):
   params = params_factory(rng)
   keep_counts = _keep_counts(params)
   state = baselines.admm_init(params, keep_counts)
@@ -480,15 +479,15 @@ def test_admm_init_projects_w_with_zero_dual_and_the_dual_update_adds_w_minus_z(
   # admm_step = Z-step on W + U, then the U-step with the new Z.
   state = baselines.ADMMState(z=state.z, u=u)
   new = baselines.admm_step(w, state, keep_counts)
-  for x, ui, z, u2, k in zip(_pooled(w), _pooled(u), _pooled(new.z),
-                             _pooled(new.u), COUNTS):
+  for x, ui, z, u2, k in zip(_pooled(w), _pooled(u), _pooled(new.z), _pooled(new.u), COUNTS):
     v = x + ui
     np.testing.assert_array_equal(z, np.where(_numpy_topk_mask(v, k), v, 0.0))
     np.testing.assert_allclose(u2, ui + x - z, rtol=1e-6, atol=1e-6)
 
 
 def test_admm_penalty_gradient_equals_rho_residual_and_jax_grad_of_the_penalty(
-    rng, params_factory, use_jit):
+  rng, params_factory, use_jit
+):
   rho = 0.3
   params = params_factory(rng)
   keep_counts = _keep_counts(params)
@@ -497,49 +496,49 @@ def test_admm_penalty_gradient_equals_rho_residual_and_jax_grad_of_the_penalty(
 
   def penalty(p):  # rho / 2 sum ||W - Z + U||^2, written out per kernel
     total = 0.0
-    for w, z, u in [(p["conv"]["kernel"], state.z["conv"]["kernel"],
-                     state.u["conv"]["kernel"]),
-                    (p["mlp"]["dense1"]["kernel"], state.z["mlp"]["dense1"]["kernel"],
-                     state.u["mlp"]["dense1"]["kernel"]),
-                    (p["mlp"]["dense2"]["kernel"], state.z["mlp"]["dense2"]["kernel"],
-                     state.u["mlp"]["dense2"]["kernel"])]:
+    for w, z, u in [
+      (p["conv"]["kernel"], state.z["conv"]["kernel"], state.u["conv"]["kernel"]),
+      (
+        p["mlp"]["dense1"]["kernel"],
+        state.z["mlp"]["dense1"]["kernel"],
+        state.u["mlp"]["dense1"]["kernel"],
+      ),
+      (
+        p["mlp"]["dense2"]["kernel"],
+        state.z["mlp"]["dense2"]["kernel"],
+        state.u["mlp"]["dense2"]["kernel"],
+      ),
+    ]:
       total = total + 0.5 * rho * jnp.sum((w - z + u) ** 2)
     return total
 
-  got = _maybe_jit(lambda p: baselines.admm_penalty_grads(p, state, rho),
-                   use_jit)(params)
+  got = _maybe_jit(lambda p: baselines.admm_penalty_grads(p, state, rho), use_jit)(params)
   want = jax.grad(penalty)(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               got, want)
-  for g, w, z, u in zip(_pooled(got), _pooled(params), _pooled(state.z),
-                        _pooled(state.u)):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+  for g, w, z, u in zip(_pooled(got), _pooled(params), _pooled(state.z), _pooled(state.u)):
     np.testing.assert_allclose(g, rho * (w - z + u), rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(got["conv"]["bias"], 0.0)
-  np.testing.assert_allclose(baselines.admm_penalty_loss(params, state, rho),
-                             penalty(params), rtol=1e-6)
+  np.testing.assert_allclose(
+    baselines.admm_penalty_loss(params, state, rho), penalty(params), rtol=1e-6
+  )
 
 
-def test_add_admm_penalty_feeds_the_optimizer_the_penalised_gradient(
-    rng, params_factory):
+def test_add_admm_penalty_feeds_the_optimizer_the_penalised_gradient(rng, params_factory):
   rho, lr = 0.5, 0.1
   params = params_factory(rng)
   keep_counts = _keep_counts(params)
   state = baselines.admm_init(params_factory(rng), keep_counts)
   grads = params_factory(rng)
   opt = optax.chain(baselines.add_admm_penalty(rho), optax.sgd(lr))
-  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params,
-                                    admm_state=state)
-  for u, g, w, z in zip(_pooled(updates), _pooled(grads), _pooled(params),
-                        _pooled(state.z)):
+  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params, admm_state=state)
+  for u, g, w, z in zip(_pooled(updates), _pooled(grads), _pooled(params), _pooled(state.z)):
     np.testing.assert_allclose(u, -lr * (g + rho * (w - z)), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(updates["conv"]["bias"], -lr * grads["conv"]["bias"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(updates["conv"]["bias"], -lr * grads["conv"]["bias"], rtol=1e-6)
   with pytest.raises(ValueError, match="admm_state"):
     opt.update(grads, opt.init(params), params)
 
 
-def test_admm_on_a_quadratic_converges_to_the_sparse_projection_of_its_minimum(
-    rng, params_factory):
+def test_admm_on_a_quadratic_converges_to_the_sparse_projection_of_its_minimum(rng, params_factory):
   # f(W) = 1/2 ||W - A||^2: the best W with card(W_i) <= l_i keeps the l_i
   # largest |A_i| (A's values there), which ADMM must find from W = 0 + noise.
   target = params_factory(rng)
@@ -555,6 +554,7 @@ def test_admm_on_a_quadratic_converges_to_the_sparse_projection_of_its_minimum(
       g = jax.tree.map(lambda w, a: w - a, p, target)
       u, s = opt.update(g, s, p, admm_state=admm_state)
       return optax.apply_updates(p, u), s
+
     return jax.lax.fori_loop(0, 20, one, (p, s))
 
   admm_state = baselines.admm_init(params, keep_counts)
@@ -563,19 +563,18 @@ def test_admm_on_a_quadratic_converges_to_the_sparse_projection_of_its_minimum(
     params, opt_state = w_step(params, opt_state, admm_state)
     admm_state = baselines.admm_step(params, admm_state, keep_counts)
   pruned, mask = baselines.admm_hard_prune(params, keep_counts)
-  for got_m, got_w, z, a, k in zip(_pooled(mask), _pooled(pruned),
-                                   _pooled(admm_state.z), _pooled(target), COUNTS):
+  for got_m, got_w, z, a, k in zip(
+    _pooled(mask), _pooled(pruned), _pooled(admm_state.z), _pooled(target), COUNTS
+  ):
     support = _numpy_topk_mask(a, k)
     np.testing.assert_array_equal(got_m.astype(bool), support)
     assert np.count_nonzero(got_w) == k
     np.testing.assert_allclose(got_w, np.where(support, a, 0.0), atol=1e-3)
     np.testing.assert_allclose(z, np.where(support, a, 0.0), atol=1e-3)
-  np.testing.assert_allclose(pruned["conv"]["bias"], target["conv"]["bias"],
-                             atol=1e-4)
+  np.testing.assert_allclose(pruned["conv"]["bias"], target["conv"]["bias"], atol=1e-4)
 
 
-def test_keep_counts_default_to_the_per_layer_densities_of_a_gsm_report(
-    rng, params_factory):
+def test_keep_counts_default_to_the_per_layer_densities_of_a_gsm_report(rng, params_factory):
   params = params_factory(rng)
   gsm_like = jax.tree.map(np.array, params)
   gsm_like["conv"]["kernel"][0] = 0.0  # 24 zeros of 72
@@ -589,8 +588,7 @@ def test_keep_counts_default_to_the_per_layer_densities_of_a_gsm_report(
 
 
 def test_lenet5_admm_setting_keeps_6050_weights_for_71x():
-  shapes = {"conv1": (5, 5, 1, 20), "conv2": (5, 5, 20, 50),
-            "fc1": (800, 500), "fc2": (500, 10)}
+  shapes = {"conv1": (5, 5, 1, 20), "conv2": (5, 5, 20, 50), "fc1": (800, 500), "fc2": (500, 10)}
   params = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
   setting = baselines.LENET5_ADMM_SETTING
   assert tuple(sorted(shapes)) == setting.layers  # tree order = layer order
@@ -599,8 +597,7 @@ def test_lenet5_admm_setting_keeps_6050_weights_for_71x():
   assert 430_500 / 6050 == pytest.approx(setting.compression, rel=1e-3)
 
 
-def test_admm_functions_reject_keep_counts_that_do_not_fit_the_params(
-    rng, params_factory):
+def test_admm_functions_reject_keep_counts_that_do_not_fit_the_params(rng, params_factory):
   params = params_factory(rng)
   with pytest.raises(ValueError, match="keep_counts"):
     baselines.admm_init(params, {"conv": {"kernel": 3}})
@@ -619,14 +616,14 @@ def test_admm_functions_reject_keep_counts_that_do_not_fit_the_params(
 
 @pytest.mark.parametrize("compression", [4.0])  # the C of the other tests: one compile
 def test_ticket_is_the_global_top_q_of_trained_weights_applied_to_the_init(
-    rng, params_factory, use_jit, compression):
+  rng, params_factory, use_jit, compression
+):
   init = params_factory(rng)
   trained = params_factory(rng)
   mask = _maybe_jit(lambda p: baselines.ticket_mask(p, compression), use_jit)(trained)
   ticket = baselines.apply_ticket(init, mask)
   want = _numpy_global_topk(_pooled(trained), int(POOL_SIZE / compression))
-  for got_m, got_t, m, w0 in zip(_pooled(mask), _pooled(ticket), want,
-                                 _pooled(init)):
+  for got_m, got_t, m, w0 in zip(_pooled(mask), _pooled(ticket), want, _pooled(init)):
     np.testing.assert_array_equal(got_m.astype(bool), m)
     np.testing.assert_array_equal(got_t, np.where(m, w0, 0.0))
   np.testing.assert_array_equal(ticket["conv"]["bias"], init["conv"]["bias"])

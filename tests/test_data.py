@@ -20,56 +20,61 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def write_idx(path: str, array: np.ndarray, *, gz: bool = False, magic: int | None = None) -> str:
-    """Write a uint8 IDX file (header + raw bytes), optionally gzip-compressed."""
-    array = np.asarray(array, np.uint8)
-    magic = 0x800 | array.ndim if magic is None else magic
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    payload = header + array.tobytes()
-    if gz:
-        path += ".gz"
-        payload = gzip.compress(payload)
-    with open(path, "wb") as f:
-        f.write(payload)
-    return path
+  """Write a uint8 IDX file (header + raw bytes), optionally gzip-compressed."""
+  array = np.asarray(array, np.uint8)
+  magic = 0x800 | array.ndim if magic is None else magic
+  header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  payload = header + array.tobytes()
+  if gz:
+    path += ".gz"
+    payload = gzip.compress(payload)
+  with open(path, "wb") as f:
+    f.write(payload)
+  return path
 
 
 def write_mnist_dir(
-    directory, *, n_train: int = 10, n_test: int = 7, gz: bool = False, test_prefix: str = "t10k"
+  directory, *, n_train: int = 10, n_test: int = 7, gz: bool = False, test_prefix: str = "t10k"
 ) -> dict[str, np.ndarray]:
-    """Four MNIST-format IDX files with random content; returns the arrays written."""
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        f"{test_prefix}-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        f"{test_prefix}-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for name, array in arrays.items():
-        write_idx(os.path.join(directory, name), array, gz=gz)
-    return arrays
+  """Four MNIST-format IDX files with random content; returns the arrays written."""
+  rng = np.random.default_rng(0)
+  arrays = {
+    "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+    "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+    f"{test_prefix}-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+    f"{test_prefix}-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+  }
+  for name, array in arrays.items():
+    write_idx(os.path.join(directory, name), array, gz=gz)
+  return arrays
 
 
 def index_dataset(n_train: int = 50, n_test: int = 23, augment: bool = False) -> data.Dataset:
-    """Synthetic dataset whose image i is filled with the value i (so batches reveal indices)."""
+  """Synthetic dataset whose image i is filled with the value i (so batches reveal indices)."""
 
-    def fill(n: int) -> np.ndarray:
-        return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 1))
+  def fill(n: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 1))
 
-    return data.Dataset.from_arrays(
-        "toy", (fill(n_train), np.arange(n_train) % 10), (fill(n_test), np.arange(n_test) % 10),
-        num_classes=10, mean=(0.0,), std=(1.0,), augment=augment,
-    )
+  return data.Dataset.from_arrays(
+    "toy",
+    (fill(n_train), np.arange(n_train) % 10),
+    (fill(n_test), np.arange(n_test) % 10),
+    num_classes=10,
+    mean=(0.0,),
+    std=(1.0,),
+    augment=augment,
+  )
 
 
 def batch_indices(images: np.ndarray) -> np.ndarray:
-    """Recover example indices from normalised (mean 0, std 1) index_dataset images."""
-    return np.rint(images[:, 0, 0, 0] * 255).astype(int)
+  """Recover example indices from normalised (mean 0, std 1) index_dataset images."""
+  return np.rint(images[:, 0, 0, 0] * 255).astype(int)
 
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """No Debian Fashion-MNIST and no network: only explicit sources can be found."""
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "no-debian"))
+  """No Debian Fashion-MNIST and no network: only explicit sources can be found."""
+  monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "no-debian"))
 
 
 # --------------------------------------------------------------------------- #
@@ -79,80 +84,79 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_read_idx_roundtrip(tmp_path, gz):
-    images = np.random.default_rng(1).integers(0, 256, (5, 6, 3), dtype=np.uint8)
-    labels = np.array([0, 9, 3, 3, 7], np.uint8)
-    img_path = write_idx(str(tmp_path / "imgs"), images, gz=gz)
-    lbl_path = write_idx(str(tmp_path / "lbls"), labels, gz=gz)
-    np.testing.assert_array_equal(data.read_idx(img_path, "images"), images)
-    np.testing.assert_array_equal(data.read_idx(lbl_path, "labels"), labels)
+  images = np.random.default_rng(1).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+  labels = np.array([0, 9, 3, 3, 7], np.uint8)
+  img_path = write_idx(str(tmp_path / "imgs"), images, gz=gz)
+  lbl_path = write_idx(str(tmp_path / "lbls"), labels, gz=gz)
+  np.testing.assert_array_equal(data.read_idx(img_path, "images"), images)
+  np.testing.assert_array_equal(data.read_idx(lbl_path, "labels"), labels)
 
 
 @pytest.mark.parametrize("gz,test_prefix", [(False, "t10k"), (True, "t10k"), (True, "test")])
 def test_load_from_idx_dir_exact(tmp_path, offline, gz, test_prefix):
-    arrays = write_mnist_dir(tmp_path, gz=gz, test_prefix=test_prefix)
-    ds = data.load_dataset("mnist", data_dir=str(tmp_path))
-    assert ds.source == f"idx:{tmp_path}"
-    assert (ds.num_train, ds.num_test, ds.image_shape, ds.num_classes) == (10, 7, (28, 28, 1), 10)
-    images, labels = map(np.concatenate, zip(*ds.test_batches(3)))
-    assert images.dtype == np.float32 and labels.dtype == np.int32
-    pixels = np.rint((images * MNIST_STD + MNIST_MEAN) * 255)[..., 0]
-    np.testing.assert_array_equal(pixels, arrays[f"{test_prefix}-images-idx3-ubyte"])
-    np.testing.assert_array_equal(labels, arrays[f"{test_prefix}-labels-idx1-ubyte"])
+  arrays = write_mnist_dir(tmp_path, gz=gz, test_prefix=test_prefix)
+  ds = data.load_dataset("mnist", data_dir=str(tmp_path))
+  assert ds.source == f"idx:{tmp_path}"
+  assert (ds.num_train, ds.num_test, ds.image_shape, ds.num_classes) == (10, 7, (28, 28, 1), 10)
+  images, labels = map(np.concatenate, zip(*ds.test_batches(3)))
+  assert images.dtype == np.float32 and labels.dtype == np.int32
+  pixels = np.rint((images * MNIST_STD + MNIST_MEAN) * 255)[..., 0]
+  np.testing.assert_array_equal(pixels, arrays[f"{test_prefix}-images-idx3-ubyte"])
+  np.testing.assert_array_equal(labels, arrays[f"{test_prefix}-labels-idx1-ubyte"])
 
 
 def test_max_examples_take_first_n(tmp_path, offline):
-    arrays = write_mnist_dir(tmp_path)
-    ds = data.load_dataset("mnist", data_dir=str(tmp_path), max_train_examples=4,
-                           max_test_examples=2)
-    assert (ds.num_train, ds.num_test) == (4, 2)
-    _, labels = next(ds.test_batches(10))
-    np.testing.assert_array_equal(labels, arrays["t10k-labels-idx1-ubyte"][:2])
+  arrays = write_mnist_dir(tmp_path)
+  ds = data.load_dataset("mnist", data_dir=str(tmp_path), max_train_examples=4, max_test_examples=2)
+  assert (ds.num_train, ds.num_test) == (4, 2)
+  _, labels = next(ds.test_batches(10))
+  np.testing.assert_array_equal(labels, arrays["t10k-labels-idx1-ubyte"][:2])
 
 
 def test_bad_magic_names_file(tmp_path):
-    path = write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros(4), magic=0x803)
-    with pytest.raises(data.IdxFormatError, match="bad IDX magic") as err:
-        data.read_idx(path, "labels")
-    assert path in str(err.value)
+  path = write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros(4), magic=0x803)
+  with pytest.raises(data.IdxFormatError, match="bad IDX magic") as err:
+    data.read_idx(path, "labels")
+  assert path in str(err.value)
 
 
 def test_truncated_file_names_file(tmp_path):
-    path = write_idx(str(tmp_path / "train-images-idx3-ubyte"), np.zeros((3, 28, 28)))
-    with open(path, "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(data.IdxFormatError, match="size mismatch") as err:
-        data.read_idx(path, "images")
-    assert path in str(err.value)
+  path = write_idx(str(tmp_path / "train-images-idx3-ubyte"), np.zeros((3, 28, 28)))
+  with open(path, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(data.IdxFormatError, match="size mismatch") as err:
+    data.read_idx(path, "images")
+  assert path in str(err.value)
 
 
 def test_image_label_count_mismatch(tmp_path, offline):
-    write_mnist_dir(tmp_path)
-    labels = write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros(9))
-    with pytest.raises(data.IdxFormatError, match="10 images but") as err:
-        data.load_dataset("mnist", data_dir=str(tmp_path))
-    assert labels in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
+  write_mnist_dir(tmp_path)
+  labels = write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros(9))
+  with pytest.raises(data.IdxFormatError, match="10 images but") as err:
+    data.load_dataset("mnist", data_dir=str(tmp_path))
+  assert labels in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
 
 
 def test_partial_idx_dir_lists_missing_files(tmp_path, offline):
-    write_mnist_dir(tmp_path)
-    os.remove(tmp_path / "t10k-labels-idx1-ubyte")
-    with pytest.raises(data.DataNotFoundError, match="t10k-labels-idx1-ubyte"):
-        data.load_dataset("mnist", data_dir=str(tmp_path))
+  write_mnist_dir(tmp_path)
+  os.remove(tmp_path / "t10k-labels-idx1-ubyte")
+  with pytest.raises(data.DataNotFoundError, match="t10k-labels-idx1-ubyte"):
+    data.load_dataset("mnist", data_dir=str(tmp_path))
 
 
 @pytest.mark.skipif(
-    not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR),
-    reason=f"{data.DEBIAN_FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)",
+  not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR),
+  reason=f"{data.DEBIAN_FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)",
 )
 def test_debian_fashion_mnist():
-    start = time.perf_counter()
-    ds = data.load_dataset("fashion_mnist")
-    assert time.perf_counter() - start < 10
-    assert (ds.num_train, ds.num_test, ds.image_shape) == (60000, 10000, (28, 28, 1))
-    assert ds.source == f"idx:{data.DEBIAN_FASHION_MNIST_DIR}"
-    images, labels = next(ds.train_batches(256, epoch=0, seed=0))
-    assert images.shape == (256, 28, 28, 1) and set(np.unique(labels)) <= set(range(10))
-    assert abs(float(images.mean())) < 0.2 and 0.8 < float(images.std()) < 1.2
+  start = time.perf_counter()
+  ds = data.load_dataset("fashion_mnist")
+  assert time.perf_counter() - start < 10
+  assert (ds.num_train, ds.num_test, ds.image_shape) == (60000, 10000, (28, 28, 1))
+  assert ds.source == f"idx:{data.DEBIAN_FASHION_MNIST_DIR}"
+  images, labels = next(ds.train_batches(256, epoch=0, seed=0))
+  assert images.shape == (256, 28, 28, 1) and set(np.unique(labels)) <= set(range(10))
+  assert abs(float(images.mean())) < 0.2 and 0.8 < float(images.std()) < 1.2
 
 
 # --------------------------------------------------------------------------- #
@@ -161,83 +165,88 @@ def test_debian_fashion_mnist():
 
 
 def test_train_batches_deterministic_and_epoch_dependent():
-    ds = index_dataset()
+  ds = index_dataset()
 
-    def run(epoch: int, seed: int) -> list[np.ndarray]:
-        return [batch_indices(x) for x, _ in ds.train_batches(8, epoch=epoch, seed=seed)]
+  def run(epoch: int, seed: int) -> list[np.ndarray]:
+    return [batch_indices(x) for x, _ in ds.train_batches(8, epoch=epoch, seed=seed)]
 
-    first, again = run(3, 7), run(3, 7)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again)) and len(first) == len(again)
-    assert not np.array_equal(np.concatenate(first), np.concatenate(run(4, 7)))
-    assert not np.array_equal(np.concatenate(first), np.concatenate(run(3, 8)))
+  first, again = run(3, 7), run(3, 7)
+  assert all(np.array_equal(a, b) for a, b in zip(first, again)) and len(first) == len(again)
+  assert not np.array_equal(np.concatenate(first), np.concatenate(run(4, 7)))
+  assert not np.array_equal(np.concatenate(first), np.concatenate(run(3, 8)))
 
 
 def test_train_batches_drop_remainder():
-    ds = index_dataset(n_train=50)
-    assert ds.steps_per_epoch(8) == 6
-    batches = list(ds.train_batches(8, epoch=0, seed=0))
-    assert len(batches) == 6 and all(x.shape == (8, 4, 4, 1) for x, _ in batches)
-    seen = np.concatenate([batch_indices(x) for x, _ in batches])
-    assert len(np.unique(seen)) == 48  # a permutation, minus the dropped remainder
-    labels = np.concatenate([y for _, y in batches])
-    np.testing.assert_array_equal(labels, seen % 10)  # labels stay paired with their images
-    with pytest.raises(ValueError, match="exceeds"):
-        ds.train_batches(51, epoch=0, seed=0)
+  ds = index_dataset(n_train=50)
+  assert ds.steps_per_epoch(8) == 6
+  batches = list(ds.train_batches(8, epoch=0, seed=0))
+  assert len(batches) == 6 and all(x.shape == (8, 4, 4, 1) for x, _ in batches)
+  seen = np.concatenate([batch_indices(x) for x, _ in batches])
+  assert len(np.unique(seen)) == 48  # a permutation, minus the dropped remainder
+  labels = np.concatenate([y for _, y in batches])
+  np.testing.assert_array_equal(labels, seen % 10)  # labels stay paired with their images
+  with pytest.raises(ValueError, match="exceeds"):
+    ds.train_batches(51, epoch=0, seed=0)
 
 
 def test_test_batches_cover_every_example_once():
-    ds = index_dataset(n_test=23)
-    batches = list(ds.test_batches(5))
-    assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
-    np.testing.assert_array_equal(np.concatenate([batch_indices(x) for x, _ in batches]),
-                                  np.arange(23))
+  ds = index_dataset(n_test=23)
+  batches = list(ds.test_batches(5))
+  assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
+  np.testing.assert_array_equal(
+    np.concatenate([batch_indices(x) for x, _ in batches]), np.arange(23)
+  )
 
 
 def crop(image: np.ndarray, top: int, left: int, h: int, w: int, flip: bool) -> np.ndarray:
-    """Reference crop (and optional horizontal flip) of a 2-d image."""
-    out = image[top:top + h, left:left + w]
-    return out[:, ::-1] if flip else out
+  """Reference crop (and optional horizontal flip) of a 2-d image."""
+  out = image[top : top + h, left : left + w]
+  return out[:, ::-1] if flip else out
 
 
 def test_cifar_augment_crops_and_flips_known_input():
-    n, h, w = 64, 32, 32
-    base = (np.arange(h * w, dtype=np.int64).reshape(h, w) % 251 + 1).astype(np.uint8)
-    images = np.broadcast_to(base[None, :, :, None], (n, h, w, 3)).copy()
-    out = data.cifar_augment(images, np.random.default_rng(0))
-    assert out.shape == images.shape and out.dtype == np.uint8
-    padded = np.pad(base, 4)
-    flips, shifts = set(), set()
-    for example in out[..., 0]:
-        matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
-                   if np.array_equal(example, crop(padded, dy, dx, h, w, f))]
-        assert matches, "augmented image is not a (flipped) crop of the zero-padded input"
-        dy, dx, f = matches[0]
-        flips.add(f)
-        shifts.add((dy, dx))
-    assert flips == {False, True}
-    assert len(shifts) > 10 and (out == 0).any()  # random offsets expose the zero padding
-    np.testing.assert_array_equal(out[..., 0], out[..., 2])  # channels move together
+  n, h, w = 64, 32, 32
+  base = (np.arange(h * w, dtype=np.int64).reshape(h, w) % 251 + 1).astype(np.uint8)
+  images = np.broadcast_to(base[None, :, :, None], (n, h, w, 3)).copy()
+  out = data.cifar_augment(images, np.random.default_rng(0))
+  assert out.shape == images.shape and out.dtype == np.uint8
+  padded = np.pad(base, 4)
+  flips, shifts = set(), set()
+  for example in out[..., 0]:
+    matches = [
+      (dy, dx, f)
+      for dy in range(9)
+      for dx in range(9)
+      for f in (False, True)
+      if np.array_equal(example, crop(padded, dy, dx, h, w, f))
+    ]
+    assert matches, "augmented image is not a (flipped) crop of the zero-padded input"
+    dy, dx, f = matches[0]
+    flips.add(f)
+    shifts.add((dy, dx))
+  assert flips == {False, True}
+  assert len(shifts) > 10 and (out == 0).any()  # random offsets expose the zero padding
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])  # channels move together
 
 
 def test_read_records_uses_getitems_in_chunks():
-    class Source:
-        calls = 0
+  class Source:
+    calls = 0
 
-        def __len__(self):
-            return 2500
+    def __len__(self):
+      return 2500
 
-        def __getitem__(self, i):
-            raise AssertionError("per-record access should not be used")
+    def __getitem__(self, i):
+      raise AssertionError("per-record access should not be used")
 
-        def __getitems__(self, keys):
-            Source.calls += 1
-            return [{"image": np.full((28, 28, 1), k % 256, np.uint8), "label": k % 10}
-                    for k in keys]
+    def __getitems__(self, keys):
+      Source.calls += 1
+      return [{"image": np.full((28, 28, 1), k % 256, np.uint8), "label": k % 10} for k in keys]
 
-    images, labels = data._read_tfds_split(Source(), data._SPECS["mnist"], None)
-    assert Source.calls == 3 and images.shape == (2500, 28, 28, 1)
-    np.testing.assert_array_equal(labels, np.arange(2500) % 10)
-    np.testing.assert_array_equal(images[:, 0, 0, 0], np.arange(2500) % 256)
+  images, labels = data._read_tfds_split(Source(), data._SPECS["mnist"], None)
+  assert Source.calls == 3 and images.shape == (2500, 28, 28, 1)
+  np.testing.assert_array_equal(labels, np.arange(2500) % 10)
+  np.testing.assert_array_equal(images[:, 0, 0, 0], np.arange(2500) % 256)
 
 
 # --------------------------------------------------------------------------- #
@@ -249,45 +258,45 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_mock(offline, name, shape):
-    with tfds.testing.mock_data(num_examples=20):
-        ds = data.load_dataset(name)
-    assert ds.source == f"tfds:{name}" and (ds.num_train, ds.num_test) == (20, 20)
-    assert ds.image_shape == shape and ds.num_classes == 10
-    for images, labels in [next(ds.train_batches(8, epoch=0, seed=0)), next(ds.test_batches(8))]:
-        assert images.shape == (8, *shape) and images.dtype == np.float32
-        assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
-    assert sum(len(y) for _, y in ds.test_batches(8)) == 20
+  with tfds.testing.mock_data(num_examples=20):
+    ds = data.load_dataset(name)
+  assert ds.source == f"tfds:{name}" and (ds.num_train, ds.num_test) == (20, 20)
+  assert ds.image_shape == shape and ds.num_classes == 10
+  for images, labels in [next(ds.train_batches(8, epoch=0, seed=0)), next(ds.test_batches(8))]:
+    assert images.shape == (8, *shape) and images.dtype == np.float32
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
+  assert sum(len(y) for _, y in ds.test_batches(8)) == 20
 
 
 def test_imagenet_grain_mock(offline):
-    with tfds.testing.mock_data(num_examples=6):
-        ds = data.load_dataset("imagenet2012")
-    assert ds.source == "tfds:imagenet2012" and ds.num_classes == 1000
-    assert ds.steps_per_epoch(4) == 1
-    batches = list(ds.train_batches(4, epoch=0, seed=0))
-    assert len(batches) == 1
-    images, labels = batches[0]
-    assert images.shape == (4, 224, 224, 3) and images.dtype == np.float32
-    assert labels.shape == (4,) and labels.dtype == np.int32
-    again, _ = next(ds.train_batches(4, epoch=0, seed=0))
-    np.testing.assert_array_equal(images, again)
-    assert [x.shape[0] for x, _ in ds.test_batches(4)] == [4, 2]
+  with tfds.testing.mock_data(num_examples=6):
+    ds = data.load_dataset("imagenet2012")
+  assert ds.source == "tfds:imagenet2012" and ds.num_classes == 1000
+  assert ds.steps_per_epoch(4) == 1
+  batches = list(ds.train_batches(4, epoch=0, seed=0))
+  assert len(batches) == 1
+  images, labels = batches[0]
+  assert images.shape == (4, 224, 224, 3) and images.dtype == np.float32
+  assert labels.shape == (4,) and labels.dtype == np.int32
+  again, _ = next(ds.train_batches(4, epoch=0, seed=0))
+  np.testing.assert_array_equal(images, again)
+  assert [x.shape[0] for x, _ in ds.test_batches(4)] == [4, 2]
 
 
 def test_imagenet_transforms():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
-    crop = data.random_resized_crop(image, rng)
-    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
-    ramp = np.broadcast_to((np.arange(500) // 2).astype(np.uint8)[None, :, None], (300, 500, 3))
-    center = data.resize_center_crop(ramp)  # 300x500 -> 256x427 -> central 224x224
-    assert center.shape == (224, 224, 3)
-    assert abs(int(center[112, 112, 0]) - 125) <= 2  # the middle stays in the middle
-    assert abs(int(center[0, 0, 0]) - 59) <= 2  # left edge at column ~101/427 of the original
-    x, y = data.imagenet_eval_transform({"image": image[:, :, :1], "label": 7})
-    assert x.shape == (224, 224, 3) and x.dtype == np.float32 and y.dtype == np.int32 and y == 7
-    x, _ = data.imagenet_train_transform({"image": image[:5, :3], "label": 1}, rng)
-    assert x.shape == (224, 224, 3)
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+  crop = data.random_resized_crop(image, rng)
+  assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+  ramp = np.broadcast_to((np.arange(500) // 2).astype(np.uint8)[None, :, None], (300, 500, 3))
+  center = data.resize_center_crop(ramp)  # 300x500 -> 256x427 -> central 224x224
+  assert center.shape == (224, 224, 3)
+  assert abs(int(center[112, 112, 0]) - 125) <= 2  # the middle stays in the middle
+  assert abs(int(center[0, 0, 0]) - 59) <= 2  # left edge at column ~101/427 of the original
+  x, y = data.imagenet_eval_transform({"image": image[:, :, :1], "label": 7})
+  assert x.shape == (224, 224, 3) and x.dtype == np.float32 and y.dtype == np.int32 and y == 7
+  x, _ = data.imagenet_train_transform({"image": image[:5, :3], "label": 1}, rng)
+  assert x.shape == (224, 224, 3)
 
 
 # --------------------------------------------------------------------------- #
@@ -296,21 +305,21 @@ def test_imagenet_transforms():
 
 
 def test_missing_data_error_mentions_all_three_ways(tmp_path, offline):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    start = time.perf_counter()
-    with pytest.raises(data.DataNotFoundError) as err:
-        data.load_dataset("fashion_mnist", data_dir=str(empty))
-    assert time.perf_counter() - start < 10
-    assert isinstance(err.value, FileNotFoundError)
-    message = str(err.value)
-    assert "'fashion_mnist'" in message
-    assert "--config.data_dir=DIR" in message and "train-images-idx3-ubyte" in message
-    assert "apt-get install dataset-fashion-mnist" in message
-    assert "tfds build fashion_mnist" in message and str(empty) in message
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  start = time.perf_counter()
+  with pytest.raises(data.DataNotFoundError) as err:
+    data.load_dataset("fashion_mnist", data_dir=str(empty))
+  assert time.perf_counter() - start < 10
+  assert isinstance(err.value, FileNotFoundError)
+  message = str(err.value)
+  assert "'fashion_mnist'" in message
+  assert "--config.data_dir=DIR" in message and "train-images-idx3-ubyte" in message
+  assert "apt-get install dataset-fashion-mnist" in message
+  assert "tfds build fashion_mnist" in message and str(empty) in message
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match="cifar100") as err:
-        data.load_dataset("cifar100")
-    assert all(name in str(err.value) for name in data.DATASETS)
+  with pytest.raises(ValueError, match="cifar100") as err:
+    data.load_dataset("cifar100")
+  assert all(name in str(err.value) for name in data.DATASETS)

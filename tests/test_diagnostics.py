@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from conftest import POOL_SIZE
 import jax
 import numpy as np
 import pytest
 
 import gsm_optax
-
-from conftest import POOL_SIZE
 
 
 def _pooled(tree):
@@ -17,15 +16,13 @@ def _pooled(tree):
 
 
 @pytest.mark.parametrize("compression", [1.5, 7.0, 40.0])
-def test_taylor_mask_keeps_the_top_q_scores_of_the_pool(
-    rng, params_factory, use_jit, compression):
+def test_taylor_mask_keeps_the_top_q_scores_of_the_pool(rng, params_factory, use_jit, compression):
   params = params_factory(rng)
   grads = params_factory(rng)
   fn = lambda g, p: gsm_optax.taylor_mask(g, p, compression)
   mask = (jax.jit(fn) if use_jit else fn)(grads, params)
 
-  scores = np.concatenate([np.abs(g * w).ravel()
-                           for g, w in zip(_pooled(grads), _pooled(params))])
+  scores = np.concatenate([np.abs(g * w).ravel() for g, w in zip(_pooled(grads), _pooled(params))])
   keep = int(POOL_SIZE / compression)
   threshold = np.sort(scores)[::-1][keep - 1]
   expected = scores >= threshold
@@ -44,8 +41,8 @@ def test_taylor_mask_is_the_mask_that_gsm_applies(rng, params_factory):
   masked, _ = tx.update(grads, tx.init(params), params)
   mask = gsm_optax.taylor_mask(grads, params, 10.0)
   jax.tree.map(
-      lambda m, g, b: np.testing.assert_array_equal(m, np.where(b, g, 0.0)),
-      masked, grads, mask)
+    lambda m, g, b: np.testing.assert_array_equal(m, np.where(b, g, 0.0)), masked, grads, mask
+  )
 
 
 def test_taylor_mask_never_keeps_a_zero_score_below_full_keep(rng, params_factory):
@@ -69,21 +66,23 @@ def test_mask_overlap_counts_kept_and_shared_weights(rng, params_factory):
   mask_b = jax.tree.map(lambda p: p < 1.0, params)
   rows = gsm_optax.mask_overlap(mask_a, mask_b)
 
-  paths = ["['conv']['kernel']", "['mlp']['dense1']['kernel']",
-           "['mlp']['dense2']['kernel']"]
+  paths = ["['conv']['kernel']", "['mlp']['dense1']['kernel']", "['mlp']['dense2']['kernel']"]
   assert list(rows) == paths + ["total"]
   a = np.concatenate([m.ravel() for m in _pooled(mask_a)])
   b = np.concatenate([m.ravel() for m in _pooled(mask_b)])
   total = rows["total"]
   assert (total.size, total.kept_a, total.kept_b, total.both) == (
-      POOL_SIZE, a.sum(), b.sum(), np.sum(a & b))
+    POOL_SIZE,
+    a.sum(),
+    b.sum(),
+    np.sum(a & b),
+  )
   assert total.jaccard == pytest.approx(np.sum(a & b) / np.sum(a | b))
   assert total.fraction_of_a_in_b == pytest.approx(np.sum(a & b) / a.sum())
   first = rows[paths[0]]
   ka = np.asarray(mask_a["conv"]["kernel"])
   kb = np.asarray(mask_b["conv"]["kernel"])
-  assert (first.kept_a, first.kept_b, first.both) == (
-      ka.sum(), kb.sum(), np.sum(ka & kb))
+  assert (first.kept_a, first.kept_b, first.both) == (ka.sum(), kb.sum(), np.sum(ka & kb))
 
 
 def test_mask_overlap_of_a_mask_with_itself_is_one(rng, params_factory):
@@ -120,7 +119,8 @@ def test_passive_decay_matches_the_momentum_recursion(nesterov):
 def test_passive_decay_is_the_papers_estimate_for_small_steps():
   alpha, eta, beta = 1e-4, 1e-4, 0.9
   assert gsm_optax.passive_decay(alpha, eta, beta) == pytest.approx(
-      1 - alpha * eta / (1 - beta), rel=1e-9)
+    1 - alpha * eta / (1 - beta), rel=1e-9
+  )
 
 
 def test_passive_decay_rejects_momentum_one():

@@ -41,8 +41,9 @@ def test_compiled_sharded_update_gathers_no_pool_sized_array(report, path):
   assert hlo["pool_size"] == 2304
   gathers = hlo["pool_sized_all_gathers"]
   assert not gathers, (
-      "the sharded update all-gathers arrays as large as a pooled leaf: "
-      f"{gathers}; collectives: {hlo['ops']}")
+    "the sharded update all-gathers arrays as large as a pooled leaf: "
+    f"{gathers}; collectives: {hlo['ops']}"
+  )
   # Counts cross devices as reductions (histograms of fixed size), and no
   # other collective moves as much data as a pooled leaf.
   assert "all-reduce" in hlo["ops"], hlo["collectives"]

@@ -35,28 +35,35 @@ def fashion_mnist_available() -> None:
 
 def _stream_text(notebook) -> str:
   return "\n".join(
-      output.get("text", "")
-      for cell in notebook.cells if cell.cell_type == "code"
-      for output in cell.get("outputs", []) if output.output_type == "stream")
+    output.get("text", "")
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+    if output.output_type == "stream"
+  )
 
 
 def _count_images(notebook) -> int:
   return sum(
-      "image/png" in output.get("data", {})
-      for cell in notebook.cells if cell.cell_type == "code"
-      for output in cell.get("outputs", []))
+    "image/png" in output.get("data", {})
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+  )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom_in_smoke_mode(
-    name, fashion_mnist_available, monkeypatch):
+def test_notebook_runs_top_to_bottom_in_smoke_mode(name, fashion_mnist_available, monkeypatch):
   del fashion_mnist_available
   monkeypatch.setenv("GSM_NOTEBOOK_SMOKE", "1")  # the kernel inherits the env
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   notebook = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
   client = nbclient.NotebookClient(
-      notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-      resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    notebook,
+    timeout=CELL_TIMEOUT_S,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+  )
   client.execute()  # raises CellExecutionError on the first failing cell
 
   text = _stream_text(notebook)
@@ -77,4 +84,5 @@ def test_notebooks_have_a_parameters_cell_and_committed_outputs():
     # The committed notebook shows a full (non-smoke) run with its plots.
     assert _count_images(notebook) >= 2, f"{name}: commit it with its outputs"
     assert f"num_train={SMOKE_TRAIN_EXAMPLES}" not in _stream_text(notebook), (
-        f"{name}: the committed outputs are from a smoke run")
+      f"{name}: the committed outputs are from a smoke run"
+    )

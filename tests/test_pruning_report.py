@@ -12,37 +12,46 @@ import pytest
 
 import gsm_optax
 
-KERNELS = ["['conv']['kernel']", "['mlp']['dense1']['kernel']",
-           "['mlp']['dense2']['kernel']"]
+KERNELS = ["['conv']['kernel']", "['mlp']['dense1']['kernel']", "['mlp']['dense2']['kernel']"]
 
 
 def _flat_with_paths(tree):
-  return [(jax.tree_util.keystr(p), np.asarray(x))
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    (jax.tree_util.keystr(p), np.asarray(x))
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def _numpy_magnitude_masks(params, pooled_paths, keep):
   """Reference: the `keep` largest |w| over the pooled leaves, by sorting."""
   flat = _flat_with_paths(params)
-  pooled = np.concatenate([np.abs(x.astype(np.float32)).ravel()
-                           for p, x in flat if p in pooled_paths])
+  pooled = np.concatenate(
+    [np.abs(x.astype(np.float32)).ravel() for p, x in flat if p in pooled_paths]
+  )
   threshold = np.sort(pooled)[-keep]
-  return {p: ((np.abs(x.astype(np.float32)) >= threshold) & (x != 0)
-              if p in pooled_paths else np.ones(x.shape, bool))
-          for p, x in flat}
+  return {
+    p: (
+      (np.abs(x.astype(np.float32)) >= threshold) & (x != 0)
+      if p in pooled_paths
+      else np.ones(x.shape, bool)
+    )
+    for p, x in flat
+  }
 
 
-@pytest.mark.parametrize("compression,use_jit", [
-    (1.0, False), (2.5, False), (10.0, False), (138.0, False), (10.0, True)],
-    ids=["nojit-C1", "nojit-C2.5", "nojit-C10", "nojit-C138", "jit-C10"])
+@pytest.mark.parametrize(
+  "compression,use_jit",
+  [(1.0, False), (2.5, False), (10.0, False), (138.0, False), (10.0, True)],
+  ids=["nojit-C1", "nojit-C2.5", "nojit-C10", "nojit-C138", "jit-C10"],
+)
 def test_prune_keeps_exactly_the_q_largest_magnitudes_of_the_pool(
-    compression, use_jit, rng, params_factory):
+  compression, use_jit, rng, params_factory
+):
   # (Under jit one C suffices: each C is another compile, seconds on CPU.)
   params = jax.tree.map(jnp.asarray, params_factory(rng))
   keep = int(138 / compression)
   prune = functools.partial(gsm_optax.prune, compression=compression)
-  magnitude_mask = functools.partial(gsm_optax.global_magnitude_mask,
-                                     compression=compression)
+  magnitude_mask = functools.partial(gsm_optax.global_magnitude_mask, compression=compression)
   if use_jit:  # (the mask is checked eagerly: one compile is enough)
     prune = jax.jit(prune)
   pruned = prune(params)
@@ -50,33 +59,32 @@ def test_prune_keeps_exactly_the_q_largest_magnitudes_of_the_pool(
 
   expected_masks = _numpy_magnitude_masks(params, KERNELS, keep)
   original = dict(_flat_with_paths(params))
-  for (path, got), (_, mask) in zip(_flat_with_paths(pruned),
-                                    _flat_with_paths(masks)):
+  for (path, got), (_, mask) in zip(_flat_with_paths(pruned), _flat_with_paths(masks)):
     assert mask.dtype == bool
     np.testing.assert_array_equal(mask, expected_masks[path], err_msg=path)
     np.testing.assert_array_equal(
-        got, np.where(expected_masks[path], original[path], 0), err_msg=path)
+      got, np.where(expected_masks[path], original[path], 0), err_msg=path
+    )
     if path not in KERNELS:  # outside the pool: untouched
       np.testing.assert_array_equal(got, original[path])
-  assert sum(np.count_nonzero(x) for p, x in _flat_with_paths(pruned)
-             if p in KERNELS) == keep
+  assert sum(np.count_nonzero(x) for p, x in _flat_with_paths(pruned) if p in KERNELS) == keep
   assert gsm_optax.keep_count(params, compression) == keep
 
 
 def test_prune_with_a_custom_pool_cuts_only_that_pool(rng, params_factory):
   params = jax.tree.map(jnp.asarray, params_factory(rng))
   pool = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
-      lambda path, x: x.ndim >= 2 and "dense1" not in jax.tree_util.keystr(path),
-      p)
+    lambda path, x: x.ndim >= 2 and "dense1" not in jax.tree_util.keystr(path), p
+  )
   pooled = ["['conv']['kernel']", "['mlp']['dense2']['kernel']"]
   pruned = gsm_optax.prune(params, 5.0, pool=pool)
   expected = _numpy_magnitude_masks(params, pooled, int(90 / 5.0))
   original = dict(_flat_with_paths(params))
   for path, got in _flat_with_paths(pruned):
-    np.testing.assert_array_equal(got, np.where(expected[path], original[path], 0),
-                                  err_msg=path)
-  np.testing.assert_array_equal(pruned["mlp"]["dense1"]["kernel"],
-                                params["mlp"]["dense1"]["kernel"])
+    np.testing.assert_array_equal(got, np.where(expected[path], original[path], 0), err_msg=path)
+  np.testing.assert_array_equal(
+    pruned["mlp"]["dense1"]["kernel"], params["mlp"]["dense1"]["kernel"]
+  )
   assert gsm_optax.pool_size(params, pool) == 90
 
 
@@ -104,23 +112,27 @@ def test_magnitude_ties_are_all_kept_and_zeros_never_are(params_factory, rng):
 
 def test_apply_mask_zeroes_exactly_the_false_entries():
   params = {"w": jnp.arange(1.0, 19.0).reshape(6, 3), "b": jnp.asarray([5.0, 6.0, 7.0])}
-  mask = {"w": jnp.asarray(np.arange(18).reshape(6, 3) % 4 == 0),
-          "b": jnp.asarray([False, True, False])}
+  mask = {
+    "w": jnp.asarray(np.arange(18).reshape(6, 3) % 4 == 0),
+    "b": jnp.asarray([False, True, False]),
+  }
   out = gsm_optax.apply_mask(params, mask)
   np.testing.assert_array_equal(
-      out["w"], np.where(np.arange(18).reshape(6, 3) % 4 == 0,
-                         np.arange(1.0, 19.0).reshape(6, 3), 0))
+    out["w"], np.where(np.arange(18).reshape(6, 3) % 4 == 0, np.arange(1.0, 19.0).reshape(6, 3), 0)
+  )
   np.testing.assert_array_equal(out["b"], [0.0, 6.0, 0.0])
 
 
-@pytest.mark.parametrize("compression,error,words", [
+@pytest.mark.parametrize(
+  "compression,error,words",
+  [
     (0.5, ValueError, "finite and >= 1"),
     (float("nan"), ValueError, "finite and >= 1"),
     (139.0, ValueError, "keeps Q = int(138 / 139.0) = 0"),
     ("10", TypeError, "must be a number"),
-])
-def test_prune_rejects_bad_compression(compression, error, words, rng,
-                                       params_factory):
+  ],
+)
+def test_prune_rejects_bad_compression(compression, error, words, rng, params_factory):
   params = jax.tree.map(jnp.asarray, params_factory(rng))
   with pytest.raises(error) as info:
     gsm_optax.prune(params, compression)
@@ -177,17 +189,22 @@ def test_sparsity_report_to_dict_round_trips_through_json(rng, params_factory):
   assert as_dict["total_nonzeros"] == 25
   assert as_dict["density"] == report.density
   assert as_dict["compression"] == report.compression
-  rebuilt = gsm_optax.SparsityReport(rows=tuple(
-      gsm_optax.LeafSparsity(path=r["path"], shape=tuple(r["shape"]),
-                             size=r["size"], nonzeros=r["nonzeros"])
-      for r in as_dict["leaves"]))
+  rebuilt = gsm_optax.SparsityReport(
+    rows=tuple(
+      gsm_optax.LeafSparsity(
+        path=r["path"], shape=tuple(r["shape"]), size=r["size"], nonzeros=r["nonzeros"]
+      )
+      for r in as_dict["leaves"]
+    )
+  )
   assert rebuilt == report
   assert [r["density"] for r in as_dict["leaves"]] == [r.density for r in report.rows]
 
 
 def test_sparsity_report_of_an_all_zero_pool_has_infinite_compression():
-  report = gsm_optax.sparsity_report({"k": np.zeros((4, 4), np.float32),
-                                      "b": np.ones((4,), np.float32)})
+  report = gsm_optax.sparsity_report(
+    {"k": np.zeros((4, 4), np.float32), "b": np.ones((4,), np.float32)}
+  )
   assert report.total_nonzeros == 0
   assert report.density == 0.0
   assert report.compression == float("inf")
@@ -195,8 +212,7 @@ def test_sparsity_report_of_an_all_zero_pool_has_infinite_compression():
 
 
 @pytest.mark.parametrize("compression", [2.0, 7.5, 46.0])
-def test_report_after_prune_shows_the_requested_compression(
-    compression, rng, params_factory):
+def test_report_after_prune_shows_the_requested_compression(compression, rng, params_factory):
   params = jax.tree.map(jnp.asarray, params_factory(rng))
   report = gsm_optax.sparsity_report(gsm_optax.prune(params, compression))
   keep = int(138 / compression)

@@ -11,7 +11,7 @@ LOOP_COMMENT = "# for images, labels in batches: params, opt_state = train_step(
 
 def _quick_start_code() -> str:
   text = README.read_text()
-  section = text[text.index("## Quick start"):]
+  section = text[text.index("## Quick start") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -27,11 +27,17 @@ def test_quick_start_trains_and_prunes_to_the_requested_compression(capsys):
   code = _quick_start_code()
   assert LOOP_COMMENT in code
   rng = np.random.default_rng(0)
-  batches = [(rng.standard_normal((32, 28, 28, 1)).astype(np.float32),
-              rng.integers(0, 10, 32).astype(np.int32)) for _ in range(3)]
+  batches = [
+    (
+      rng.standard_normal((32, 28, 28, 1)).astype(np.float32),
+      rng.integers(0, 10, 32).astype(np.int32),
+    )
+    for _ in range(3)
+  ]
   code = code.replace(
-      LOOP_COMMENT,
-      "for images, labels in batches: params, opt_state = train_step(params, opt_state, images, labels)")
+    LOOP_COMMENT,
+    "for images, labels in batches: params, opt_state = train_step(params, opt_state, images, labels)",
+  )
   namespace = {"batches": batches}
   exec(compile(code, str(README), "exec"), namespace)  # pylint: disable=exec-used
   report = namespace["gsm_optax"].sparsity_report(namespace["pruned"])

@@ -25,8 +25,8 @@ DTYPE_IDS = ["float32", "bfloat16", "float16"]
 # own traced k: XLA:CPU compiles slowly, and a program per tree would dominate
 # the time of this file.
 _jit_kth_many = jax.jit(
-    lambda trees, ks: [gsm_optax.global_kth_largest(t, k)
-                       for t, k in zip(trees, ks)])
+  lambda trees, ks: [gsm_optax.global_kth_largest(t, k) for t, k in zip(trees, ks)]
+)
 
 # Small leaf shapes, shared by the tests below so that compiled primitives are
 # reused: XLA compiles every new shape anew, which dominates the test time.
@@ -35,8 +35,7 @@ _SHAPES = [(1,), (3,), (2, 2)]
 
 def _numpy_descending(tree) -> np.ndarray:
   """The reference: all values in float32, sorted descending (NaN first)."""
-  flat = np.concatenate(
-      [np.asarray(leaf, np.float32).ravel() for leaf in jax.tree.leaves(tree)])
+  flat = np.concatenate([np.asarray(leaf, np.float32).ravel() for leaf in jax.tree.leaves(tree)])
   return np.sort(flat)[::-1]  # np.sort puts NaN last: [::-1][k-1] == [-k]
 
 
@@ -48,14 +47,13 @@ def _assert_every_k_matches_numpy(trees, use_jit: bool, dtypes) -> None:
     if use_jit:
       got = _jit_kth_many(trees, ks)
     else:
-      got = [gsm_optax.global_kth_largest(tree, k)
-             for tree, k in zip(trees, ks)]
+      got = [gsm_optax.global_kth_largest(tree, k) for tree, k in zip(trees, ks)]
     for g, e, k_tree, dtype in zip(got, expected, ks, dtypes):
       assert g.shape == ()
       assert g.dtype == dtype
       np.testing.assert_array_equal(  # NaN == NaN and 0.0 == -0.0 here
-          np.asarray(g, np.float32), e[k_tree - 1],
-          err_msg=f"k={k_tree} dtype={np.dtype(dtype).name}")
+        np.asarray(g, np.float32), e[k_tree - 1], err_msg=f"k={k_tree} dtype={np.dtype(dtype).name}"
+      )
 
 
 def _special_tree(dtype):
@@ -64,18 +62,21 @@ def _special_tree(dtype):
   neighbours), so that the second radix pass decides between them."""
   one = np.float32(1.0)
   return {
-      "a": np.array([[1.5, -2.0], [1.5, 0.0]], np.float32).astype(dtype),
-      "b": np.array([-0.0], np.float32).astype(dtype),
-      "nested": {
-          "c": np.array([np.inf, -np.inf, 1.5], np.float32).astype(dtype),
-          "d": np.array([np.nan, -2.0, 3.25], np.float32).astype(dtype),
-          "e": np.array([1.0], np.float32).astype(dtype),
-      },
-      "close": np.array([[1.0, np.nextafter(one, np.float32(2))],
-                         [np.float32(1.0 + 2.0 ** -10),
-                          np.nextafter(one, np.float32(0))]],
-                        np.float32).astype(dtype),
-      "ties": np.array([1.0 + 2.0 ** -7, 0.0, -1.0], np.float32).astype(dtype),
+    "a": np.array([[1.5, -2.0], [1.5, 0.0]], np.float32).astype(dtype),
+    "b": np.array([-0.0], np.float32).astype(dtype),
+    "nested": {
+      "c": np.array([np.inf, -np.inf, 1.5], np.float32).astype(dtype),
+      "d": np.array([np.nan, -2.0, 3.25], np.float32).astype(dtype),
+      "e": np.array([1.0], np.float32).astype(dtype),
+    },
+    "close": np.array(
+      [
+        [1.0, np.nextafter(one, np.float32(2))],
+        [np.float32(1.0 + 2.0**-10), np.nextafter(one, np.float32(0))],
+      ],
+      np.float32,
+    ).astype(dtype),
+    "ties": np.array([1.0 + 2.0**-7, 0.0, -1.0], np.float32).astype(dtype),
   }
 
 
@@ -83,14 +84,15 @@ def _large_random_tree():
   # Random normals over a few hundred elements: many keys share their high
   # 16 bits, so the second radix pass decides.
   rng = np.random.default_rng(1)
-  return {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
-          "dense": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
-          "bias": jnp.asarray(rng.standard_normal((6,)), jnp.float32)}
+  return {
+    "kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
+    "dense": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+    "bias": jnp.asarray(rng.standard_normal((6,)), jnp.float32),
+  }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_kth_largest_equals_numpy_sort_for_every_k_with_ties_and_special_values(
-    dtype):
+def test_kth_largest_equals_numpy_sort_for_every_k_with_ties_and_special_values(dtype):
   tree = jax.tree.map(jnp.asarray, _special_tree(dtype))
   _assert_every_k_matches_numpy([tree], False, [dtype])
 
@@ -104,25 +106,23 @@ def test_kth_largest_under_jit_equals_numpy_sort_for_every_k_and_dtype():
 
 
 def test_kth_largest_of_mixed_half_precision_leaves_is_float32():
-  tree = [jnp.asarray([1.0], jnp.bfloat16),
-          jnp.asarray([2.0, -1.0, 3.0], jnp.float16)]
+  tree = [jnp.asarray([1.0], jnp.bfloat16), jnp.asarray([2.0, -1.0, 3.0], jnp.float16)]
   got = gsm_optax.global_kth_largest(tree, 2)
   assert got.dtype == jnp.float32
   assert float(got) == 2.0
   assert float(gsm_optax.global_kth_largest(tree, 3)) == 1.0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16],
-                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_kth_largest_orders_subnormals_like_numpy(dtype):
   # np.sort orders subnormals (float32/bfloat16: 1e-45 .. 1.2e-38) between 0
   # and the normal numbers. (float16 subnormals are normal in float32.)
-  values = np.array([1e-39, 0.0, -1e-39, 5e-40, -3e-39, 1.0, -0.0],
-                    np.float32).astype(dtype)
+  values = np.array([1e-39, 0.0, -1e-39, 5e-40, -3e-39, 1.0, -0.0], np.float32).astype(dtype)
   tree = [jnp.asarray(values[:3]), jnp.asarray(values[3:].reshape(2, 2))]
   expected = _numpy_descending(tree)
-  got = np.array([gsm_optax.global_kth_largest(tree, k)
-                  for k in range(1, values.size + 1)], np.float32)
+  got = np.array(
+    [gsm_optax.global_kth_largest(tree, k) for k in range(1, values.size + 1)], np.float32
+  )
   np.testing.assert_array_equal(got, expected)
 
 
@@ -130,9 +130,21 @@ def test_kth_largest_orders_subnormals_like_numpy(dtype):
 # Property test: random lists of small arrays, values with many duplicates.
 # ----------------------------------------------------------------------------
 
-_SPECIAL_VALUES = [0.0, -0.0, 1.0, -1.0, 1.5, -2.0, 65504.0, 3e38, -3e38,
-                   float(np.nextafter(np.float32(1), np.float32(2))),
-                   math.inf, -math.inf, math.nan]
+_SPECIAL_VALUES = [
+  0.0,
+  -0.0,
+  1.0,
+  -1.0,
+  1.5,
+  -2.0,
+  65504.0,
+  3e38,
+  -3e38,
+  float(np.nextafter(np.float32(1), np.float32(2))),
+  math.inf,
+  -math.inf,
+  math.nan,
+]
 
 
 @st.composite
@@ -140,22 +152,25 @@ def _trees(draw):
   dtype_index = draw(st.integers(0, len(DTYPES) - 1))
   shapes = draw(st.lists(st.sampled_from(_SHAPES), min_size=1, max_size=3))
   # A small per-example pool of values, drawn from again: duplicates are common.
-  value = st.one_of(st.sampled_from(_SPECIAL_VALUES),
-                    st.floats(width=32, allow_subnormal=False))
+  value = st.one_of(st.sampled_from(_SPECIAL_VALUES), st.floats(width=32, allow_subnormal=False))
   pool = draw(st.lists(value, min_size=1, max_size=6))
   leaves = []
   for shape in shapes:
-    values = draw(st.lists(st.sampled_from(pool), min_size=math.prod(shape),
-                           max_size=math.prod(shape)))
+    values = draw(
+      st.lists(st.sampled_from(pool), min_size=math.prod(shape), max_size=math.prod(shape))
+    )
     with np.errstate(over="ignore"):  # 3e38 -> inf in float16
-      leaf = np.asarray(values, np.float32).reshape(shape).astype(
-          DTYPES[dtype_index])
+      leaf = np.asarray(values, np.float32).reshape(shape).astype(DTYPES[dtype_index])
     leaves.append(jnp.asarray(leaf))
   return DTYPES[dtype_index], leaves
 
 
-@hypothesis.settings(max_examples=20, deadline=None, database=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+  max_examples=20,
+  deadline=None,
+  database=None,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 @hypothesis.given(_trees())
 def test_kth_largest_property_equals_numpy_sort(dtype_and_leaves):
   dtype, leaves = dtype_and_leaves
@@ -184,8 +199,9 @@ def test_kth_largest_rejects_an_empty_tree(tree):
     gsm_optax.global_kth_largest(tree, 1)
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int8, np.uint32, np.bool_],
-                         ids=["int32", "int8", "uint32", "bool"])
+@pytest.mark.parametrize(
+  "dtype", [np.int32, np.int8, np.uint32, np.bool_], ids=["int32", "int8", "uint32", "bool"]
+)
 def test_kth_largest_rejects_non_float_leaves(dtype):
   tree = {"w": jnp.ones((2, 2), np.float32), "steps": jnp.zeros((3,), dtype)}
   with pytest.raises(TypeError, match=f"dtype {np.dtype(dtype).name}"):
@@ -202,10 +218,12 @@ def _numpy_score_selection(scores, k):
   flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores])
   threshold = np.sort(np.where(np.isnan(flat), np.float32(0), flat))[-k]
   with np.errstate(invalid="ignore"):
-    return dict(threshold=threshold,
-                num_at_least=int(np.sum(flat >= threshold)),
-                num_zero=int(np.sum(flat == 0)),
-                num_nonfinite=int(np.sum(~np.isfinite(flat))))
+    return dict(
+      threshold=threshold,
+      num_at_least=int(np.sum(flat >= threshold)),
+      num_zero=int(np.sum(flat == 0)),
+      num_nonfinite=int(np.sum(~np.isfinite(flat))),
+    )
 
 
 def _assert_selection_equals_numpy(got, scores, k):
@@ -222,10 +240,17 @@ def _decoded_blocks(summary, values_of_block):
   fields = [np.asarray(x) for x in summary]
   count, largest, second, smallest, total = fields
   fourth = total - largest - second - smallest
-  return [sorted(v for v, present in zip(
-      (largest[b], second[b], smallest[b], fourth[b]),
-      (count[b] >= 1, count[b] >= 2, count[b] >= 3, count[b] == 4)) if present)
-          for b in range(values_of_block)]
+  return [
+    sorted(
+      v
+      for v, present in zip(
+        (largest[b], second[b], smallest[b], fourth[b]),
+        (count[b] >= 1, count[b] >= 2, count[b] >= 3, count[b] == 4),
+      )
+      if present
+    )
+    for b in range(values_of_block)
+  ]
 
 
 @pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
@@ -237,8 +262,7 @@ def test_block_summaries_hold_up_to_four_values_exactly(use_jit):
   valid[:9] = np.arange(8)[None, :] < np.arange(9)[:, None]  # counts 0..8
 
   def summarize(values, valid):
-    _, level1 = selection._reduce_blocks(
-        (), selection._singletons(values, valid), 1)
+    _, level1 = selection._reduce_blocks((), selection._singletons(values, valid), 1)
     rest = selection._summary_in_blocks(selection._without_largest(level1))
     _, level2 = selection._reduce_blocks((), rest, 1)
     return level1, level2
@@ -252,8 +276,7 @@ def test_block_summaries_hold_up_to_four_values_exactly(use_jit):
     if counts[b] <= 4:
       assert got == expected[b], b
   # Level 2: the values of 8 blocks but each block's largest.
-  rest = [sorted(v for b in range(g * 8, g * 8 + 8) for v in expected[b][:-1])
-          for g in range(64)]
+  rest = [sorted(v for b in range(g * 8, g * 8 + 8) for v in expected[b][:-1]) for g in range(64)]
   np.testing.assert_array_equal(level2.count, [len(r) for r in rest])
   for g, got in enumerate(_decoded_blocks(level2, 64)):
     if len(rest[g]) <= 4:
@@ -296,14 +319,21 @@ def sampled_select(monkeypatch):
   """select_score_threshold, jitted, with the sampled path for every size."""
   monkeypatch.setattr(selection, "_SAMPLED_MIN_SIZE", 0)
   if not _SAMPLED_SELECT:  # a new function: no trace cached without the patch
-    _SAMPLED_SELECT.append(
-        jax.jit(lambda s, k: selection.select_score_threshold(s, k)))
+    _SAMPLED_SELECT.append(jax.jit(lambda s, k: selection.select_score_threshold(s, k)))
   return _SAMPLED_SELECT[0]
 
 
-@pytest.mark.parametrize("case", ["narrow", "narrow_with_ties_nan_inf_zero",
-                                  "wide", "sample_misleads", "mostly_zero",
-                                  "odd_shapes"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "narrow",
+    "narrow_with_ties_nan_inf_zero",
+    "wide",
+    "sample_misleads",
+    "mostly_zero",
+    "odd_shapes",
+  ],
+)
 def test_sampled_score_selection_equals_numpy_sort(case, sampled_select):
   scores = _score_case(case)
   size = sum(s.size for s in scores)
@@ -322,15 +352,16 @@ def _million_scores(seed: int, copies=(1, 2, 3, 4)):
   flat = np.abs(a * b)
   quantile = np.sort(flat)[-(flat.size // 5)]
   for block, num in enumerate(copies):
-    start = block * 8 ** 5
-    flat[start:start + 8] = 0.0
-    flat[start:start + num] = quantile
-  return [jnp.asarray(flat[:(1 << 20) - 4000].reshape(-1, 96)),
-          jnp.asarray(flat[(1 << 20) - 4000:].reshape(-1, 125))]
+    start = block * 8**5
+    flat[start : start + 8] = 0.0
+    flat[start : start + num] = quantile
+  return [
+    jnp.asarray(flat[: (1 << 20) - 4000].reshape(-1, 96)),
+    jnp.asarray(flat[(1 << 20) - 4000 :].reshape(-1, 125)),
+  ]
 
 
-_MILLION_SELECT = jax.jit(
-    lambda s, k: selection.select_score_threshold(s, k))
+_MILLION_SELECT = jax.jit(lambda s, k: selection.select_score_threshold(s, k))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -361,19 +392,23 @@ def test_block_with_five_bracket_keys_falls_back_to_the_radix_select(monkeypatch
 def test_gsm_mask_on_a_pool_of_four_million_weights_equals_numpy():
   # The real sampled path (pool >= 2^22), through mask_by_global_taylor.
   rng = np.random.default_rng(22)
-  params = {"k": rng.standard_normal((2048, 2048)).astype(np.float32),
-            "c": rng.standard_normal((3, 3, 8, 16)).astype(np.float32)}
-  grads = {"k": rng.standard_normal((2048, 2048)).astype(np.float32),
-           "c": rng.standard_normal((3, 3, 8, 16)).astype(np.float32)}
+  params = {
+    "k": rng.standard_normal((2048, 2048)).astype(np.float32),
+    "c": rng.standard_normal((3, 3, 8, 16)).astype(np.float32),
+  }
+  grads = {
+    "k": rng.standard_normal((2048, 2048)).astype(np.float32),
+    "c": rng.standard_normal((3, 3, 8, 16)).astype(np.float32),
+  }
   grads["k"][0, :7] = np.nan
   grads["k"][1, :3] = np.inf
   mask = gsm_optax.mask_by_global_taylor(25.0)
   update = jax.jit(mask.update)
-  masked, state = update(jax.tree.map(jnp.asarray, grads),
-                         mask.init(params), jax.tree.map(jnp.asarray, params))
+  masked, state = update(
+    jax.tree.map(jnp.asarray, grads), mask.init(params), jax.tree.map(jnp.asarray, params)
+  )
   scores = {n: np.abs(grads[n] * params[n]) for n in params}
-  expected = _numpy_score_selection(list(scores.values()),
-                                    int((2048 * 2048 + 1152) / 25.0))
+  expected = _numpy_score_selection(list(scores.values()), int((2048 * 2048 + 1152) / 25.0))
   stats = gsm_optax.gsm_stats(state)
   assert float(stats["threshold"]) == expected["threshold"]
   assert int(stats["num_active"]) == expected["num_at_least"]
@@ -381,4 +416,5 @@ def test_gsm_mask_on_a_pool_of_four_million_weights_equals_numpy():
   for n in params:
     with np.errstate(invalid="ignore"):
       np.testing.assert_array_equal(
-          masked[n], np.where(scores[n] >= expected["threshold"], grads[n], 0))
+        masked[n], np.where(scores[n] >= expected["threshold"], grads[n], 0)
+      )

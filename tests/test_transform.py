@@ -51,8 +51,18 @@ def _muladd(a, b, c, fused: bool) -> np.ndarray:
 class NumpyGSM:
   """Global Sparse Momentum SGD in NumPy (float32), written from PAPER.md."""
 
-  def __init__(self, params, pool_flags, *, learning_rate, compression,
-               momentum, weight_decay, nesterov, fused=False):
+  def __init__(
+    self,
+    params,
+    pool_flags,
+    *,
+    learning_rate,
+    compression,
+    momentum,
+    weight_decay,
+    nesterov,
+    fused=False,
+  ):
     self.w = [np.array(p, np.float32) for p in jax.tree.leaves(params)]
     self.z = [np.zeros_like(w) for w in self.w]
     self.treedef = jax.tree.structure(params)
@@ -97,18 +107,21 @@ class NumpyGSM:
       masks.append(mask)
     self.step_count += 1
     stats = dict(
-        keep=keep, threshold=threshold,
-        num_active=sum(int(masks[i].sum()) for i in pooled),
-        num_nonfinite=int(sum(np.sum(~np.isfinite(scores[i])) for i in pooled)))
+      keep=keep,
+      threshold=threshold,
+      num_active=sum(int(masks[i].sum()) for i in pooled),
+      num_nonfinite=int(sum(np.sum(~np.isfinite(scores[i])) for i in pooled)),
+    )
     return stats, jax.tree.unflatten(self.treedef, masks)
 
 
 def _pool_flags_of_shared_problem(params):
   """Kernels (ndim >= 2) are pooled, biases not: written out, not computed."""
   del params
-  return {"conv": {"bias": False, "kernel": True},
-          "mlp": {"dense1": {"bias": False, "kernel": True},
-                  "dense2": {"bias": False, "kernel": True}}}
+  return {
+    "conv": {"bias": False, "kernel": True},
+    "mlp": {"dense1": {"bias": False, "kernel": True}, "dense2": {"bias": False, "kernel": True}},
+  }
 
 
 def _as_jax(tree):
@@ -133,30 +146,31 @@ def _stepper(use_jit: bool, **config):
 
 
 def _main_config(compression, nesterov, **overrides):
-  config = dict(learning_rate=LR, compression=compression, momentum=BETA,
-                weight_decay=ETA, nesterov=nesterov)
+  config = dict(
+    learning_rate=LR, compression=compression, momentum=BETA, weight_decay=ETA, nesterov=nesterov
+  )
   config.update(overrides)
   return config
 
 
 def _assert_tree_close(got, expected, *, rtol=1e-6, atol=1e-7, msg=""):
-  for (path, g), e in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                          jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(g), e, rtol=rtol, atol=atol,
-                               err_msg=f"{msg} {jax.tree_util.keystr(path)}")
+  for (path, g), e in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+    np.testing.assert_allclose(
+      np.asarray(g), e, rtol=rtol, atol=atol, err_msg=f"{msg} {jax.tree_util.keystr(path)}"
+    )
 
 
 def _assert_stats_equal(stats, ref_stats, step):
   assert int(stats["step"]) == step + 1
   assert int(stats["keep"]) == ref_stats["keep"], f"step {step}"
-  np.testing.assert_allclose(float(stats["threshold"]), ref_stats["threshold"],
-                             rtol=1e-6, err_msg=f"step {step}")
+  np.testing.assert_allclose(
+    float(stats["threshold"]), ref_stats["threshold"], rtol=1e-6, err_msg=f"step {step}"
+  )
   assert int(stats["num_active"]) == ref_stats["num_active"], f"step {step}"
   assert int(stats["num_nonfinite"]) == ref_stats["num_nonfinite"], f"step {step}"
 
 
-def _run_against_reference(params, grads_fn, num_steps, use_jit, *,
-                           pool_flags=None, **config):
+def _run_against_reference(params, grads_fn, num_steps, use_jit, *, pool_flags=None, **config):
   """Drives gsm and NumpyGSM side by side; compares everything every step."""
   opt, step = _stepper(use_jit, **config)
   pool_flags = pool_flags or _pool_flags_of_shared_problem(params)
@@ -190,16 +204,22 @@ def _cases(jitted_compressions):
       for nesterov in (False, True):
         if use_jit and compression not in jitted_compressions:
           continue
-        cases.append(pytest.param(
-            compression, nesterov, use_jit,
+        cases.append(
+          pytest.param(
+            compression,
+            nesterov,
+            use_jit,
             id=f"{'jit' if use_jit else 'nojit'}-C{compression:g}-"
-               f"{'nesterov' if nesterov else 'heavyball'}"))
+            f"{'nesterov' if nesterov else 'heavyball'}",
+          )
+        )
   return cases
 
 
 @pytest.mark.parametrize("compression,nesterov,use_jit", _cases([4.0]))
 def test_gsm_matches_numpy_reference_at_every_step(
-    compression, nesterov, use_jit, rng, params_factory):
+  compression, nesterov, use_jit, rng, params_factory
+):
   params = params_factory(rng)
   grad_rng = np.random.default_rng(7)
 
@@ -208,17 +228,15 @@ def test_gsm_matches_numpy_reference_at_every_step(
     return params_factory(grad_rng)  # fresh random gradients every step
 
   _, _, history = _run_against_reference(
-      params, grads_fn, 100, use_jit,
-      **_main_config(compression, nesterov))
+    params, grads_fn, 100, use_jit, **_main_config(compression, nesterov)
+  )
   # Some pooled weight changes from active to passive and back over the run.
-  masks = np.stack([np.concatenate([m.ravel() for m in jax.tree.leaves(h[1])])
-                    for h in history])
+  masks = np.stack([np.concatenate([m.ravel() for m in jax.tree.leaves(h[1])]) for h in history])
   assert (masks[1:] & ~masks[:-1]).any() and (~masks[1:] & masks[:-1]).any()
 
 
 @pytest.mark.parametrize("nesterov", [False, True], ids=["heavyball", "nesterov"])
-def test_gsm_matches_numpy_reference_with_slowly_changing_gradients(
-    nesterov, rng, params_factory):
+def test_gsm_matches_numpy_reference_with_slowly_changing_gradients(nesterov, rng, params_factory):
   # Gradients that barely change from step to step, as late in training: the
   # threshold moves slowly and the active set changes by a few weights.
   params = params_factory(rng)
@@ -228,23 +246,27 @@ def test_gsm_matches_numpy_reference_with_slowly_changing_gradients(
   def grads_fn(t, ref):
     del ref
     noise = params_factory(noise_rng, scale=1e-6)
-    return jax.tree.map(lambda b, n: (b * np.float32(1 + 1e-3 * t) + n).astype(
-        np.float32), base, noise)
+    return jax.tree.map(
+      lambda b, n: (b * np.float32(1 + 1e-3 * t) + n).astype(np.float32), base, noise
+    )
 
-  _run_against_reference(params, grads_fn, 110, True,
-                         **_main_config(4.0, nesterov))
+  _run_against_reference(params, grads_fn, 110, True, **_main_config(4.0, nesterov))
 
 
-@pytest.mark.parametrize("nesterov,use_jit", [(False, False), (True, False), (True, True)],
-                         ids=["nojit-heavyball", "nojit-nesterov", "jit-nesterov"])
+@pytest.mark.parametrize(
+  "nesterov,use_jit",
+  [(False, False), (True, False), (True, True)],
+  ids=["nojit-heavyball", "nojit-nesterov", "jit-nesterov"],
+)
 def test_compression_one_is_exactly_sgd_with_weight_decay_on_the_pool(
-    nesterov, use_jit, rng, params_factory):
+  nesterov, use_jit, rng, params_factory
+):
   params = _as_jax(params_factory(rng))
   pool = _pool_flags_of_shared_problem(params)
   gsm_opt, gsm_step = _stepper(use_jit, **_main_config(1.0, nesterov))
   sgd_opt = optax.chain(
-      optax.add_decayed_weights(ETA, mask=pool),
-      optax.sgd(LR, momentum=BETA, nesterov=nesterov))
+    optax.add_decayed_weights(ETA, mask=pool), optax.sgd(LR, momentum=BETA, nesterov=nesterov)
+  )
 
   def sgd_step(params, state, grads):
     updates, state = sgd_opt.update(grads, state, params)
@@ -275,18 +297,24 @@ def _passive_problem():
   sign_rng = np.random.default_rng(5)
 
   def signed(shape):
-    return (sign_rng.choice([-1.0, 1.0], shape) *
-            sign_rng.uniform(0.5, 1.5, shape)).astype(np.float32)
+    return (sign_rng.choice([-1.0, 1.0], shape) * sign_rng.uniform(0.5, 1.5, shape)).astype(
+      np.float32
+    )
 
-  params = {"conv": {"kernel": signed((3, 3, 2, 4)), "bias": signed((4,))},
-            "mlp": {"dense1": {"kernel": signed((8, 6)), "bias": signed((6,))},
-                    "dense2": {"kernel": signed((6, 3)), "bias": signed((3,))}}}
-  passive = {"conv": {"kernel": np.arange(72).reshape(3, 3, 2, 4) >= 34,
-                      "bias": np.zeros((4,), bool)},
-             "mlp": {"dense1": {"kernel": np.ones((8, 6), bool),
-                                "bias": np.zeros((6,), bool)},
-                     "dense2": {"kernel": np.ones((6, 3), bool),
-                                "bias": np.zeros((3,), bool)}}}
+  params = {
+    "conv": {"kernel": signed((3, 3, 2, 4)), "bias": signed((4,))},
+    "mlp": {
+      "dense1": {"kernel": signed((8, 6)), "bias": signed((6,))},
+      "dense2": {"kernel": signed((6, 3)), "bias": signed((3,))},
+    },
+  }
+  passive = {
+    "conv": {"kernel": np.arange(72).reshape(3, 3, 2, 4) >= 34, "bias": np.zeros((4,), bool)},
+    "mlp": {
+      "dense1": {"kernel": np.ones((8, 6), bool), "bias": np.zeros((6,), bool)},
+      "dense2": {"kernel": np.ones((6, 3), bool), "bias": np.zeros((3,), bool)},
+    },
+  }
   unit_grads = jax.tree.map(lambda p: np.sign(signed(p.shape)), params)
 
   def grads_fn(t, ref):
@@ -294,8 +322,11 @@ def _passive_problem():
     # Passive: a gradient of +-1 on |w| <= 1.5: score <= 1.5, never selected.
     del t
     return jax.tree.map(
-        lambda wi, u, p: np.where(p, u, -1000.0 * np.sign(wi)).astype(np.float32),
-        ref.params(), unit_grads, passive)
+      lambda wi, u, p: np.where(p, u, -1000.0 * np.sign(wi)).astype(np.float32),
+      ref.params(),
+      unit_grads,
+      passive,
+    )
 
   return params, passive, grads_fn
 
@@ -305,7 +336,8 @@ def test_passive_weight_decays_geometrically(nesterov):
   params, passive, grads_fn = _passive_problem()
   num_steps = 150
   _, _, history = _run_against_reference(
-      params, grads_fn, num_steps, True, **_main_config(4.0, nesterov))
+    params, grads_fn, num_steps, True, **_main_config(4.0, nesterov)
+  )
   for stats, masks, _ in history:
     assert stats["keep"] == stats["num_active"] == 34
     for m, p in zip(jax.tree.leaves(masks), jax.tree.leaves(passive)):
@@ -314,18 +346,20 @@ def test_passive_weight_decays_geometrically(nesterov):
   # Momentum with weight decay only, in float64: [w, z] <- M [w, z].
   alpha, eta, beta = LR, ETA, BETA
   if nesterov:  # z' = b z + e w;  w' = w - a (e w + b z')
-    m = np.array([[1 - alpha * eta * (1 + beta), -alpha * beta * beta],
-                  [eta, beta]])
-  else:         # z' = b z + e w;  w' = w - a z'
+    m = np.array([[1 - alpha * eta * (1 + beta), -alpha * beta * beta], [eta, beta]])
+  else:  # z' = b z + e w;  w' = w - a z'
     m = np.array([[1 - alpha * eta, -alpha * beta], [eta, beta]])
-  w0 = np.concatenate([np.asarray(p)[q] for p, q in zip(
-      jax.tree.leaves(params), jax.tree.leaves(passive))])
+  w0 = np.concatenate(
+    [np.asarray(p)[q] for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(passive))]
+  )
   trajectory = [np.stack([w0, np.zeros_like(w0)])]
   for _ in range(num_steps):
     trajectory.append(m @ trajectory[-1])
+
   def passive_weights(tree):
-    return np.concatenate([np.asarray(p)[q] for p, q in zip(
-        jax.tree.leaves(tree), jax.tree.leaves(passive))])
+    return np.concatenate(
+      [np.asarray(p)[q] for p, q in zip(jax.tree.leaves(tree), jax.tree.leaves(passive))]
+    )
 
   got = np.stack([passive_weights(h[2]) for h in history])
   np.testing.assert_allclose(got, np.stack(trajectory[1:])[:, 0], rtol=2e-5)
@@ -338,8 +372,7 @@ def test_passive_weight_decays_geometrically(nesterov):
   assert np.all(np.abs(got[-1]) < 0.5 * np.abs(w0))  # 0.99475^150 = 0.45
 
 
-def test_passive_weight_becomes_active_again_when_its_score_rises(
-    rng, params_factory):
+def test_passive_weight_becomes_active_again_when_its_score_rises(rng, params_factory):
   params = params_factory(rng)
   grad_rng = np.random.default_rng(8)
   index = (0, 0)  # dense2 kernel[0, 0]
@@ -353,8 +386,12 @@ def test_passive_weight_becomes_active_again_when_its_score_rises(
     return grads
 
   opt, step = _stepper(True, **_main_config(4.0, False))
-  ref = NumpyGSM(params, jax.tree.leaves(_pool_flags_of_shared_problem(params)),
-                 fused=True, **_main_config(4.0, False))
+  ref = NumpyGSM(
+    params,
+    jax.tree.leaves(_pool_flags_of_shared_problem(params)),
+    fused=True,
+    **_main_config(4.0, False),
+  )
   params, state = _as_jax(params), opt.init(_as_jax(params))
   weights, active = [], []
   for t in range(30):
@@ -366,12 +403,13 @@ def test_passive_weight_becomes_active_again_when_its_score_rises(
     _assert_tree_close(params, ref.w, msg=f"step {t}")
     _assert_stats_equal(gsm_optax.gsm_stats(state), ref_stats, t)
     # z_new - beta z - eta w is the masked gradient B g of that weight.
-    masked_grad = (_trace(state)["mlp"]["dense2"]["kernel"][index]
-                   - BETA * trace_before - ETA * w_before)
+    masked_grad = (
+      _trace(state)["mlp"]["dense2"]["kernel"][index] - BETA * trace_before - ETA * w_before
+    )
     active.append(bool(ref_masks["mlp"]["dense2"]["kernel"][index]))
     assert float(masked_grad) == pytest.approx(
-        grads["mlp"]["dense2"]["kernel"][index] if active[-1] else 0.0,
-        rel=1e-4, abs=1e-6)
+      grads["mlp"]["dense2"]["kernel"][index] if active[-1] else 0.0, rel=1e-4, abs=1e-6
+    )
     weights.append(float(params["mlp"]["dense2"]["kernel"][index]))
   assert active == [False] * 20 + [True] * 10
   # While passive it only decays towards zero, without changing sign.
@@ -380,9 +418,11 @@ def test_passive_weight_becomes_active_again_when_its_score_rises(
 
 
 def _trace(state):
-  traces = [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, optax.TraceState))
-            if isinstance(s, optax.TraceState)]
+  traces = [
+    s
+    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+    if isinstance(s, optax.TraceState)
+  ]
   assert len(traces) == 1
   return traces[0].trace
 
@@ -434,10 +474,16 @@ def _tie_case(name):
   raise ValueError(name)
 
 
-_TIE_CASES = ["fewer_positive_than_q", "all_scores_zero",
-              "ties_at_positive_threshold", "negative_values_and_signed_zero",
-              "nan_scores_are_never_active", "nan_from_zero_times_inf",
-              "inf_scores_are_active", "more_inf_scores_than_q"]
+_TIE_CASES = [
+  "fewer_positive_than_q",
+  "all_scores_zero",
+  "ties_at_positive_threshold",
+  "negative_values_and_signed_zero",
+  "nan_scores_are_never_active",
+  "nan_from_zero_times_inf",
+  "inf_scores_are_active",
+  "more_inf_scores_than_q",
+]
 
 _tie_mask = gsm_optax.mask_by_global_taylor(_TIE_C)
 _tie_update_jit = jax.jit(_tie_mask.update)
@@ -467,8 +513,7 @@ def test_mask_ties_zeros_nan_and_inf(case, use_jit, rng, params_factory):
   # Applied twice: the second update starts from the first one's state.
   for repeat in range(2):
     masked, state = update(_as_jax(grads), state, _as_jax(params))
-    np.testing.assert_array_equal(
-        np.asarray(masked["mlp"]["dense2"]["kernel"]).ravel(), expected)
+    np.testing.assert_array_equal(np.asarray(masked["mlp"]["dense2"]["kernel"]).ravel(), expected)
     for name in ("conv", "dense1"):  # score 0: never active
       kernel = masked[name] if name == "conv" else masked["mlp"][name]
       np.testing.assert_array_equal(kernel["kernel"], 0.0)
@@ -491,8 +536,7 @@ def test_nan_score_is_not_active_even_at_compression_one(rng, params_factory):
   kernel_g[0, :2] = [np.nan, np.inf]
   kernel_w[1, 0] = 0.0  # score 0: active at C = 1, where Q = |pool|
   mask = gsm_optax.mask_by_global_taylor(1.0)
-  masked, state = mask.update(_as_jax(grads), mask.init(_as_jax(params)),
-                              _as_jax(params))
+  masked, state = mask.update(_as_jax(grads), mask.init(_as_jax(params)), _as_jax(params))
   expected = kernel_g.copy()
   expected[0, 0] = 0.0
   np.testing.assert_array_equal(masked["mlp"]["dense2"]["kernel"], expected)
@@ -505,10 +549,13 @@ def test_nan_score_is_not_active_even_at_compression_one(rng, params_factory):
 
 def _mixed_dtypes(tree):
   """conv in bfloat16, dense1 in float16, dense2 in float32."""
-  return {"conv": jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree["conv"]),
-          "mlp": {"dense1": jax.tree.map(lambda x: x.astype(np.float16),
-                                         tree["mlp"]["dense1"]),
-                  "dense2": tree["mlp"]["dense2"]}}
+  return {
+    "conv": jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree["conv"]),
+    "mlp": {
+      "dense1": jax.tree.map(lambda x: x.astype(np.float16), tree["mlp"]["dense1"]),
+      "dense2": tree["mlp"]["dense2"],
+    },
+  }
 
 
 def test_mask_keeps_top_q_taylor_scores_for_every_float_dtype(rng, params_factory):
@@ -519,18 +566,15 @@ def test_mask_keeps_top_q_taylor_scores_for_every_float_dtype(rng, params_factor
   params = _mixed_dtypes(params_factory(rng))
   grads = _mixed_dtypes(params_factory(rng))
   mask = gsm_optax.mask_by_global_taylor(4.0)
-  masked, state = mask.update(_as_jax(grads), mask.init(_as_jax(params)),
-                              _as_jax(params))
+  masked, state = mask.update(_as_jax(grads), mask.init(_as_jax(params)), _as_jax(params))
 
   pool = jax.tree.leaves(_pool_flags_of_shared_problem(params))
   dtypes = [x.dtype for x in jax.tree.leaves(params)]
   flat_w = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
   flat_g = [np.asarray(x, np.float32) for x in jax.tree.leaves(grads)]
-  scores = np.concatenate([np.abs(g * w).ravel()
-                           for g, w, p in zip(flat_g, flat_w, pool) if p])
+  scores = np.concatenate([np.abs(g * w).ravel() for g, w, p in zip(flat_g, flat_w, pool) if p])
   threshold = np.sort(scores)[-34]
-  for got, g, w, p, dtype in zip(jax.tree.leaves(masked), flat_g, flat_w, pool,
-                                 dtypes):
+  for got, g, w, p, dtype in zip(jax.tree.leaves(masked), flat_g, flat_w, pool, dtypes):
     assert got.dtype == dtype
     expected = np.where(np.abs(g * w) >= threshold, g, 0) if p else g
     np.testing.assert_array_equal(np.asarray(got, np.float32), expected)
@@ -540,8 +584,7 @@ def test_mask_keeps_top_q_taylor_scores_for_every_float_dtype(rng, params_factor
 
   # The whole optimizer keeps every leaf's dtype.
   opt = gsm_optax.gsm(LR, 4.0, momentum=BETA, weight_decay=ETA)
-  updates, state = opt.update(_as_jax(grads), opt.init(_as_jax(params)),
-                              _as_jax(params))
+  updates, state = opt.update(_as_jax(grads), opt.init(_as_jax(params)), _as_jax(params))
   for u, dtype in zip(jax.tree.leaves(updates), dtypes):
     assert u.dtype == dtype
     assert np.all(np.isfinite(np.asarray(u, np.float32)))
@@ -560,29 +603,31 @@ def test_compression_schedule_sets_q_every_step(rng, params_factory):
   params = params_factory(rng)
   grad_rng = np.random.default_rng(12)
   _, _, history = _run_against_reference(
-      params, lambda t, ref: params_factory(grad_rng), 14, False,
-      **_main_config(schedule, False))
+    params, lambda t, ref: params_factory(grad_rng), 14, False, **_main_config(schedule, False)
+  )
   expected_keep = [int(138 / float(schedule(t))) for t in range(14)]
   assert [h[0]["keep"] for h in history] == expected_keep
   assert expected_keep[0] == 138 and expected_keep[-1] == 6
 
 
-def test_learning_rate_and_weight_decay_schedules_follow_the_step(
-    rng, params_factory):
+def test_learning_rate_and_weight_decay_schedules_follow_the_step(rng, params_factory):
   learning_rate = optax.piecewise_constant_schedule(0.1, {4: 0.5, 8: 0.1})
   weight_decay = lambda t: jnp.where(t < 6, 1e-2, 5e-2)  # noqa: E731
   params = params_factory(rng)
   grad_rng = np.random.default_rng(13)
   _run_against_reference(
-      params, lambda t, ref: params_factory(grad_rng), 12, False,
-      **_main_config(4.0, True, learning_rate=learning_rate,
-                     weight_decay=weight_decay))
+    params,
+    lambda t, ref: params_factory(grad_rng),
+    12,
+    False,
+    **_main_config(4.0, True, learning_rate=learning_rate, weight_decay=weight_decay),
+  )
 
 
-def test_inject_hyperparams_under_jit_gives_the_same_params_as_plain_gsm(
-    rng, params_factory):
+def test_inject_hyperparams_under_jit_gives_the_same_params_as_plain_gsm(rng, params_factory):
   injected = optax.inject_hyperparams(gsm_optax.gsm)(
-      learning_rate=LR, compression=4.0, momentum=BETA, weight_decay=ETA)
+    learning_rate=LR, compression=4.0, momentum=BETA, weight_decay=ETA
+  )
   plain, plain_step = _stepper(True, **_main_config(4.0, False))
 
   @jax.jit
@@ -612,8 +657,8 @@ def test_inject_hyperparams_under_jit_gives_the_same_params_as_plain_gsm(
 def test_inject_hyperparams_with_a_compression_schedule(rng, params_factory):
   schedule = optax.piecewise_constant_schedule(1.0, {2: 2.0, 4: 3.0})
   opt = optax.inject_hyperparams(gsm_optax.gsm)(
-      learning_rate=optax.constant_schedule(LR), compression=schedule,
-      momentum=BETA, weight_decay=ETA)
+    learning_rate=optax.constant_schedule(LR), compression=schedule, momentum=BETA, weight_decay=ETA
+  )
   params = _as_jax(params_factory(rng))
   state = opt.init(params)
   update = opt.update  # eager; the jitted path is checked above
@@ -622,8 +667,7 @@ def test_inject_hyperparams_with_a_compression_schedule(rng, params_factory):
   for t in range(6):
     _, state = update(_as_jax(params_factory(grad_rng)), state, params)
     # The state shows the hyperparameters this update used.
-    np.testing.assert_allclose(state.hyperparams["compression"],
-                               float(schedule(t)))
+    np.testing.assert_allclose(state.hyperparams["compression"], float(schedule(t)))
     keeps.append(int(gsm_optax.gsm_stats(state)["keep"]))
   assert keeps == [int(138 / float(schedule(t))) for t in range(6)]
   assert keeps == [138, 138, 69, 69, 23, 23]
@@ -632,17 +676,16 @@ def test_inject_hyperparams_with_a_compression_schedule(rng, params_factory):
 def test_gsm_stats_finds_the_state_in_any_nesting(params_factory, rng):
   params = _as_jax(params_factory(rng))
   nested = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.inject_hyperparams(gsm_optax.gsm)(learning_rate=LR, compression=4.0))
+    optax.clip_by_global_norm(1.0),
+    optax.inject_hyperparams(gsm_optax.gsm)(learning_rate=LR, compression=4.0),
+  )
   multi = optax.multi_transform(
-      {"gsm": gsm_optax.gsm(LR, 4.0), "sgd": optax.sgd(LR)},
-      {"conv": "sgd", "mlp": "gsm"})
-  for opt in (gsm_optax.gsm(LR, 4.0), gsm_optax.mask_by_global_taylor(4.0),
-              nested, multi):
+    {"gsm": gsm_optax.gsm(LR, 4.0), "sgd": optax.sgd(LR)}, {"conv": "sgd", "mlp": "gsm"}
+  )
+  for opt in (gsm_optax.gsm(LR, 4.0), gsm_optax.mask_by_global_taylor(4.0), nested, multi):
     state = opt.init(params)
     stats = gsm_optax.gsm_stats(state)
-    assert set(stats) >= {"step", "keep", "threshold", "num_active",
-                          "num_nonfinite"}
+    assert set(stats) >= {"step", "keep", "threshold", "num_active", "num_nonfinite"}
     assert int(stats["step"]) == 0
   assert int(gsm_optax.gsm_stats(nested.init(params))["keep"]) == 34
   assert int(gsm_optax.gsm_stats(multi.init(params))["keep"]) == 16  # 66 / 4
@@ -652,8 +695,7 @@ def test_gsm_stats_raises_without_exactly_one_gsm_state(params_factory, rng):
   params = _as_jax(params_factory(rng))
   with pytest.raises(ValueError, match="MaskByGlobalTaylorState.*found 0"):
     gsm_optax.gsm_stats(optax.sgd(0.1, momentum=0.9).init(params))
-  twice = optax.chain(gsm_optax.mask_by_global_taylor(2.0),
-                      gsm_optax.gsm(LR, 4.0))
+  twice = optax.chain(gsm_optax.mask_by_global_taylor(2.0), gsm_optax.gsm(LR, 4.0))
   with pytest.raises(ValueError, match="found 2"):
     gsm_optax.gsm_stats(twice.init(params))
 
@@ -664,16 +706,24 @@ def test_gsm_stats_raises_without_exactly_one_gsm_state(params_factory, rng):
 
 
 def test_default_pool_is_every_floating_leaf_with_at_least_two_dims():
-  params = {"dense": np.zeros((3, 2), np.float32),
-            "conv": np.zeros((2, 2, 1, 3), np.float32),
-            "half": np.zeros((2, 2), jnp.bfloat16),
-            "bias": np.zeros((3,), np.float32),
-            "scalar": np.float32(1.0),
-            "embedding_ids": np.zeros((4, 2), np.int32),
-            "nested": [np.zeros((1, 1), np.float16), np.zeros((5,), np.float16)]}
-  expected = {"dense": True, "conv": True, "half": True, "bias": False,
-              "scalar": False, "embedding_ids": False,
-              "nested": [True, False]}
+  params = {
+    "dense": np.zeros((3, 2), np.float32),
+    "conv": np.zeros((2, 2, 1, 3), np.float32),
+    "half": np.zeros((2, 2), jnp.bfloat16),
+    "bias": np.zeros((3,), np.float32),
+    "scalar": np.float32(1.0),
+    "embedding_ids": np.zeros((4, 2), np.int32),
+    "nested": [np.zeros((1, 1), np.float16), np.zeros((5,), np.float16)],
+  }
+  expected = {
+    "dense": True,
+    "conv": True,
+    "half": True,
+    "bias": False,
+    "scalar": False,
+    "embedding_ids": False,
+    "nested": [True, False],
+  }
   assert gsm_optax.default_pool(params) == expected
   assert gsm_optax.resolve_pool(params) == expected
   assert gsm_optax.pool_size(params) == 6 + 12 + 4 + 1
@@ -683,22 +733,25 @@ def test_default_pool_is_every_floating_leaf_with_at_least_two_dims():
 def _custom_pool_as_tree(params):
   # conv kernel and dense2 *bias* pooled; dense1 and dense2 kernels not.
   del params
-  return {"conv": {"bias": False, "kernel": True},
-          "mlp": {"dense1": {"bias": False, "kernel": False},
-                  "dense2": {"bias": True, "kernel": False}}}
+  return {
+    "conv": {"bias": False, "kernel": True},
+    "mlp": {"dense1": {"bias": False, "kernel": False}, "dense2": {"bias": True, "kernel": False}},
+  }
 
 
 @pytest.mark.parametrize("pool_kind", ["bool_tree", "callable"])
-def test_custom_pool_masks_and_decays_only_its_leaves(
-    pool_kind, rng, params_factory):
+def test_custom_pool_masks_and_decays_only_its_leaves(pool_kind, rng, params_factory):
   params = params_factory(rng)
-  pool = (_custom_pool_as_tree(params) if pool_kind == "bool_tree"
-          else _custom_pool_as_tree)
+  pool = _custom_pool_as_tree(params) if pool_kind == "bool_tree" else _custom_pool_as_tree
   grad_rng = np.random.default_rng(16)
   _, _, history = _run_against_reference(
-      params, lambda t, ref: params_factory(grad_rng), 6, False,
-      pool_flags=_custom_pool_as_tree(params),
-      **_main_config(4.0, False, pool=pool))
+    params,
+    lambda t, ref: params_factory(grad_rng),
+    6,
+    False,
+    pool_flags=_custom_pool_as_tree(params),
+    **_main_config(4.0, False, pool=pool),
+  )
   assert history[0][0]["keep"] == int((72 + 3) / 4)
   # Leaves outside this pool (the dense kernels) keep every gradient entry.
   for _, masks, _ in history:
@@ -711,8 +764,11 @@ def test_leaves_outside_the_pool_get_their_gradient_unchanged(rng, params_factor
   opt = gsm_optax.gsm(1.0, 20.0, momentum=0.0, weight_decay=0.5)
   updates, _ = opt.update(grads, opt.init(params), params)
   for name in ("conv", "mlp"):
-    biases = [("conv", "bias")] if name == "conv" else [
-        ("mlp", "dense1", "bias"), ("mlp", "dense2", "bias")]
+    biases = (
+      [("conv", "bias")]
+      if name == "conv"
+      else [("mlp", "dense1", "bias"), ("mlp", "dense2", "bias")]
+    )
     for path in biases:
       u, g = updates, grads
       for key in path:
@@ -725,9 +781,11 @@ def test_leaves_outside_the_pool_get_their_gradient_unchanged(rng, params_factor
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", [0.5, 0.0, -3.0, math.nan, math.inf,
-                                         jnp.asarray(0.99)],
-                         ids=["half", "zero", "negative", "nan", "inf", "array"])
+@pytest.mark.parametrize(
+  "compression",
+  [0.5, 0.0, -3.0, math.nan, math.inf, jnp.asarray(0.99)],
+  ids=["half", "zero", "negative", "nan", "inf", "array"],
+)
 def test_gsm_rejects_compression_below_one_or_not_finite(compression):
   with pytest.raises(ValueError, match=r"compression must be finite and >= 1"):
     gsm_optax.gsm(LR, compression)
@@ -735,8 +793,7 @@ def test_gsm_rejects_compression_below_one_or_not_finite(compression):
     gsm_optax.mask_by_global_taylor(compression)
 
 
-@pytest.mark.parametrize("compression", ["4", None, True],
-                         ids=["string", "none", "bool"])
+@pytest.mark.parametrize("compression", ["4", None, True], ids=["string", "none", "bool"])
 def test_gsm_rejects_compression_that_is_not_a_number(compression):
   with pytest.raises(TypeError, match="compression must be a number"):
     gsm_optax.gsm(LR, compression)
@@ -790,8 +847,7 @@ def test_pool_with_a_traced_or_array_flag_is_rejected():
 
 
 def test_integer_leaf_in_the_pool_is_a_type_error_naming_the_leaf():
-  params = {"layer": {"kernel": jnp.zeros((3, 3), jnp.int32),
-                      "w": jnp.zeros((3, 3))}}
+  params = {"layer": {"kernel": jnp.zeros((3, 3), jnp.int32), "w": jnp.zeros((3, 3))}}
   pool = {"layer": {"kernel": True, "w": True}}
   with pytest.raises(TypeError, match=r"\['layer'\]\['kernel'\].*int32"):
     gsm_optax.gsm(LR, 2.0, pool=pool).init(params)
@@ -807,18 +863,19 @@ def test_integer_leaf_in_the_pool_is_a_type_error_naming_the_leaf():
 def _optimizers_for_state_checks():
   schedule = optax.linear_schedule(1.0, 4.0, 5)
   return {
-      "plain": gsm_optax.gsm(LR, 4.0),
-      "schedules": gsm_optax.gsm(optax.cosine_decay_schedule(LR, 10), schedule,
-                                 weight_decay=optax.constant_schedule(ETA),
-                                 nesterov=True),
-      "injected": optax.inject_hyperparams(gsm_optax.gsm)(
-          learning_rate=LR, compression=schedule),
+    "plain": gsm_optax.gsm(LR, 4.0),
+    "schedules": gsm_optax.gsm(
+      optax.cosine_decay_schedule(LR, 10),
+      schedule,
+      weight_decay=optax.constant_schedule(ETA),
+      nesterov=True,
+    ),
+    "injected": optax.inject_hyperparams(gsm_optax.gsm)(learning_rate=LR, compression=schedule),
   }
 
 
 @pytest.mark.parametrize("name", ["plain", "schedules", "injected"])
-def test_state_leaves_are_arrays_and_survive_a_numpy_round_trip(
-    name, rng, params_factory):
+def test_state_leaves_are_arrays_and_survive_a_numpy_round_trip(name, rng, params_factory):
   opt = _optimizers_for_state_checks()[name]
   params = _as_jax(params_factory(rng))
   grads = _as_jax(params_factory(rng))
@@ -852,6 +909,5 @@ def test_keep_for_a_traced_compression_is_exactly_floor_of_size_over_c(size, use
     divide = jax.jit(divide)
   got = [int(divide(jnp.float32(c))) for c in divisors[:40]]
   got += [int(x) for x in jax.vmap(divide)(jnp.asarray(divisors[40:]))]
-  expected = [math.floor(fractions.Fraction(size) / fractions.Fraction(float(c)))
-              for c in divisors]
+  expected = [math.floor(fractions.Fraction(size) / fractions.Fraction(float(c))) for c in divisors]
   assert got == expected

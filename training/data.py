@@ -19,11 +19,14 @@ so a run resumed at an epoch boundary sees exactly the same batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import gzip
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,34 +42,34 @@ _IMAGENET_TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class DataNotFoundError(FileNotFoundError):
-    """No source (IDX directory, Debian package, TFDS) holds the dataset."""
+  """No source (IDX directory, Debian package, TFDS) holds the dataset."""
 
 
 class IdxFormatError(ValueError):
-    """An IDX file is malformed (bad magic number, truncated, inconsistent)."""
+  """An IDX file is malformed (bad magic number, truncated, inconsistent)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """Static facts about one supported dataset."""
+  """Static facts about one supported dataset."""
 
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    test_split: str
-    augment: bool
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  test_split: str
+  augment: bool
 
 
 _SPECS: Mapping[str, _Spec] = {
-    "fashion_mnist": _Spec(10, (28, 28, 1), (0.2860,), (0.3530,), "test", False),
-    "mnist": _Spec(10, (28, 28, 1), (0.1307,), (0.3081,), "test", False),
-    "cifar10": _Spec(
-        10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "test", True
-    ),
-    "imagenet2012": _Spec(
-        1000, (224, 224, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "validation", True
-    ),
+  "fashion_mnist": _Spec(10, (28, 28, 1), (0.2860,), (0.3530,), "test", False),
+  "mnist": _Spec(10, (28, 28, 1), (0.1307,), (0.3081,), "test", False),
+  "cifar10": _Spec(
+    10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "test", True
+  ),
+  "imagenet2012": _Spec(
+    1000, (224, 224, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "validation", True
+  ),
 }
 
 
@@ -77,80 +80,80 @@ _SPECS: Mapping[str, _Spec] = {
 
 @dataclasses.dataclass
 class Dataset:
-    """A loaded dataset: metadata plus deterministic batch iterators."""
+  """A loaded dataset: metadata plus deterministic batch iterators."""
 
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]  # H, W, C
-    num_train: int
-    num_test: int
-    source: str  # human readable: "idx:/path", "tfds:fashion_mnist", ...
-    _backend: Any = dataclasses.field(default=None, repr=False, compare=False)
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]  # H, W, C
+  num_train: int
+  num_test: int
+  source: str  # human readable: "idx:/path", "tfds:fashion_mnist", ...
+  _backend: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        """Number of full training batches per epoch (the remainder is dropped)."""
-        _check_positive("batch_size", batch_size)
-        return self.num_train // batch_size
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Number of full training batches per epoch (the remainder is dropped)."""
+    _check_positive("batch_size", batch_size)
+    return self.num_train // batch_size
 
-    def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
-        """Shuffled, augmented training batches; a pure function of (epoch, seed)."""
-        _check_positive("batch_size", batch_size)
-        if epoch < 0 or seed < 0:
-            raise ValueError(f"epoch and seed must be >= 0, got epoch={epoch}, seed={seed}")
-        if batch_size > self.num_train:
-            raise ValueError(
-                f"batch_size={batch_size} exceeds the {self.num_train} training examples "
-                f"of {self.name}; no full batch can be formed"
-            )
-        return self._backend.train_batches(batch_size, epoch=epoch, seed=seed)
+  def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
+    """Shuffled, augmented training batches; a pure function of (epoch, seed)."""
+    _check_positive("batch_size", batch_size)
+    if epoch < 0 or seed < 0:
+      raise ValueError(f"epoch and seed must be >= 0, got epoch={epoch}, seed={seed}")
+    if batch_size > self.num_train:
+      raise ValueError(
+        f"batch_size={batch_size} exceeds the {self.num_train} training examples "
+        f"of {self.name}; no full batch can be formed"
+      )
+    return self._backend.train_batches(batch_size, epoch=epoch, seed=seed)
 
-    def test_batches(self, batch_size: int) -> Iterator[Batch]:
-        """Test batches in order, keeping the last partial batch."""
-        _check_positive("batch_size", batch_size)
-        return self._backend.test_batches(batch_size)
+  def test_batches(self, batch_size: int) -> Iterator[Batch]:
+    """Test batches in order, keeping the last partial batch."""
+    _check_positive("batch_size", batch_size)
+    return self._backend.test_batches(batch_size)
 
-    @classmethod
-    def from_arrays(
-        cls,
-        name: str,
-        train: tuple[np.ndarray, np.ndarray],
-        test: tuple[np.ndarray, np.ndarray],
-        *,
-        num_classes: int,
-        mean: Sequence[float] = (0.5,),
-        std: Sequence[float] = (0.5,),
-        augment: bool = False,
-        source: str = "arrays",
-    ) -> Dataset:
-        """In-memory dataset from uint8 NHWC images and integer labels (e.g. for tests)."""
-        backend = _ArrayBackend(
-            train_images=_as_nhwc(train[0]),
-            train_labels=np.asarray(train[1], np.int32),
-            test_images=_as_nhwc(test[0]),
-            test_labels=np.asarray(test[1], np.int32),
-            mean=tuple(mean),
-            std=tuple(std),
-            augment=augment,
-        )
-        return cls(
-            name=name,
-            num_classes=num_classes,
-            image_shape=tuple(backend.train_images.shape[1:]),  # type: ignore[arg-type]
-            num_train=len(backend.train_labels),
-            num_test=len(backend.test_labels),
-            source=source,
-            _backend=backend,
-        )
+  @classmethod
+  def from_arrays(
+    cls,
+    name: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    num_classes: int,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+    augment: bool = False,
+    source: str = "arrays",
+  ) -> Dataset:
+    """In-memory dataset from uint8 NHWC images and integer labels (e.g. for tests)."""
+    backend = _ArrayBackend(
+      train_images=_as_nhwc(train[0]),
+      train_labels=np.asarray(train[1], np.int32),
+      test_images=_as_nhwc(test[0]),
+      test_labels=np.asarray(test[1], np.int32),
+      mean=tuple(mean),
+      std=tuple(std),
+      augment=augment,
+    )
+    return cls(
+      name=name,
+      num_classes=num_classes,
+      image_shape=tuple(backend.train_images.shape[1:]),  # type: ignore[arg-type]
+      num_train=len(backend.train_labels),
+      num_test=len(backend.test_labels),
+      source=source,
+      _backend=backend,
+    )
 
 
 def _check_positive(what: str, value: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{what} must be positive, got {value}")
+  if value <= 0:
+    raise ValueError(f"{what} must be positive, got {value}")
 
 
 def _as_nhwc(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    return images[..., None] if images.ndim == 3 else images
+  images = np.asarray(images)
+  return images[..., None] if images.ndim == 3 else images
 
 
 # --------------------------------------------------------------------------- #
@@ -159,116 +162,116 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 [0, 255] images -> float32 ``(x / 255 - mean) / std`` per channel."""
-    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
-    shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-    return images.astype(np.float32) * scale - shift
+  """uint8 [0, 255] images -> float32 ``(x / 255 - mean) / std`` per channel."""
+  scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+  shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+  return images.astype(np.float32) * scale - shift
 
 
 def cifar_augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4) -> np.ndarray:
-    """Zero-pad by ``pad``, random crop back to HxW and random horizontal flip (batched)."""
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    top = rng.integers(0, 2 * pad + 1, size=n)
-    left = rng.integers(0, 2 * pad + 1, size=n)
-    flip = rng.random(n) < 0.5
-    rows = top[:, None] + np.arange(h)
-    cols = left[:, None] + np.arange(w)
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  """Zero-pad by ``pad``, random crop back to HxW and random horizontal flip (batched)."""
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  top = rng.integers(0, 2 * pad + 1, size=n)
+  left = rng.integers(0, 2 * pad + 1, size=n)
+  flip = rng.random(n) < 0.5
+  rows = top[:, None] + np.arange(h)
+  cols = left[:, None] + np.arange(w)
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _pil(image: np.ndarray) -> Any:
-    from PIL import Image
+  from PIL import Image
 
-    return Image.fromarray(np.asarray(image, np.uint8))
+  return Image.fromarray(np.asarray(image, np.uint8))
 
 
 def random_resized_crop(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    size: int = 224,
-    scale: tuple[float, float] = _IMAGENET_TRAIN_RESIZE_SCALE,
-    ratio: tuple[float, float] = _IMAGENET_TRAIN_RATIO,
+  image: np.ndarray,
+  rng: np.random.Generator,
+  size: int = 224,
+  scale: tuple[float, float] = _IMAGENET_TRAIN_RESIZE_SCALE,
+  ratio: tuple[float, float] = _IMAGENET_TRAIN_RATIO,
 ) -> np.ndarray:
-    """Inception-style crop (random area fraction and aspect ratio) resized to size x size."""
-    from PIL import Image
+  """Inception-style crop (random area fraction and aspect ratio) resized to size x size."""
+  from PIL import Image
 
-    height, width = image.shape[:2]
-    box = _sample_crop_box(height, width, rng, scale, ratio)
-    resized = _pil(image).resize((size, size), Image.BILINEAR, box=box)
-    return np.asarray(resized).reshape(size, size, -1)
+  height, width = image.shape[:2]
+  box = _sample_crop_box(height, width, rng, scale, ratio)
+  resized = _pil(image).resize((size, size), Image.BILINEAR, box=box)
+  return np.asarray(resized).reshape(size, size, -1)
 
 
 def _sample_crop_box(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    attempts: int = 10,
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+  attempts: int = 10,
 ) -> tuple[int, int, int, int]:
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(attempts):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, left + w, top + h
-    # Fallback: central crop with the aspect ratio clamped into `ratio`.
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
-    return left, top, left + w, top + h
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(attempts):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, left + w, top + h
+  # Fallback: central crop with the aspect ratio clamped into `ratio`.
+  aspect = width / height
+  if aspect < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif aspect > ratio[1]:
+    w, h = int(round(height * ratio[1])), height
+  else:
+    w, h = width, height
+  top, left = (height - h) // 2, (width - w) // 2
+  return left, top, left + w, top + h
 
 
 def resize_center_crop(image: np.ndarray, resize: int = 256, size: int = 224) -> np.ndarray:
-    """Resize the shorter side to ``resize`` (keeping aspect), then center-crop size x size."""
-    from PIL import Image
+  """Resize the shorter side to ``resize`` (keeping aspect), then center-crop size x size."""
+  from PIL import Image
 
-    height, width = image.shape[:2]
-    factor = resize / min(height, width)
-    new_h = max(size, int(round(height * factor)))
-    new_w = max(size, int(round(width * factor)))
-    resized = np.asarray(_pil(image).resize((new_w, new_h), Image.BILINEAR))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top : top + size, left : left + size].reshape(size, size, -1)
+  height, width = image.shape[:2]
+  factor = resize / min(height, width)
+  new_h = max(size, int(round(height * factor)))
+  new_w = max(size, int(round(width * factor)))
+  resized = np.asarray(_pil(image).resize((new_w, new_h), Image.BILINEAR))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return resized[top : top + size, left : left + size].reshape(size, size, -1)
 
 
 def imagenet_train_transform(
-    record: Mapping[str, Any], rng: np.random.Generator
+  record: Mapping[str, Any], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """TFDS ImageNet record -> (random-resized-crop 224 + flip, normalised; int32 label)."""
-    image = random_resized_crop(_rgb(record["image"]), rng)
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-    return _finish_imagenet(image, record["label"])
+  """TFDS ImageNet record -> (random-resized-crop 224 + flip, normalised; int32 label)."""
+  image = random_resized_crop(_rgb(record["image"]), rng)
+  if rng.random() < 0.5:
+    image = image[:, ::-1]
+  return _finish_imagenet(image, record["label"])
 
 
 def imagenet_eval_transform(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """TFDS ImageNet record -> (resize 256 + center-crop 224, normalised; int32 label)."""
-    return _finish_imagenet(resize_center_crop(_rgb(record["image"])), record["label"])
+  """TFDS ImageNet record -> (resize 256 + center-crop 224, normalised; int32 label)."""
+  return _finish_imagenet(resize_center_crop(_rgb(record["image"])), record["label"])
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
 def _finish_imagenet(image: np.ndarray, label: Any) -> tuple[np.ndarray, np.ndarray]:
-    spec = _SPECS["imagenet2012"]
-    return normalize(image, spec.mean, spec.std), np.asarray(label, np.int32)
+  spec = _SPECS["imagenet2012"]
+  return normalize(image, spec.mean, spec.std), np.asarray(label, np.int32)
 
 
 # --------------------------------------------------------------------------- #
@@ -278,75 +281,75 @@ def _finish_imagenet(image: np.ndarray, label: Any) -> tuple[np.ndarray, np.ndar
 
 @dataclasses.dataclass
 class _ArrayBackend:
-    """Whole dataset in memory as uint8 NHWC arrays; numpy batching."""
+  """Whole dataset in memory as uint8 NHWC arrays; numpy batching."""
 
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  augment: bool
 
-    def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(self.train_labels))
-        for step in range(len(order) // batch_size):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            images = self.train_images[idx]
-            if self.augment:
-                images = cifar_augment(images, rng)
-            yield normalize(images, self.mean, self.std), self.train_labels[idx]
+  def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(self.train_labels))
+    for step in range(len(order) // batch_size):
+      idx = order[step * batch_size : (step + 1) * batch_size]
+      images = self.train_images[idx]
+      if self.augment:
+        images = cifar_augment(images, rng)
+      yield normalize(images, self.mean, self.std), self.train_labels[idx]
 
-    def test_batches(self, batch_size: int) -> Iterator[Batch]:
-        for start in range(0, len(self.test_labels), batch_size):
-            stop = start + batch_size
-            images = normalize(self.test_images[start:stop], self.mean, self.std)
-            yield images, self.test_labels[start:stop]
+  def test_batches(self, batch_size: int) -> Iterator[Batch]:
+    for start in range(0, len(self.test_labels), batch_size):
+      stop = start + batch_size
+      images = normalize(self.test_images[start:stop], self.mean, self.std)
+      yield images, self.test_labels[start:stop]
 
 
 @dataclasses.dataclass
 class _GrainBackend:
-    """Streams TFDS random-access sources through Grain with per-example transforms."""
+  """Streams TFDS random-access sources through Grain with per-example transforms."""
 
-    train_source: Sequence[Any]
-    test_source: Sequence[Any]
-    num_train: int
-    num_test: int
-    train_transform: Callable[[Any, np.random.Generator], Batch] = imagenet_train_transform
-    eval_transform: Callable[[Any], Batch] = imagenet_eval_transform
-    num_threads: int = dataclasses.field(default_factory=lambda: min(16, os.cpu_count() or 1))
+  train_source: Sequence[Any]
+  test_source: Sequence[Any]
+  num_train: int
+  num_test: int
+  train_transform: Callable[[Any, np.random.Generator], Batch] = imagenet_train_transform
+  eval_transform: Callable[[Any], Batch] = imagenet_eval_transform
+  num_threads: int = dataclasses.field(default_factory=lambda: min(16, os.cpu_count() or 1))
 
-    def _read_options(self, batch_size: int) -> Any:
-        import grain
+  def _read_options(self, batch_size: int) -> Any:
+    import grain
 
-        return grain.ReadOptions(
-            num_threads=self.num_threads, prefetch_buffer_size=max(2 * batch_size, 16)
-        )
+    return grain.ReadOptions(
+      num_threads=self.num_threads, prefetch_buffer_size=max(2 * batch_size, 16)
+    )
 
-    def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
-        import grain
+  def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
+    import grain
 
-        shuffle_seed, map_seed = np.random.default_rng([seed, epoch]).integers(0, 2**31 - 1, 2)
-        ds = (
-            grain.MapDataset.source(self.train_source)
-            .slice(slice(0, self.num_train))
-            .shuffle(seed=int(shuffle_seed))
-            .random_map(self.train_transform, seed=int(map_seed))
-        )
-        ds = ds.to_iter_dataset(self._read_options(batch_size))
-        return iter(ds.batch(batch_size, drop_remainder=True))
+    shuffle_seed, map_seed = np.random.default_rng([seed, epoch]).integers(0, 2**31 - 1, 2)
+    ds = (
+      grain.MapDataset.source(self.train_source)
+      .slice(slice(0, self.num_train))
+      .shuffle(seed=int(shuffle_seed))
+      .random_map(self.train_transform, seed=int(map_seed))
+    )
+    ds = ds.to_iter_dataset(self._read_options(batch_size))
+    return iter(ds.batch(batch_size, drop_remainder=True))
 
-    def test_batches(self, batch_size: int) -> Iterator[Batch]:
-        import grain
+  def test_batches(self, batch_size: int) -> Iterator[Batch]:
+    import grain
 
-        ds = (
-            grain.MapDataset.source(self.test_source)
-            .slice(slice(0, self.num_test))
-            .map(self.eval_transform)
-        )
-        ds = ds.to_iter_dataset(self._read_options(batch_size))
-        return iter(ds.batch(batch_size, drop_remainder=False))
+    ds = (
+      grain.MapDataset.source(self.test_source)
+      .slice(slice(0, self.num_test))
+      .map(self.eval_transform)
+    )
+    ds = ds.to_iter_dataset(self._read_options(batch_size))
+    return iter(ds.batch(batch_size, drop_remainder=False))
 
 
 # --------------------------------------------------------------------------- #
@@ -358,109 +361,118 @@ _SPLIT_PREFIXES = {"train": ("train",), "test": ("t10k", "test")}
 
 
 def read_idx(path: str, kind: str) -> np.ndarray:
-    """Read a uint8 IDX file (gzip or raw) of ``kind`` "images" or "labels"; validates it."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
-    if magic not in _IDX_MAGIC[kind]:
-        expected = " or ".join(f"0x{m:08x}" for m in _IDX_MAGIC[kind])
-        raise IdxFormatError(
-            f"{path}: bad IDX magic number 0x{max(magic, 0):08x}, expected {expected} "
-            f"(uint8 {kind}); is this really an IDX {kind} file?"
-        )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    if len(data) != header + math.prod(dims):
-        raise IdxFormatError(
-            f"{path}: size mismatch, the header declares shape {dims} "
-            f"({header + math.prod(dims)} bytes) but the file holds {len(data)} bytes "
-            "(truncated or corrupt download?)"
-        )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+  """Read a uint8 IDX file (gzip or raw) of ``kind`` "images" or "labels"; validates it."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if data[:2] == b"\x1f\x8b":
+    data = gzip.decompress(data)
+  magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+  if magic not in _IDX_MAGIC[kind]:
+    expected = " or ".join(f"0x{m:08x}" for m in _IDX_MAGIC[kind])
+    raise IdxFormatError(
+      f"{path}: bad IDX magic number 0x{max(magic, 0):08x}, expected {expected} "
+      f"(uint8 {kind}); is this really an IDX {kind} file?"
+    )
+  ndim = magic & 0xFF
+  header = 4 + 4 * ndim
+  dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+  if len(data) != header + math.prod(dims):
+    raise IdxFormatError(
+      f"{path}: size mismatch, the header declares shape {dims} "
+      f"({header + math.prod(dims)} bytes) but the file holds {len(data)} bytes "
+      "(truncated or corrupt download?)"
+    )
+  return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
 def _idx_candidates(prefix: str, kind: str) -> list[str]:
-    dims = ("1",) if kind == "labels" else ("3", "4")
-    names = []
-    for d in dims:
-        for sep in ("-", "."):
-            base = f"{prefix}-{kind}{sep}idx{d}-ubyte"
-            names += [base + ".gz", base]
-    return names
+  dims = ("1",) if kind == "labels" else ("3", "4")
+  names = []
+  for d in dims:
+    for sep in ("-", "."):
+      base = f"{prefix}-{kind}{sep}idx{d}-ubyte"
+      names += [base + ".gz", base]
+  return names
 
 
 def _find_idx_file(directory: str, split: str, kind: str) -> str | None:
-    for prefix in _SPLIT_PREFIXES[split]:
-        for name in _idx_candidates(prefix, kind):
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
-                return path
-    return None
+  for prefix in _SPLIT_PREFIXES[split]:
+    for name in _idx_candidates(prefix, kind):
+      path = os.path.join(directory, name)
+      if os.path.isfile(path):
+        return path
+  return None
 
 
 def find_idx_files(directory: str) -> dict[tuple[str, str], str] | None:
-    """The four IDX paths keyed by (split, kind); None if the directory holds none of them."""
-    if not os.path.isdir(directory):
-        return None
-    found = {
-        (split, kind): _find_idx_file(directory, split, kind)
-        for split in _SPLIT_PREFIXES
-        for kind in ("images", "labels")
-    }
-    missing = [key for key, path in found.items() if path is None]
-    if len(missing) == len(found):
-        return None
-    if missing:
-        names = ", ".join(_idx_candidates(_SPLIT_PREFIXES[s][0], k)[1] for s, k in missing)
-        raise DataNotFoundError(f"{directory} holds some IDX files but lacks: {names} (or .gz)")
-    return found  # type: ignore[return-value]
+  """The four IDX paths keyed by (split, kind); None if the directory holds none of them."""
+  if not os.path.isdir(directory):
+    return None
+  found = {
+    (split, kind): _find_idx_file(directory, split, kind)
+    for split in _SPLIT_PREFIXES
+    for kind in ("images", "labels")
+  }
+  missing = [key for key, path in found.items() if path is None]
+  if len(missing) == len(found):
+    return None
+  if missing:
+    names = ", ".join(_idx_candidates(_SPLIT_PREFIXES[s][0], k)[1] for s, k in missing)
+    raise DataNotFoundError(f"{directory} holds some IDX files but lacks: {names} (or .gz)")
+  return found  # type: ignore[return-value]
 
 
 def _load_idx_split(
-    images_path: str, labels_path: str, spec: _Spec, name: str, limit: int | None
+  images_path: str, labels_path: str, spec: _Spec, name: str, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    images = _as_nhwc(read_idx(images_path, "images"))
-    labels = read_idx(labels_path, "labels")
-    if len(images) != len(labels):
-        raise IdxFormatError(
-            f"{images_path} holds {len(images)} images but {labels_path} holds "
-            f"{len(labels)} labels"
-        )
-    if images.shape[1:] != spec.image_shape:
-        raise IdxFormatError(
-            f"{images_path}: images have shape {images.shape[1:]}, "
-            f"expected {spec.image_shape} for {name}"
-        )
-    if len(labels) and int(labels.max()) >= spec.num_classes:
-        raise IdxFormatError(
-            f"{labels_path}: label {int(labels.max())} out of range for {name} "
-            f"({spec.num_classes} classes)"
-        )
-    return images[:limit], labels[:limit].astype(np.int32)
+  images = _as_nhwc(read_idx(images_path, "images"))
+  labels = read_idx(labels_path, "labels")
+  if len(images) != len(labels):
+    raise IdxFormatError(
+      f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+    )
+  if images.shape[1:] != spec.image_shape:
+    raise IdxFormatError(
+      f"{images_path}: images have shape {images.shape[1:]}, expected {spec.image_shape} for {name}"
+    )
+  if len(labels) and int(labels.max()) >= spec.num_classes:
+    raise IdxFormatError(
+      f"{labels_path}: label {int(labels.max())} out of range for {name} "
+      f"({spec.num_classes} classes)"
+    )
+  return images[:limit], labels[:limit].astype(np.int32)
 
 
 def _dataset_from_idx(
-    name: str, spec: _Spec, directory: str, files: Mapping[tuple[str, str], str],
-    max_train: int | None, max_test: int | None,
+  name: str,
+  spec: _Spec,
+  directory: str,
+  files: Mapping[tuple[str, str], str],
+  max_train: int | None,
+  max_test: int | None,
 ) -> Dataset:
-    train = _load_idx_split(
-        files["train", "images"], files["train", "labels"], spec, name, max_train
-    )
-    test = _load_idx_split(files["test", "images"], files["test", "labels"], spec, name, max_test)
-    return _in_memory_dataset(name, spec, train, test, f"idx:{directory}")
+  train = _load_idx_split(files["train", "images"], files["train", "labels"], spec, name, max_train)
+  test = _load_idx_split(files["test", "images"], files["test", "labels"], spec, name, max_test)
+  return _in_memory_dataset(name, spec, train, test, f"idx:{directory}")
 
 
 def _in_memory_dataset(
-    name: str, spec: _Spec, train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray], source: str,
+  name: str,
+  spec: _Spec,
+  train: tuple[np.ndarray, np.ndarray],
+  test: tuple[np.ndarray, np.ndarray],
+  source: str,
 ) -> Dataset:
-    return Dataset.from_arrays(
-        name, train, test, num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
-        augment=spec.augment, source=source,
-    )
+  return Dataset.from_arrays(
+    name,
+    train,
+    test,
+    num_classes=spec.num_classes,
+    mean=spec.mean,
+    std=spec.std,
+    augment=spec.augment,
+    source=source,
+  )
 
 
 # --------------------------------------------------------------------------- #
@@ -469,127 +481,127 @@ def _in_memory_dataset(
 
 
 def _tfds_data_dir(data_dir: str | None) -> str:
-    if data_dir:
-        return data_dir
-    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+  if data_dir:
+    return data_dir
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
 def _open_tfds(
-    name: str, splits: list[str], data_dir: str | None, download: bool
+  name: str, splits: list[str], data_dir: str | None, download: bool
 ) -> list[Sequence[Any]]:
-    """Random-access TFDS sources for ``splits``; DataNotFoundError when unavailable.
+  """Random-access TFDS sources for ``splits``; DataNotFoundError when unavailable.
 
-    Prepared data is used as it is; downloading is attempted only when
-    ``download`` is set (no network access otherwise).
-    """
-    cause: BaseException
+  Prepared data is used as it is; downloading is attempted only when
+  ``download`` is set (no network access otherwise).
+  """
+  cause: BaseException
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as err:
+    cause = err
+  else:
     try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
+      return tfds.data_source(name, split=splits, data_dir=data_dir, download=False)
+    except Exception as err:  # noqa: BLE001 - TFDS raises many types; re-raised below
+      cause = err
+    if download and name != "imagenet2012":
+      try:
+        return tfds.data_source(name, split=splits, data_dir=data_dir, download=True)
+      except Exception as err:  # noqa: BLE001
         cause = err
-    else:
-        try:
-            return tfds.data_source(name, split=splits, data_dir=data_dir, download=False)
-        except Exception as err:  # noqa: BLE001 - TFDS raises many types; re-raised below
-            cause = err
-        if download and name != "imagenet2012":
-            try:
-                return tfds.data_source(name, split=splits, data_dir=data_dir, download=True)
-            except Exception as err:  # noqa: BLE001
-                cause = err
-    raise DataNotFoundError(_missing_message(name, data_dir, cause)) from cause
+  raise DataNotFoundError(_missing_message(name, data_dir, cause)) from cause
 
 
 def _missing_message(name: str, data_dir: str | None, cause: BaseException) -> str:
-    tfds_dir = _tfds_data_dir(data_dir)
-    if isinstance(cause, ImportError) or os.path.isdir(os.path.join(tfds_dir, name)):
-        reason = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0][:300]
-    else:
-        reason = f"no {os.path.join(tfds_dir, name)} directory"
-    manual = (
-        f" ImageNet cannot be downloaded automatically: first put ILSVRC2012_img_train.tar "
-        f"and ILSVRC2012_img_val.tar in {tfds_dir}/downloads/manual."
-        if name == "imagenet2012"
-        else ""
-    )
-    tried = [f"no IDX files in {data_dir}" if data_dir else "no data_dir given"]
-    if name == "fashion_mnist":
-        tried.append(f"no IDX files in {DEBIAN_FASHION_MNIST_DIR}")
-    tried.append(f"TFDS has not prepared it in {tfds_dir} ({reason})")
-    return (
-        f"Dataset {name!r} not found: {'; '.join(tried)}. "
-        "Get the data in one of three ways:\n"
-        "  1. pass --config.data_dir=DIR where DIR holds the MNIST-format IDX files "
-        "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-        "t10k-labels-idx1-ubyte (optionally .gz);\n"
-        "  2. fashion_mnist only: `sudo apt-get install dataset-fashion-mnist` "
-        f"(installs the IDX files in {DEBIAN_FASHION_MNIST_DIR});\n"
-        f"  3. TFDS: run `tfds build {name} --data_dir={tfds_dir}` (preparing needs "
-        "TensorFlow installed), or run once with internet access and --config.download=True "
-        f"(load_dataset(..., download=True)) so TFDS downloads and prepares it; the TFDS data_dir is {tfds_dir} (set it with "
-        f"--config.data_dir=DIR or the TFDS_DATA_DIR environment variable).{manual}"
-    )
+  tfds_dir = _tfds_data_dir(data_dir)
+  if isinstance(cause, ImportError) or os.path.isdir(os.path.join(tfds_dir, name)):
+    reason = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0][:300]
+  else:
+    reason = f"no {os.path.join(tfds_dir, name)} directory"
+  manual = (
+    f" ImageNet cannot be downloaded automatically: first put ILSVRC2012_img_train.tar "
+    f"and ILSVRC2012_img_val.tar in {tfds_dir}/downloads/manual."
+    if name == "imagenet2012"
+    else ""
+  )
+  tried = [f"no IDX files in {data_dir}" if data_dir else "no data_dir given"]
+  if name == "fashion_mnist":
+    tried.append(f"no IDX files in {DEBIAN_FASHION_MNIST_DIR}")
+  tried.append(f"TFDS has not prepared it in {tfds_dir} ({reason})")
+  return (
+    f"Dataset {name!r} not found: {'; '.join(tried)}. "
+    "Get the data in one of three ways:\n"
+    "  1. pass --config.data_dir=DIR where DIR holds the MNIST-format IDX files "
+    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte (optionally .gz);\n"
+    "  2. fashion_mnist only: `sudo apt-get install dataset-fashion-mnist` "
+    f"(installs the IDX files in {DEBIAN_FASHION_MNIST_DIR});\n"
+    f"  3. TFDS: run `tfds build {name} --data_dir={tfds_dir}` (preparing needs "
+    "TensorFlow installed), or run once with internet access and --config.download=True "
+    f"(load_dataset(..., download=True)) so TFDS downloads and prepares it; the TFDS data_dir is {tfds_dir} (set it with "
+    f"--config.data_dir=DIR or the TFDS_DATA_DIR environment variable).{manual}"
+  )
 
 
 def _read_records(source: Sequence[Any], stop: int) -> Iterator[list[Any]]:
-    """Yield records [0, stop) in chunks, batching reads through ``__getitems__`` when it works."""
-    getitems = getattr(source, "__getitems__", None)
-    for start in range(0, stop, _TFDS_CHUNK):
-        keys = list(range(start, min(stop, start + _TFDS_CHUNK)))
-        if getitems is not None:
-            try:
-                yield list(getitems(keys))
-                continue
-            except TypeError:  # e.g. the unbound mock under tfds.testing.mock_data
-                getitems = None
-        yield [source[k] for k in keys]
+  """Yield records [0, stop) in chunks, batching reads through ``__getitems__`` when it works."""
+  getitems = getattr(source, "__getitems__", None)
+  for start in range(0, stop, _TFDS_CHUNK):
+    keys = list(range(start, min(stop, start + _TFDS_CHUNK)))
+    if getitems is not None:
+      try:
+        yield list(getitems(keys))
+        continue
+      except TypeError:  # e.g. the unbound mock under tfds.testing.mock_data
+        getitems = None
+    yield [source[k] for k in keys]
 
 
 def _read_tfds_split(
-    source: Sequence[Any], spec: _Spec, limit: int | None
+  source: Sequence[Any], spec: _Spec, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read the first ``limit`` records of a TFDS source into uint8 / int32 arrays."""
-    n = len(source) if limit is None else min(limit, len(source))
-    images = np.empty((n, *spec.image_shape), np.uint8)
-    labels = np.empty((n,), np.int32)
-    i = 0
-    for records in _read_records(source, n):
-        for record in records:
-            images[i] = np.asarray(record["image"]).reshape(spec.image_shape)
-            labels[i] = record["label"]
-            i += 1
-    return images, labels
+  """Read the first ``limit`` records of a TFDS source into uint8 / int32 arrays."""
+  n = len(source) if limit is None else min(limit, len(source))
+  images = np.empty((n, *spec.image_shape), np.uint8)
+  labels = np.empty((n,), np.int32)
+  i = 0
+  for records in _read_records(source, n):
+    for record in records:
+      images[i] = np.asarray(record["image"]).reshape(spec.image_shape)
+      labels[i] = record["label"]
+      i += 1
+  return images, labels
 
 
 def _dataset_from_tfds(
-    name: str,
-    spec: _Spec,
-    data_dir: str | None,
-    max_train: int | None,
-    max_test: int | None,
-    download: bool,
+  name: str,
+  spec: _Spec,
+  data_dir: str | None,
+  max_train: int | None,
+  max_test: int | None,
+  download: bool,
 ) -> Dataset:
-    train_src, test_src = _open_tfds(name, ["train", spec.test_split], data_dir, download)
-    source = f"tfds:{name}" + (f" (data_dir={data_dir})" if data_dir else "")
-    if name != "imagenet2012":
-        train = _read_tfds_split(train_src, spec, max_train)
-        test = _read_tfds_split(test_src, spec, max_test)
-        return _in_memory_dataset(name, spec, train, test, source)
-    backend = _GrainBackend(
-        train_source=train_src,
-        test_source=test_src,
-        num_train=len(train_src) if max_train is None else min(max_train, len(train_src)),
-        num_test=len(test_src) if max_test is None else min(max_test, len(test_src)),
-    )
-    return Dataset(
-        name=name,
-        num_classes=spec.num_classes,
-        image_shape=spec.image_shape,
-        num_train=backend.num_train,
-        num_test=backend.num_test,
-        source=source,
-        _backend=backend,
-    )
+  train_src, test_src = _open_tfds(name, ["train", spec.test_split], data_dir, download)
+  source = f"tfds:{name}" + (f" (data_dir={data_dir})" if data_dir else "")
+  if name != "imagenet2012":
+    train = _read_tfds_split(train_src, spec, max_train)
+    test = _read_tfds_split(test_src, spec, max_test)
+    return _in_memory_dataset(name, spec, train, test, source)
+  backend = _GrainBackend(
+    train_source=train_src,
+    test_source=test_src,
+    num_train=len(train_src) if max_train is None else min(max_train, len(train_src)),
+    num_test=len(test_src) if max_test is None else min(max_test, len(test_src)),
+  )
+  return Dataset(
+    name=name,
+    num_classes=spec.num_classes,
+    image_shape=spec.image_shape,
+    num_train=backend.num_train,
+    num_test=backend.num_test,
+    source=source,
+    _backend=backend,
+  )
 
 
 # --------------------------------------------------------------------------- #
@@ -598,34 +610,34 @@ def _dataset_from_tfds(
 
 
 def load_dataset(
-    name: str,
-    *,
-    data_dir: str | None = None,
-    max_train_examples: int | None = None,
-    max_test_examples: int | None = None,
-    download: bool = False,
+  name: str,
+  *,
+  data_dir: str | None = None,
+  max_train_examples: int | None = None,
+  max_test_examples: int | None = None,
+  download: bool = False,
 ) -> Dataset:
-    """Load ``name`` from an IDX ``data_dir``, the Debian package or TFDS (in that order).
+  """Load ``name`` from an IDX ``data_dir``, the Debian package or TFDS (in that order).
 
-    With ``download=True`` TFDS may download and prepare a missing dataset.
-    """
-    if name not in _SPECS:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    for what, value in (("max_train_examples", max_train_examples),
-                        ("max_test_examples", max_test_examples)):
-        if value is not None:
-            _check_positive(what, value)
-    spec = _SPECS[name]
-    idx_dirs = [data_dir] if data_dir else []
-    if name == "fashion_mnist":
-        idx_dirs.append(DEBIAN_FASHION_MNIST_DIR)
-    if name != "imagenet2012":
-        for directory in idx_dirs:
-            files = find_idx_files(directory)
-            if files is not None:
-                return _dataset_from_idx(
-                    name, spec, directory, files, max_train_examples, max_test_examples
-                )
-    return _dataset_from_tfds(
-        name, spec, data_dir, max_train_examples, max_test_examples, download
-    )
+  With ``download=True`` TFDS may download and prepare a missing dataset.
+  """
+  if name not in _SPECS:
+    raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  for what, value in (
+    ("max_train_examples", max_train_examples),
+    ("max_test_examples", max_test_examples),
+  ):
+    if value is not None:
+      _check_positive(what, value)
+  spec = _SPECS[name]
+  idx_dirs = [data_dir] if data_dir else []
+  if name == "fashion_mnist":
+    idx_dirs.append(DEBIAN_FASHION_MNIST_DIR)
+  if name != "imagenet2012":
+    for directory in idx_dirs:
+      files = find_idx_files(directory)
+      if files is not None:
+        return _dataset_from_idx(
+          name, spec, directory, files, max_train_examples, max_test_examples
+        )
+  return _dataset_from_tfds(name, spec, data_dir, max_train_examples, max_test_examples, download)

@@ -5,10 +5,10 @@ One-shot and iterative magnitude pruning with masked fine-tuning (Han et al.
 (Zhang et al. 2018) and lottery tickets (Frankle & Carbin 2019).
 """
 
+from gsm_optax.baselines.admm import LENET5_ADMM_SETTING
+from gsm_optax.baselines.admm import AddADMMPenaltyState
 from gsm_optax.baselines.admm import ADMMSetting
 from gsm_optax.baselines.admm import ADMMState
-from gsm_optax.baselines.admm import AddADMMPenaltyState
-from gsm_optax.baselines.admm import LENET5_ADMM_SETTING
 from gsm_optax.baselines.admm import add_admm_penalty
 from gsm_optax.baselines.admm import admm_dual_update
 from gsm_optax.baselines.admm import admm_hard_prune
@@ -32,29 +32,29 @@ from gsm_optax.baselines.tickets import apply_ticket
 from gsm_optax.baselines.tickets import ticket_mask
 
 __all__ = [
-    "ADMMSetting",
-    "ADMMState",
-    "AddADMMPenaltyState",
-    "GradualMagnitudePruningState",
-    "KeepMaskedState",
-    "LENET5_ADMM_SETTING",
-    "add_admm_penalty",
-    "admm_dual_update",
-    "admm_hard_prune",
-    "admm_init",
-    "admm_penalty_grads",
-    "admm_penalty_loss",
-    "admm_project",
-    "admm_step",
-    "apply_ticket",
-    "gmp_sparsity_schedule",
-    "gradual_magnitude_pruning",
-    "iterative_compression_schedule",
-    "keep_masked",
-    "layer_keep_counts_from_density",
-    "layerwise_magnitude_mask",
-    "magnitude_prune",
-    "masked_update",
-    "ticket_mask",
-    "topk_mask",
+  "ADMMSetting",
+  "ADMMState",
+  "AddADMMPenaltyState",
+  "GradualMagnitudePruningState",
+  "KeepMaskedState",
+  "LENET5_ADMM_SETTING",
+  "add_admm_penalty",
+  "admm_dual_update",
+  "admm_hard_prune",
+  "admm_init",
+  "admm_penalty_grads",
+  "admm_penalty_loss",
+  "admm_project",
+  "admm_step",
+  "apply_ticket",
+  "gmp_sparsity_schedule",
+  "gradual_magnitude_pruning",
+  "iterative_compression_schedule",
+  "keep_masked",
+  "layer_keep_counts_from_density",
+  "layerwise_magnitude_mask",
+  "magnitude_prune",
+  "masked_update",
+  "ticket_mask",
+  "topk_mask",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections.abc
 import math
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,7 @@ def is_number(x: Any) -> bool:
   if isinstance(x, (int, float, np.integer, np.floating)):
     return True
   if isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0:
-    return (jnp.issubdtype(x.dtype, jnp.integer)
-            or jnp.issubdtype(x.dtype, jnp.floating))
+    return jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)
   return False
 
 
@@ -57,20 +57,20 @@ def check_mask(params: Any, mask: Any, name: str = "mask") -> Any:
   mask_def = jax.tree.structure(mask)
   if params_def != mask_def:
     raise ValueError(
-        f"{name} must have the tree structure of the params; params: "
-        f"{params_def}, {name}: {mask_def}.")
+      f"{name} must have the tree structure of the params; params: "
+      f"{params_def}, {name}: {mask_def}."
+    )
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   out = []
   for (path, leaf), flag in zip(flat, jax.tree.leaves(mask)):
     flag = flag if isinstance(flag, jax.core.Tracer) else jnp.asarray(flag)
     if flag.dtype != jnp.bool_:
-      raise TypeError(
-          f"{name} leaf at {path_name(path)} must be bool, got dtype "
-          f"{flag.dtype}.")
+      raise TypeError(f"{name} leaf at {path_name(path)} must be bool, got dtype {flag.dtype}.")
     if flag.shape not in ((), jnp.shape(leaf)):
       raise ValueError(
-          f"{name} leaf at {path_name(path)} has shape {flag.shape}; expected "
-          f"the param's shape {jnp.shape(leaf)} or () (the whole leaf).")
+        f"{name} leaf at {path_name(path)} has shape {flag.shape}; expected "
+        f"the param's shape {jnp.shape(leaf)} or () (the whole leaf)."
+      )
     out.append(flag)
   return jax.tree.unflatten(params_def, out)
 
@@ -103,8 +103,7 @@ def topk_leaf_masks(magnitudes: Sequence[jax.Array], k: Any) -> list[jax.Array]:
   return _topk_masks_jit(magnitudes, jnp.asarray(k, jnp.int32))
 
 
-def layerwise_topk_masks(magnitudes: Sequence[jax.Array],
-                         ks: Sequence[Any]) -> list[jax.Array]:
+def layerwise_topk_masks(magnitudes: Sequence[jax.Array], ks: Sequence[Any]) -> list[jax.Array]:
   """`topk_leaf_masks` of every array on its own, k_i for array i, in one
   compiled call."""
   magnitudes = list(magnitudes)
@@ -161,19 +160,19 @@ def pooled_leaves_with_paths(params: Any, pool: _pool.Pool):
   """[(path string, leaf, in_pool)] in tree order, and the params' treedef."""
   pool_mask = _pool.resolve_pool(params, pool)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  infos = [(path_name(path), leaf, bool(flag))
-           for (path, leaf), flag in zip(flat, jax.tree.leaves(pool_mask))]
+  infos = [
+    (path_name(path), leaf, bool(flag))
+    for (path, leaf), flag in zip(flat, jax.tree.leaves(pool_mask))
+  ]
   return infos, treedef
 
 
 def _check_density(value: Any, where: str, name: str) -> float:
   if not is_number(value):
-    raise TypeError(
-        f"{name} at {where} must be a number in [0, 1], got {value!r}.")
+    raise TypeError(f"{name} at {where} must be a number in [0, 1], got {value!r}.")
   density = float(value)
   if not math.isfinite(density) or not 0.0 <= density <= 1.0:
-    raise ValueError(
-        f"{name} at {where} must be a density in [0, 1], got {value!r}.")
+    raise ValueError(f"{name} at {where} must be a density in [0, 1], got {value!r}.")
   return density
 
 
@@ -183,8 +182,9 @@ def keep_counts_pytree(treedef, counts: Sequence[int | None]) -> Any:
   return jax.tree.unflatten(treedef, leaves)
 
 
-def per_leaf_densities(params: Any, densities: Any, pool: _pool.Pool,
-                       name: str = "densities") -> tuple[Any, list, list]:
+def per_leaf_densities(
+  params: Any, densities: Any, pool: _pool.Pool, name: str = "densities"
+) -> tuple[Any, list, list]:
   """Resolves a per-leaf target specification to keep counts.
 
   `densities` may be: one density for every pooled leaf; a SparsityReport
@@ -208,8 +208,9 @@ def per_leaf_densities(params: Any, densities: Any, pool: _pool.Pool,
       row = rows[path]
       if row.size != int(np.size(leaf)):
         raise ValueError(
-            f"{name} (a SparsityReport) has size {row.size} at {path}, but "
-            f"the param there has {int(np.size(leaf))} entries.")
+          f"{name} (a SparsityReport) has size {row.size} at {path}, but "
+          f"the param there has {int(np.size(leaf))} entries."
+        )
       counts.append(row.nonzeros)
     return treedef, infos, _spread(infos, counts)
   if is_number(densities):
@@ -220,28 +221,25 @@ def per_leaf_densities(params: Any, densities: Any, pool: _pool.Pool,
     except (ValueError, TypeError):
       by_leaf = None
     if by_leaf is not None:
-      values = [_check_density(v, path, name)
-                for (path, _, flag), v in zip(infos, by_leaf) if flag]
+      values = [_check_density(v, path, name) for (path, _, flag), v in zip(infos, by_leaf) if flag]
     elif isinstance(densities, collections.abc.Mapping):
       _check_paths(set(densities), [p for p, _ in pooled], name)
-      values = [_check_density(densities[path], path, name)
-                for path, _ in pooled]
-    elif (isinstance(densities, collections.abc.Sequence)
-          and not isinstance(densities, str)):
+      values = [_check_density(densities[path], path, name) for path, _ in pooled]
+    elif isinstance(densities, collections.abc.Sequence) and not isinstance(densities, str):
       if len(densities) != len(pooled):
         raise ValueError(
-            f"{name} as a sequence needs one density per pooled leaf in tree "
-            f"order ({len(pooled)}: {[p for p, _ in pooled]}), got "
-            f"{len(densities)}.")
-      values = [_check_density(v, path, name)
-                for (path, _), v in zip(pooled, densities)]
+          f"{name} as a sequence needs one density per pooled leaf in tree "
+          f"order ({len(pooled)}: {[p for p, _ in pooled]}), got "
+          f"{len(densities)}."
+        )
+      values = [_check_density(v, path, name) for (path, _), v in zip(pooled, densities)]
     else:
       raise TypeError(
-          f"{name} must be a density, a SparsityReport, a pytree with the "
-          "params' structure, a dict from leaf paths to densities or a "
-          f"sequence in pool order; got {type(densities).__name__}.")
-  counts = [floor_count(int(np.size(leaf)), d)
-            for (_, leaf), d in zip(pooled, values)]
+        f"{name} must be a density, a SparsityReport, a pytree with the "
+        "params' structure, a dict from leaf paths to densities or a "
+        f"sequence in pool order; got {type(densities).__name__}."
+      )
+  counts = [floor_count(int(np.size(leaf)), d) for (_, leaf), d in zip(pooled, values)]
   return treedef, infos, _spread(infos, counts)
 
 
@@ -255,12 +253,14 @@ def _check_paths(given: set, expected: list[str], name: str) -> None:
   extra = sorted(given - set(expected))
   if missing or extra:
     raise ValueError(
-        f"{name} must name exactly the pooled leaves {expected}; missing "
-        f"{missing}, not pooled or unknown {extra}.")
+      f"{name} must name exactly the pooled leaves {expected}; missing "
+      f"{missing}, not pooled or unknown {extra}."
+    )
 
 
-def resolve_keep_counts(params: Any, keep_counts: Any,
-                        name: str = "keep_counts") -> tuple[Any, list, list]:
+def resolve_keep_counts(
+  params: Any, keep_counts: Any, name: str = "keep_counts"
+) -> tuple[Any, list, list]:
   """Checks a keep-count pytree against params.
 
   Returns:
@@ -278,9 +278,10 @@ def resolve_keep_counts(params: Any, keep_counts: Any,
       counts_def = None
   if counts_def is None:
     raise ValueError(
-        f"{name} must have the params' tree structure (ints on pooled leaves, "
-        f"optax.MaskedNode elsewhere); params: {params_def}, {name}: "
-        f"{jax.tree.structure(keep_counts, is_leaf=is_masked_node)}.")
+      f"{name} must have the params' tree structure (ints on pooled leaves, "
+      f"optax.MaskedNode elsewhere); params: {params_def}, {name}: "
+      f"{jax.tree.structure(keep_counts, is_leaf=is_masked_node)}."
+    )
   flat = []
   paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for path, leaf, count in zip(paths, params_leaves, counts_leaves):
@@ -292,15 +293,14 @@ def resolve_keep_counts(params: Any, keep_counts: Any,
     if isinstance(count, (int, np.integer)):
       size = int(np.size(leaf))
       if not 0 <= int(count) <= size:
-        raise ValueError(
-            f"{name} at {path} must be in [0, {size}] (the leaf's size), got "
-            f"{count}.")
+        raise ValueError(f"{name} at {path} must be in [0, {size}] (the leaf's size), got {count}.")
       flat.append(int(count))
-    elif (isinstance(count, (jax.Array, np.ndarray)) and count.ndim == 0
-          and jnp.issubdtype(count.dtype, jnp.integer)):
+    elif (
+      isinstance(count, (jax.Array, np.ndarray))
+      and count.ndim == 0
+      and jnp.issubdtype(count.dtype, jnp.integer)
+    ):
       flat.append(count)  # traced or array count: clipped when used
     else:
-      raise TypeError(
-          f"{name} at {path} must be an int or optax.MaskedNode, got "
-          f"{count!r}.")
+      raise TypeError(f"{name} at {path} must be an int or optax.MaskedNode, got {count!r}.")
   return params_def, params_leaves, flat

@@ -27,7 +27,9 @@ structure with ``optax.MaskedNode()`` elsewhere, like the keep counts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Union
+from typing import Any
+from typing import NamedTuple
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 @dataclasses.dataclass(frozen=True)
 class ADMMSetting:
   """A published ADMM pruning setting (Zhang et al. 2018)."""
+
   optimizer: str
   learning_rate: float
   rho: float
@@ -60,14 +63,14 @@ class ADMMSetting:
 
 
 LENET5_ADMM_SETTING = ADMMSetting(
-    optimizer="adam",
-    learning_rate=1e-3,
-    rho=1e-4,
-    admm_iterations=30,
-    steps_per_iteration=5000,
-    layers=("conv1", "conv2", "fc1", "fc2"),
-    pruned_fractions=(0.80, 0.92, 0.991, 0.93),
-    compression=71.2,
+  optimizer="adam",
+  learning_rate=1e-3,
+  rho=1e-4,
+  admm_iterations=30,
+  steps_per_iteration=5000,
+  layers=("conv1", "conv2", "fc1", "fc2"),
+  pruned_fractions=(0.80, 0.92, 0.991, 0.93),
+  compression=71.2,
 )
 """The public LeNet-5 (Caffe variant, 430,500 weights) setting of the ADMM
 code: Adam 1e-3, constant rho = 1e-4, 30 ADMM iterations of 5,000 steps, then
@@ -83,6 +86,7 @@ class ADMMState(NamedTuple):
     z: Z, the projection of W + U onto the per-layer sparsity sets.
     u: U, the scaled dual variable.
   """
+
   z: Any
   u: Any
 
@@ -92,9 +96,10 @@ def _flatten_like(treedef, tree, name="state"):
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"{name} must have the params' tree structure (MaskedNode on leaves "
-        f"that are not pruned); got {jax.tree.structure(tree, is_leaf=_util.is_masked_node)} "
-        f"for params {treedef}.") from e
+      f"{name} must have the params' tree structure (MaskedNode on leaves "
+      f"that are not pruned); got {jax.tree.structure(tree, is_leaf=_util.is_masked_node)} "
+      f"for params {treedef}."
+    ) from e
 
 
 def _state_leaves(params, state: ADMMState):
@@ -110,10 +115,12 @@ def _state_leaves(params, state: ADMMState):
     if _util.is_masked_node(zi) != _util.is_masked_node(ui):
       raise ValueError("state.z and state.u must prune the same leaves.")
     if not _util.is_masked_node(zi) and (
-        jnp.shape(zi) != jnp.shape(wi) or jnp.shape(ui) != jnp.shape(wi)):
+      jnp.shape(zi) != jnp.shape(wi) or jnp.shape(ui) != jnp.shape(wi)
+    ):
       raise ValueError(
-          f"state.z / state.u leaves of shapes {jnp.shape(zi)} / "
-          f"{jnp.shape(ui)} do not match the param's shape {jnp.shape(wi)}.")
+        f"state.z / state.u leaves of shapes {jnp.shape(zi)} / "
+        f"{jnp.shape(ui)} do not match the param's shape {jnp.shape(wi)}."
+      )
   return treedef, w, z, u
 
 
@@ -136,7 +143,8 @@ def admm_project(params_plus_u: Any, keep_counts: Any) -> Any:
   x = [jnp.asarray(leaf) for leaf in _flatten_like(treedef, params_plus_u)]
   pruned = [i for i, count in enumerate(counts) if count is not None]
   masks = _util.layerwise_topk_masks(
-      [_util.magnitude(x[i]) for i in pruned], [counts[i] for i in pruned])
+    [_util.magnitude(x[i]) for i in pruned], [counts[i] for i in pruned]
+  )
   out: list[Any] = [optax.MaskedNode()] * len(x)
   for i, keep in zip(pruned, masks):
     out[i] = jnp.where(keep, x[i], jnp.zeros_like(x[i]))
@@ -179,16 +187,18 @@ def admm_init(params: Any, keep_counts: Any) -> ADMMState:
     An `ADMMState` (Z and U in the params' dtypes).
   """
   z = admm_project(params, keep_counts)
-  u = jax.tree.map(lambda x: x if _util.is_masked_node(x) else jnp.zeros_like(x),
-                   z, is_leaf=_util.is_masked_node)
+  u = jax.tree.map(
+    lambda x: x if _util.is_masked_node(x) else jnp.zeros_like(x), z, is_leaf=_util.is_masked_node
+  )
   return ADMMState(z=z, u=u)
 
 
 def admm_step(params: Any, state: ADMMState, keep_counts: Any) -> ADMMState:
   """Z- and U-steps after a W-step: Z = Pi(W + U), then U <- U + W - Z."""
   treedef, w, _, u = _state_leaves(params, state)
-  w_plus_u = jax.tree.unflatten(treedef, [
-      wi if _util.is_masked_node(ui) else wi + ui for wi, ui in zip(w, u)])
+  w_plus_u = jax.tree.unflatten(
+    treedef, [wi if _util.is_masked_node(ui) else wi + ui for wi, ui in zip(w, u)]
+  )
   z = admm_project(w_plus_u, keep_counts)
   return ADMMState(z=z, u=admm_dual_update(state.u, params, z))
 
@@ -202,8 +212,7 @@ def admm_penalty_loss(params: Any, state: ADMMState, rho: Any) -> jax.Array:
   total = jnp.zeros([], jnp.float32)
   for wi, zi, ui in zip(w, z, u):
     if not _util.is_masked_node(zi):
-      r = (jnp.asarray(wi, jnp.float32) - jnp.asarray(zi, jnp.float32)
-           + jnp.asarray(ui, jnp.float32))
+      r = jnp.asarray(wi, jnp.float32) - jnp.asarray(zi, jnp.float32) + jnp.asarray(ui, jnp.float32)
       total = total + jnp.sum(r * r)
   return 0.5 * jnp.asarray(rho, jnp.float32) * total
 
@@ -227,14 +236,14 @@ def admm_penalty_grads(params: Any, state: ADMMState, rho: Any) -> Any:
     if _util.is_masked_node(zi):
       out.append(jnp.zeros_like(wi))
     else:
-      r = (wi.astype(jnp.float32) - jnp.asarray(zi, jnp.float32)
-           + jnp.asarray(ui, jnp.float32))
+      r = wi.astype(jnp.float32) - jnp.asarray(zi, jnp.float32) + jnp.asarray(ui, jnp.float32)
       out.append((rho * r).astype(wi.dtype))
   return jax.tree.unflatten(treedef, out)
 
 
 class AddADMMPenaltyState(NamedTuple):
   """State of `add_admm_penalty`: the step, for a rho schedule."""
+
   count: jax.Array
 
 
@@ -265,12 +274,12 @@ def add_admm_penalty(rho: ScalarOrSchedule) -> optax.GradientTransformationExtra
   def update_fn(updates, state, params=None, *, admm_state=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError("add_admm_penalty needs params: update(g, state, params, "
-                       "admm_state=...).")
+      raise ValueError("add_admm_penalty needs params: update(g, state, params, admm_state=...).")
     if admm_state is None:
       raise ValueError(
-          "add_admm_penalty needs the keyword argument admm_state (an "
-          "ADMMState from admm_init / admm_step).")
+        "add_admm_penalty needs the keyword argument admm_state (an "
+        "ADMMState from admm_init / admm_step)."
+      )
     value = rho(state.count) if callable(rho) else rho
     penalty = admm_penalty_grads(params, admm_state, value)
     updates = jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, penalty)

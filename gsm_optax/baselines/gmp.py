@@ -11,11 +11,13 @@ greatest |w|. Pruned weights are set to zero and stay zero.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import optax
 
 from gsm_optax import _pool
@@ -31,6 +33,7 @@ class GradualMagnitudePruningState(NamedTuple):
       mask update (all True before t0 and outside the pool).
     sparsity: target sparsity s_t of that mask (0 before t0).
   """
+
   count: jax.Array
   mask: Any
   sparsity: jax.Array
@@ -46,6 +49,7 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 
 class _Cubic(NamedTuple):
   """Validated hyperparameters of the cubic schedule."""
+
   compression: float
   initial_sparsity: float
   begin_step: int
@@ -64,8 +68,7 @@ class _Cubic(NamedTuple):
   def update_index(self, step: jax.Array) -> jax.Array:
     """k in [0, n] with t0 + k * dt the last mask update at or before step."""
     step = jnp.asarray(step, jnp.int32)
-    return jnp.clip((step - self.begin_step) // self.update_every, 0,
-                    self.num_updates)
+    return jnp.clip((step - self.begin_step) // self.update_every, 0, self.num_updates)
 
   def remaining_cubed(self, k: jax.Array) -> jax.Array:
     """(1 - k / n)^3 in float32 (0 when n = 0)."""
@@ -93,48 +96,49 @@ class _Cubic(NamedTuple):
       return jnp.asarray(final, jnp.int32)
     start = size / self.compression
     span = size * (1.0 - self.initial_sparsity) - start
-    approx = jnp.floor(jnp.float32(start) + jnp.float32(span) *
-                       self.remaining_cubed(k)).astype(jnp.int32)
+    approx = jnp.floor(jnp.float32(start) + jnp.float32(span) * self.remaining_cubed(k)).astype(
+      jnp.int32
+    )
     approx = jnp.clip(approx, final, initial)
-    return jnp.where(k >= self.num_updates, final,
-                     jnp.where(k <= 0, initial, approx)).astype(jnp.int32)
+    return jnp.where(k >= self.num_updates, final, jnp.where(k <= 0, initial, approx)).astype(
+      jnp.int32
+    )
 
 
-def _cubic(final_compression, initial_sparsity, begin_step, end_step,
-           update_every) -> _Cubic:
+def _cubic(final_compression, initial_sparsity, begin_step, end_step, update_every) -> _Cubic:
   compression = _pool.validate_compression(final_compression, "final_compression")
   if not _util.is_number(initial_sparsity):
-    raise TypeError(
-        f"initial_sparsity must be a number in [0, 1), got {initial_sparsity!r}.")
+    raise TypeError(f"initial_sparsity must be a number in [0, 1), got {initial_sparsity!r}.")
   s_i = float(initial_sparsity)
   if not 0.0 <= s_i < 1.0:
     raise ValueError(f"initial_sparsity must be in [0, 1), got {initial_sparsity!r}.")
   if s_i > 1.0 - 1.0 / compression:
     raise ValueError(
-        f"initial_sparsity {s_i} exceeds the final sparsity 1 - 1/C = "
-        f"{1.0 - 1.0 / compression} of final_compression {compression}.")
+      f"initial_sparsity {s_i} exceeds the final sparsity 1 - 1/C = "
+      f"{1.0 - 1.0 / compression} of final_compression {compression}."
+    )
   _check_int(begin_step, "begin_step", 0)
   _check_int(end_step, "end_step", 0)
   _check_int(update_every, "update_every", 1)
   if begin_step > end_step:
-    raise ValueError(
-        f"begin_step ({begin_step}) must be <= end_step ({end_step}).")
+    raise ValueError(f"begin_step ({begin_step}) must be <= end_step ({end_step}).")
   if (end_step - begin_step) % update_every:
     raise ValueError(
-        f"end_step - begin_step ({end_step - begin_step}) must be a multiple "
-        f"of update_every ({update_every}): the last mask update, which "
-        "reaches the final sparsity, is at end_step = begin_step + n * "
-        "update_every.")
+      f"end_step - begin_step ({end_step - begin_step}) must be a multiple "
+      f"of update_every ({update_every}): the last mask update, which "
+      "reaches the final sparsity, is at end_step = begin_step + n * "
+      "update_every."
+    )
   return _Cubic(compression, s_i, begin_step, end_step, update_every)
 
 
 def gmp_sparsity_schedule(
-    final_compression: float,
-    *,
-    begin_step: int,
-    end_step: int,
-    update_every: int,
-    initial_sparsity: float = 0.0,
+  final_compression: float,
+  *,
+  begin_step: int,
+  end_step: int,
+  update_every: int,
+  initial_sparsity: float = 0.0,
 ) -> Callable[[jax.Array], jax.Array]:
   """Target sparsity of the gradual-pruning mask in force after step t.
 
@@ -153,20 +157,19 @@ def gmp_sparsity_schedule(
   Returns:
     An optax schedule ``step -> float32 sparsity``.
   """
-  cubic = _cubic(final_compression, initial_sparsity, begin_step, end_step,
-                 update_every)
+  cubic = _cubic(final_compression, initial_sparsity, begin_step, end_step, update_every)
   return cubic.sparsity
 
 
 def gradual_magnitude_pruning(
-    final_compression: float,
-    *,
-    begin_step: int,
-    end_step: int,
-    update_every: int,
-    initial_sparsity: float = 0.0,
-    pool: _pool.Pool = None,
-    layerwise: bool = False,
+  final_compression: float,
+  *,
+  begin_step: int,
+  end_step: int,
+  update_every: int,
+  initial_sparsity: float = 0.0,
+  pool: _pool.Pool = None,
+  layerwise: bool = False,
 ) -> optax.GradientTransformation:
   """Gradual magnitude pruning (Zhu & Gupta 2017) after any optimizer.
 
@@ -199,8 +202,7 @@ def gradual_magnitude_pruning(
   Returns:
     An `optax.GradientTransformation`; `update` requires `params`.
   """
-  cubic = _cubic(final_compression, initial_sparsity, begin_step, end_step,
-                 update_every)
+  cubic = _cubic(final_compression, initial_sparsity, begin_step, end_step, update_every)
 
   def pooled_sizes(params):
     mask = _pool.resolve_pool(params, pool)
@@ -217,25 +219,29 @@ def gradual_magnitude_pruning(
         size = int(jnp.size(leaf))
         if in_pool and cubic.final_keep(size) < 1:
           raise ValueError(
-              f"final_compression {cubic.compression} keeps int({size} / "
-              f"{cubic.compression}) = 0 weights of the leaf {path} "
-              "(layerwise); use a smaller compression or a global mask.")
+            f"final_compression {cubic.compression} keeps int({size} / "
+            f"{cubic.compression}) = 0 weights of the leaf {path} "
+            "(layerwise); use a smaller compression or a global mask."
+          )
     else:
       _pool.keep_count_for_size(sum(sizes), cubic.compression)
     return GradualMagnitudePruningState(
-        count=jnp.zeros([], jnp.int32),
-        mask=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params),
-        sparsity=jnp.zeros([], jnp.float32))
+      count=jnp.zeros([], jnp.int32),
+      mask=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params),
+      sparsity=jnp.zeros([], jnp.float32),
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          "gradual_magnitude_pruning needs params to prune by |w| and to zero "
-          "the pruned weights: call update(updates, state, params).")
+        "gradual_magnitude_pruning needs params to prune by |w| and to zero "
+        "the pruned weights: call update(updates, state, params)."
+      )
     if jax.tree.structure(updates) != jax.tree.structure(params):
       raise ValueError(
-          "updates and params have different tree structures: "
-          f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}.")
+        "updates and params have different tree structures: "
+        f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}."
+      )
     flags, sizes = pooled_sizes(params)
     flat_updates, treedef = jax.tree.flatten(updates)
     flat_params = jax.tree.leaves(params)
@@ -244,19 +250,20 @@ def gradual_magnitude_pruning(
 
     step = state.count
     k = cubic.update_index(step)
-    is_update = ((step >= cubic.begin_step) & (step <= cubic.end_step)
-                 & ((step - cubic.begin_step) % cubic.update_every == 0))
+    is_update = (
+      (step >= cubic.begin_step)
+      & (step <= cubic.end_step)
+      & ((step - cubic.begin_step) % cubic.update_every == 0)
+    )
 
     def new_masks():
       magnitudes = [_util.magnitude(flat_params[i]) for i in pooled]
       if layerwise:
-        return _util.layerwise_topk_masks(
-            magnitudes, [cubic.keep(size, k) for size in sizes])
+        return _util.layerwise_topk_masks(magnitudes, [cubic.keep(size, k) for size in sizes])
       return _util.topk_leaf_masks(magnitudes, cubic.keep(sum(sizes), k))
 
     def old_masks():
-      return [jnp.broadcast_to(flat_mask[i], jnp.shape(flat_params[i]))
-              for i in pooled]
+      return [jnp.broadcast_to(flat_mask[i], jnp.shape(flat_params[i])) for i in pooled]
 
     if isinstance(is_update, jax.core.Tracer):
       masks = lax.cond(is_update, new_masks, old_masks)
@@ -267,9 +274,10 @@ def gradual_magnitude_pruning(
       flat_updates[i] = jnp.where(m, u, (-jnp.asarray(p)).astype(u.dtype))
       flat_mask[i] = m
     new_state = GradualMagnitudePruningState(
-        count=optax.safe_increment(state.count),
-        mask=jax.tree.unflatten(treedef, flat_mask),
-        sparsity=cubic.sparsity(step))
+      count=optax.safe_increment(state.count),
+      mask=jax.tree.unflatten(treedef, flat_mask),
+      sparsity=cubic.sparsity(step),
+    )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

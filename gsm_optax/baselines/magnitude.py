@@ -9,7 +9,10 @@ prune / fine-tune for R rounds along `iterative_compression_schedule`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +25,7 @@ from gsm_optax.baselines import _util
 Mask = Union[Any, Callable[[Any], Any]]
 
 
-def layer_keep_counts_from_density(params: Any, densities: Any, *,
-                                   pool: _pool.Pool = None) -> Any:
+def layer_keep_counts_from_density(params: Any, densities: Any, *, pool: _pool.Pool = None) -> Any:
   """Per-layer targets l_i = floor(size_i * d_i) from per-layer densities.
 
   Typical use: give ADMM or layer-wise pruning the per-layer densities GSM
@@ -73,14 +75,16 @@ def topk_mask(params: Any, keep_counts: Any) -> Any:
   pruned = [i for i, count in enumerate(counts) if count is not None]
   masks = [jnp.ones(jnp.shape(leaf), bool) for leaf in leaves]
   selected = _util.layerwise_topk_masks(
-      [_util.magnitude(leaves[i]) for i in pruned], [counts[i] for i in pruned])
+    [_util.magnitude(leaves[i]) for i in pruned], [counts[i] for i in pruned]
+  )
   for i, mask in zip(pruned, selected):
     masks[i] = mask
   return jax.tree.unflatten(treedef, masks)
 
 
-def layerwise_magnitude_mask(params: Any, densities_or_compression: Any, *,
-                             pool: _pool.Pool = None) -> Any:
+def layerwise_magnitude_mask(
+  params: Any, densities_or_compression: Any, *, pool: _pool.Pool = None
+) -> Any:
   """Layer-wise magnitude pruning mask: the l_i weights of greatest |w| per leaf.
 
   With a compression C >= 1, l_i = int(size_i / C) for every pooled leaf (each
@@ -102,8 +106,7 @@ def layerwise_magnitude_mask(params: Any, densities_or_compression: Any, *,
     ValueError: C < 1, or C keeps no weight of some leaf (size_i < C).
   """
   if _util.is_number(densities_or_compression):
-    compression = _pool.validate_compression(
-        densities_or_compression, "densities_or_compression")
+    compression = _pool.validate_compression(densities_or_compression, "densities_or_compression")
     infos, treedef = _util.pooled_leaves_with_paths(params, pool)
     counts = []
     for path, leaf, flag in infos:
@@ -114,20 +117,23 @@ def layerwise_magnitude_mask(params: Any, densities_or_compression: Any, *,
       keep = int(size / compression)
       if keep < 1:
         raise ValueError(
-            f"densities_or_compression {compression} keeps int({size} / "
-            f"{compression}) = 0 weights of the leaf {path}; use a compression "
-            f"<= {size} or per-leaf densities.")
+          f"densities_or_compression {compression} keeps int({size} / "
+          f"{compression}) = 0 weights of the leaf {path}; use a compression "
+          f"<= {size} or per-leaf densities."
+        )
       counts.append(keep)
     keep_counts = _util.keep_counts_pytree(treedef, counts)
   else:
     treedef, _, counts = _util.per_leaf_densities(
-        params, densities_or_compression, pool, name="densities_or_compression")
+      params, densities_or_compression, pool, name="densities_or_compression"
+    )
     keep_counts = _util.keep_counts_pytree(treedef, counts)
   return topk_mask(params, keep_counts)
 
 
-def magnitude_prune(params: Any, target: Any, *, layerwise: bool = False,
-                    pool: _pool.Pool = None) -> tuple[Any, Any]:
+def magnitude_prune(
+  params: Any, target: Any, *, layerwise: bool = False, pool: _pool.Pool = None
+) -> tuple[Any, Any]:
   """One-shot magnitude pruning: returns (pruned params, mask) for fine-tuning.
 
   Global (default): ``gsm_optax.global_magnitude_mask(params, C)``, the Q =
@@ -150,15 +156,15 @@ def magnitude_prune(params: Any, target: Any, *, layerwise: bool = False,
   else:
     if not _util.is_number(target):
       raise TypeError(
-          "target of a global magnitude_prune must be a compression C >= 1, "
-          f"got {type(target).__name__}; per-leaf densities need "
-          "layerwise=True.")
+        "target of a global magnitude_prune must be a compression C >= 1, "
+        f"got {type(target).__name__}; per-leaf densities need "
+        "layerwise=True."
+      )
     mask = pruning.global_magnitude_mask(params, target, pool=pool)
   return pruning.apply_mask(params, mask), mask
 
 
-def iterative_compression_schedule(final_compression: float,
-                                   rounds: int) -> tuple[float, ...]:
+def iterative_compression_schedule(final_compression: float, rounds: int) -> tuple[float, ...]:
   """Compressions of R prune / fine-tune rounds reaching C geometrically.
 
   C_r = C^(r / R), r = 1..R (C_R = C exactly): every round keeps the same
@@ -184,6 +190,7 @@ def iterative_compression_schedule(final_compression: float,
 class KeepMaskedState(NamedTuple):
   """State of `keep_masked`: the mask itself (bool arrays), so checkpoints
   restore it with the rest of the optimizer state."""
+
   mask: Any
 
 
@@ -212,8 +219,7 @@ def keep_masked(mask: Mask) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     checked = _util.check_mask(updates, state.mask)
-    return jax.tree.map(
-        lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, checked), state
+    return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, checked), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

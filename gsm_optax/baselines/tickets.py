@@ -16,8 +16,7 @@ from gsm_optax import pruning
 from gsm_optax.baselines import _util
 
 
-def ticket_mask(trained_params: Any, compression: float, *,
-                pool: _pool.Pool = None) -> Any:
+def ticket_mask(trained_params: Any, compression: float, *, pool: _pool.Pool = None) -> Any:
   """The ticket: the Q = int(|pool| / C) pooled weights of greatest trained |w|.
 
   mask = |w| >= t, t the Q-th greatest |w| over the whole pool; exactly
