@@ -22,16 +22,22 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# Repository code (models/) is not installed with gsm_optax: run from the checkout.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
-import gsm_optax
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import gsm_optax  # noqa: E402
 
 LEARNING_RATE, MOMENTUM = 1e-2, 0.99
 

@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any
 
+# Repository code (models/, training/, configs/) is not installed with gsm_optax:
+# run from the checkout.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
