@@ -5,12 +5,21 @@ GSM_NOTEBOOK_SMOKE=1 (its parameters cell reads it: a data subset and one or
 two epochs), and its outputs are checked, not written back: the committed
 notebooks keep the outputs of their full run. One notebook, by hand:
 ``GSM_NOTEBOOK_SMOKE=1 pytest --nbmake notebooks/quickstart.ipynb``.
+
+The setup cell (first code cell) is also run without a kernel, its `!` shell
+commands recorded: locally it needs nothing and puts the repository root on
+sys.path; in Colab it clones the repository at REPO_URL, installs
+gsm_optax[train] from the clone and imports models/training from it, and with
+REPO_URL unset it stops with one line saying what to set.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import sys
+import types
 
 import pytest
 
@@ -86,3 +95,88 @@ def test_notebooks_have_a_parameters_cell_and_committed_outputs():
     assert f"num_train={SMOKE_TRAIN_EXAMPLES}" not in _stream_text(notebook), (
       f"{name}: the committed outputs are from a smoke run"
     )
+
+
+# --------------------------------------------------------------------------- #
+# The setup cell (first code cell), run without a kernel
+# --------------------------------------------------------------------------- #
+
+
+def _setup_cell(name: str) -> str:
+  notebook = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
+  return next(cell for cell in notebook.cells if cell.cell_type == "code").source
+
+
+def _run_setup_cell(source: str, monkeypatch, *, colab: bool, url: str | None):
+  """Executes the cell as IPython would, recording its shell commands (`!...`).
+
+  Returns (shell commands with {variables} expanded, namespace, exception or None).
+  """
+  inputtransformer2 = pytest.importorskip("IPython.core.inputtransformer2")
+  python = inputtransformer2.TransformerManager().transform_cell(source)
+  namespace, commands = {}, []
+
+  class Shell:
+    def system(self, command):
+      commands.append(command.format(**namespace))
+
+  namespace["get_ipython"] = Shell
+  # sys.path as in a fresh kernel: without the repository root that pytest adds.
+  root = str(NOTEBOOKS_DIR.parent)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p) != root])
+  monkeypatch.chdir(NOTEBOOKS_DIR)
+  if colab:
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+  else:
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+  if url is None:
+    monkeypatch.delenv("GSM_OPTAX_REPO", raising=False)
+  else:
+    monkeypatch.setenv("GSM_OPTAX_REPO", url)
+  try:
+    exec(compile(python, "setup cell", "exec"), namespace)  # pylint: disable=exec-used
+  except Exception as err:  # pylint: disable=broad-except
+    return commands, namespace, err
+  return commands, namespace, None
+
+
+def test_setup_cells_are_the_same_in_every_notebook():
+  sources = {name: _setup_cell(name) for name in NOTEBOOKS}
+  assert len(set(sources.values())) == 1, "keep the notebooks' setup cells identical"
+  source = sources[NOTEBOOKS[0]]
+  # The repository's address lives in one variable, also read from GSM_OPTAX_REPO.
+  assert source.count('REPO_URL = os.environ.get("GSM_OPTAX_REPO", "")') == 1
+  assert len(re.findall(r"^\s*REPO_URL\s*=", source, flags=re.M)) == 1
+  assert "git+" not in source and "github.com" not in source
+
+
+def test_setup_cell_locally_needs_nothing(monkeypatch):
+  commands, namespace, error = _run_setup_cell(
+    _setup_cell("quickstart"), monkeypatch, colab=False, url=None
+  )
+  assert error is None and commands == []
+  root = str(NOTEBOOKS_DIR.parent)
+  assert namespace["REPO_DIR"] == root and sys.path[0] == root
+
+
+def test_setup_cell_in_colab_without_repo_url_says_what_to_set(monkeypatch):
+  commands, _, error = _run_setup_cell(_setup_cell("quickstart"), monkeypatch, colab=True, url=None)
+  assert error is not None and commands == [], "stop before any clone or install"
+  # IPython renders the error with _render_traceback_: one line, no traceback.
+  (line,) = error._render_traceback_()
+  assert "\n" not in line and "REPO_URL" in line and "GSM_OPTAX_REPO" in line
+
+
+def test_setup_cell_in_colab_clones_installs_and_imports_from_the_clone(monkeypatch):
+  url = "https://example.org/someone/gsm_optax.git"
+  commands, namespace, error = _run_setup_cell(
+    _setup_cell("quickstart"), monkeypatch, colab=True, url=url
+  )
+  assert error is None
+  clone_dir = namespace["REPO_DIR"]
+  assert namespace["REPO_URL"] == url and clone_dir != str(NOTEBOOKS_DIR.parent)
+  clone, install = commands
+  assert clone.startswith("git clone") and clone.split()[-2:] == [url, clone_dir]
+  # gsm_optax with its training extras, from the clone (same commit as models/, training/).
+  assert install.startswith("pip install") and f'"{clone_dir}[train]"' in install
+  assert sys.path[0] == clone_dir  # `import models`, `import training` from the clone
