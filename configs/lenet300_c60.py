@@ -35,5 +35,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsm.weight_decay = 5e-4
   config.gsm.boundaries = (160, 200, 240)
   config.gsm.decay_factor = 0.1
-  config.gsm.compression = 60.0
+  config.compression = 60.0
   return config

@@ -13,5 +13,5 @@ from configs import lenet300_c60
 def get_config() -> ml_collections.ConfigDict:
   config = lenet300_c60.get_config()
   config.model = "lenet5"
-  config.gsm.compression = 300.0
+  config.compression = 300.0
   return config

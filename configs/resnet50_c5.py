@@ -1,6 +1,6 @@
 """ResNet-50 on ImageNet (ILSVRC 2012), C = 5: the paper's ImageNet row.
 
-PAPER.md gives no ResNet-50 hyperparameters, so these are standard ImageNet ones,
+docs/METHOD.md (from the paper) gives no ResNet-50 hyperparameters, so these are standard ImageNet ones,
 our choice rather than the reference code's. Dense: the usual 90-epoch recipe (SGD
 momentum 0.9, lr 0.1 at batch 256, x0.1 at 30/60/80, wd 1e-4, 5 warm-up epochs);
 to start from a pretrained model instead pass ``--config.dense_checkpoint=DIR``.
@@ -39,5 +39,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsm.weight_decay = 1e-4
   config.gsm.boundaries = (30,)
   config.gsm.decay_factor = 0.1
-  config.gsm.compression = 5.0
+  config.compression = 5.0
   return config

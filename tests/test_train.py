@@ -22,7 +22,9 @@ if ROOT not in sys.path:
 
 from configs import default as default_config  # noqa: E402
 from training import checkpoints  # noqa: E402
+from training import config as config_lib  # noqa: E402
 from training import data  # noqa: E402
+from training import stages  # noqa: E402
 from training import train_lib  # noqa: E402
 
 NUM_TRAIN, NUM_TEST, BATCH = 512, 200, 64
@@ -80,7 +82,7 @@ def tiny_config(data_dir):
   config.gsm.epochs = GSM_EPOCHS
   config.gsm.learning_rate = 0.05
   config.gsm.boundaries = (2,)
-  config.gsm.compression = COMPRESSION
+  config.compression = COMPRESSION
   return config
 
 
@@ -134,7 +136,7 @@ def test_end_to_end_run_writes_all_outputs(finished_run):
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f) == json.loads(json.dumps(summary))
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["gsm"]["compression"] == COMPRESSION
+    assert json.load(f)["compression"] == COMPRESSION
 
 
 def test_metrics_have_one_row_per_epoch_with_gsm_stats(finished_run):
@@ -159,13 +161,13 @@ def test_summary_matches_the_saved_pruned_model(finished_run):
   assert summary["dense_source"] == "trained"
   assert summary["dense_accuracy"] > 0.5  # the synthetic classes are easy
   assert summary["dense_accuracy"] == _rows(workdir)[DENSE_EPOCHS - 1]["test_accuracy"]
-  assert summary["accuracy_before_cut"] == _rows(workdir)[-1]["test_accuracy"]
+  assert summary["accuracy_before_prune"] == _rows(workdir)[-1]["test_accuracy"]
   assert summary["pool_size"] == POOL_SIZE and summary["keep"] == KEEP
 
   pruned = checkpoints.load_model(os.path.join(workdir, "final_model"))["params"]
   kernels = _pool_arrays(pruned)
   nonzeros = sum(int(np.count_nonzero(k)) for k in kernels)
-  assert summary["nonzeros_after_cut"] == nonzeros <= KEEP
+  assert summary["nonzeros"] == nonzeros <= KEEP
   assert summary["compression_reached"] == pytest.approx(POOL_SIZE / nonzeros)
   layers = {layer["path"]: layer for layer in summary["layers"]}
   for name, kernel in zip(("fc1", "fc2", "fc3"), kernels):
@@ -177,8 +179,12 @@ def test_summary_matches_the_saved_pruned_model(finished_run):
   state, _ = _final_state(workdir)
   before = np.concatenate([k.ravel() for k in _pool_arrays(state["params"])])
   magnitudes = np.sort(np.abs(before))[::-1]
-  assert summary["largest_passive_abs_weight_before_cut"] == pytest.approx(magnitudes[KEEP])
-  assert summary["smallest_kept_abs_weight_before_cut"] == pytest.approx(magnitudes[KEEP - 1])
+  assert summary["method_results"]["largest_passive_abs_weight_before_cut"] == pytest.approx(
+    magnitudes[KEEP]
+  )
+  assert summary["method_results"]["smallest_kept_abs_weight_before_cut"] == pytest.approx(
+    magnitudes[KEEP - 1]
+  )
   after = np.concatenate([k.ravel() for k in kernels])
   kept = after != 0
   assert np.array_equal(after[kept], before[kept])
@@ -191,7 +197,7 @@ def test_summary_matches_the_saved_pruned_model(finished_run):
 def test_sparsity_table_is_printed(finished_run):
   printed = finished_run[2]
   assert "['fc1']['kernel']" in printed and "compression" in printed
-  assert "after the cut" in printed
+  assert "before pruning" in printed and "after pruning" in printed
 
 
 # --------------------------------------------------------------------------- #
@@ -271,14 +277,14 @@ def test_ctrl_c_then_resume_ends_bitwise_equal_to_uninterrupted_run(
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
 
   assert without_times(_rows(workdir)) == without_times(_rows(reference_dir))
-  for key in ("dense_accuracy", "accuracy_before_cut", "accuracy_after_cut", "layers"):
+  for key in ("dense_accuracy", "accuracy_before_prune", "accuracy_final", "layers"):
     assert summary[key] == reference_summary[key], key
 
 
 def test_rerunning_a_finished_workdir_reproduces_its_summary(finished_run, data_dir):
   workdir, summary, _ = finished_run
   again = train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
-  for key in ("dense_accuracy", "accuracy_before_cut", "accuracy_after_cut", "layers"):
+  for key in ("dense_accuracy", "accuracy_before_prune", "accuracy_final", "layers"):
     assert again[key] == summary[key], key
   assert len(_rows(workdir)) == DENSE_EPOCHS + GSM_EPOCHS
 
@@ -304,13 +310,13 @@ def test_dense_checkpoint_replaces_dense_training(finished_run, data_dir, tmp_pa
   [
     ("model", "lenet7", "unknown model 'lenet7' (config.model); choose one of "),
     ("dataset", "svhn", "unknown dataset 'svhn' (config.dataset); choose one of "),
-    ("gsm.compression", 0.5, "config.gsm.compression must be a number >= 1"),
+    ("compression", 0.5, "config.compression must be a number >= 1"),
     ("batch_size", 0, "config.batch_size must be a positive integer, got 0"),
     ("dense.epochs", -1, "config.dense.epochs must be an integer >= 0, got -1"),
     ("gsm.momentum", 1.0, "config.gsm.momentum must be in [0, 1), got 1.0"),
     ("gsm.boundaries", (5, 3), "config.gsm.boundaries must be a strictly increasing"),
     ("dense_checkpoint", "/nonexistent/dense", "config.dense_checkpoint='/nonexistent/dense'"),
-    ("method", "obd", "unknown method 'obd' (config.method); choose one of gsm, magnitude"),
+    ("method", "obd", "unknown method 'obd' (config.method); choose one of gsm, dense, magnitude"),
     ("magnitude.rounds", 0, "config.magnitude.rounds must be an integer >= 1, got 0"),
     ("gmp.initial_sparsity", 1.5, "config.gmp.initial_sparsity must be in [0, 1), got 1.5"),
     ("finetune.learning_rate", -1.0, "config.finetune.learning_rate must be a number > 0"),
@@ -353,13 +359,13 @@ def test_missing_data_is_one_clear_error(tmp_path):
 def test_workdir_of_another_config_is_refused(finished_run, data_dir):
   workdir = finished_run[0]
   config = tiny_config(data_dir)
-  config.gsm.compression = 20.0
+  config.compression = 20.0
   config.seed = 1
   with pytest.raises(train_lib.ConfigError) as err:
     train_lib.train_and_evaluate(config, workdir)
   message = str(err.value)
   assert message.startswith(f"workdir {workdir} holds a checkpoint of a different config")
-  assert "gsm.compression: 10.0 there, 20.0 here" in message
+  assert "compression: 10.0 there, 20.0 here" in message
   assert "seed: 0 there, 1 here" in message
   assert "\n" not in message
 
@@ -369,7 +375,7 @@ def test_harmless_fields_may_change_on_resume(finished_run, data_dir):
   config.eval_batch_size = 50
   config.log_every_steps = 1
   config.progress_bar = True
-  train_lib.check_workdir(config, finished_run[0])  # does not raise
+  config_lib.check_workdir(config, finished_run[0], has_checkpoint=True)  # does not raise
 
 
 def test_every_config_loads_and_validates():
@@ -389,7 +395,7 @@ def test_every_config_loads_and_validates():
     config = importlib.import_module(f"configs.{name}").get_config()
     train_lib.validate_config(config)
     if name in expected:
-      assert (config.model, config.dataset, config.gsm.compression) == expected[name], name
+      assert (config.model, config.dataset, config.compression) == expected[name], name
 
 
 def test_reference_hyperparameters_of_the_paper_configs():
@@ -441,7 +447,7 @@ def test_cli_trains_with_config_overrides(data_dir, tmp_path):
     f"--config.batch_size={BATCH}",
     "--config.dense.epochs=1",
     "--config.gsm.epochs=1",
-    "--config.gsm.compression=20",
+    "--config.compression=20",
     cwd=tmp_path,
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -455,12 +461,11 @@ def test_cli_trains_with_config_overrides(data_dir, tmp_path):
 
 
 def test_cli_bad_config_prints_one_error_line_and_exits_1(tmp_path):
-  result = _train_py(f"--workdir={tmp_path / 'w'}", "--config.gsm.compression=0.5", cwd=tmp_path)
+  result = _train_py(f"--workdir={tmp_path / 'w'}", "--config.compression=0.5", cwd=tmp_path)
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
   assert errors == [
-    "train.py: error: config.gsm.compression must be a number >= 1 "
-    "(pool size / weights kept), got 0.5"
+    "train.py: error: config.compression must be a number >= 1 (pool size / weights kept), got 0.5"
   ]
   assert not (tmp_path / "w").exists()
 
@@ -527,7 +532,7 @@ def test_every_baseline_reports_accuracies_compression_and_epochs(
     assert 0.0 <= summary[key] <= 1.0, key
   # Exactly KEEP weights survive: pruned weights stayed at zero during training.
   kernels = _pool_arrays(checkpoints.load_model(os.path.join(workdir, "final_model"))["params"])
-  assert sum(int(np.count_nonzero(k)) for k in kernels) == summary["nonzeros_after_cut"] == KEEP
+  assert sum(int(np.count_nonzero(k)) for k in kernels) == summary["nonzeros"] == KEEP
   assert summary["compression_reached"] == pytest.approx(POOL_SIZE / KEEP)
   assert [layer["nonzeros"] for layer in summary["layers"]] == [
     int(np.count_nonzero(k)) for k in kernels
@@ -557,7 +562,7 @@ def test_admm_targets_are_the_per_layer_counts_of_the_gsm_run(finished_run, data
   assert [layer["nonzeros"] for layer in summary["layers"]] == [
     layer["nonzeros"] for layer in reference_summary["layers"]
   ]
-  assert "summary.json" in summary["admm_targets_source"]
+  assert "summary.json" in summary["method_results"]["admm_targets_source"]
 
 
 def test_lottery_ticket_starts_from_the_masked_initial_weights(finished_run, data_dir, tmp_path):
@@ -595,3 +600,77 @@ def test_ctrl_c_in_a_baseline_stage_then_resume_is_bitwise_equal(
   _assert_trees_equal(_final_state(workdir)[0], _final_state(str(tmp_path / "reference"))[0])
   for key in ("accuracy_after_prune", "accuracy_final", "layers"):
     assert summary[key] == reference[key], key
+
+
+# --------------------------------------------------------------------------- #
+# The method registry and the summary schema
+# --------------------------------------------------------------------------- #
+
+
+def test_dense_method_reports_the_dense_model_unpruned(finished_run, data_dir, tmp_path):
+  reference_dir, reference_summary, _ = finished_run
+  config = tiny_config(data_dir)
+  config.method = "dense"
+  config.dense_checkpoint = reference_dir
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "dense"))
+  assert summary["method"] == "dense" and summary["epochs"] == {}
+  assert summary["compression_target"] is None
+  assert (
+    summary["accuracy_final"] == summary["dense_accuracy"] == reference_summary["dense_accuracy"]
+  )
+  assert summary["accuracy_after_prune"] is None and summary["method_results"] == {}
+  dense = _dense_pool(reference_dir)
+  assert summary["nonzeros"] == sum(int(np.count_nonzero(k)) for k in dense)
+
+
+def test_gsm_with_zero_epochs_is_the_global_cut_of_the_dense_model(
+  finished_run, data_dir, tmp_path
+):
+  reference_dir = finished_run[0]
+  config = tiny_config(data_dir)
+  config.dense_checkpoint = reference_dir
+  config.gsm.epochs = 0
+  workdir = str(tmp_path / "cut_only")
+  summary = train_lib.train_and_evaluate(config, workdir)
+  assert summary["epochs"] == {}
+  final = _pool_arrays(checkpoints.load_model(os.path.join(workdir, "final_model"))["params"])
+  for kernel, mask, dense in zip(
+    final, _global_top_keep_mask(_dense_pool(reference_dir), KEEP), _dense_pool(reference_dir)
+  ):
+    np.testing.assert_array_equal(kernel, np.where(mask, dense, 0.0))
+  assert summary["accuracy_before_prune"] == summary["dense_accuracy"]
+
+
+def test_a_new_method_is_one_registry_entry(finished_run, data_dir, tmp_path, monkeypatch):
+  """A one-shot global cut with no training, added without touching the driver."""
+
+  def oneshot_stages(ctx):
+    cut = stages._pruning(ctx, lambda params: stages.global_cut(params, ctx.config.compression))
+    return [stages.Stage("cut", 0, None, cut)]
+
+  monkeypatch.setitem(
+    stages.METHODS, "oneshot", stages.Method(oneshot_stages, check=lambda config: None)
+  )
+  config = tiny_config(data_dir)
+  config.method = "oneshot"
+  config.dense_checkpoint = finished_run[0]
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "oneshot"))
+  assert summary["method"] == "oneshot" and summary["nonzeros"] == KEEP
+  assert summary["accuracy_final"] == summary["accuracy_after_prune"]
+
+
+def test_every_summary_field_is_documented(finished_run):
+  with open(os.path.join(ROOT, "docs", "TRAINING.md")) as f:
+    docs = f.read()
+  summary = finished_run[1]
+  fields = set(summary) | {f"wall_time_s.{key}" for key in summary["wall_time_s"]}
+  fields |= {f"method_results.{key}" for key in summary["method_results"]}
+  fields |= {f"layers[].{key}" for key in summary["layers"][0]}
+  for field in sorted(fields):
+    assert f"`{field.split('.')[-1].replace('[]', '')}`" in docs, field
+
+
+def test_progress_survives_the_checkpoint_round_trip(finished_run):
+  _, meta = _final_state(finished_run[0])
+  progress = train_lib.Progress.from_json(meta)
+  assert progress.to_json() == meta

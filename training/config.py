@@ -1,0 +1,239 @@
+"""Config checks of the training program: fields, values, workdirs.
+
+``validate_common`` checks the fields every method reads; each method of
+``training.stages`` checks its own section with ``check`` and
+``check_sgd_section``. All errors are ``ConfigError`` with a one-line message
+naming the field, the value and what is allowed, raised before anything is
+loaded or trained. The fields are documented in ``configs/default.py`` and
+``docs/TRAINING.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Mapping
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+# Fields that may differ between a workdir's checkpoint and the config resuming
+# it: where the data comes from, the eval batching and the logging.
+HARMLESS_FIELDS = frozenset(
+  {
+    "data_dir",
+    "download",
+    "eval_batch_size",
+    "log_every_steps",
+    "checkpoint_keep",
+    "progress_bar",
+    "plots",
+  }
+)
+
+# The fields of every SGD section (`sgd_section` in configs/default.py).
+SGD_FIELDS = (
+  "epochs",
+  "learning_rate",
+  "momentum",
+  "nesterov",
+  "weight_decay",
+  "boundaries",
+  "decay_factor",
+  "warmup_epochs",
+)
+
+_COMMON_FIELDS = (
+  "model",
+  "dataset",
+  "data_dir",
+  "download",
+  "max_train_examples",
+  "max_test_examples",
+  "seed",
+  "batch_size",
+  "eval_batch_size",
+  "method",
+  "compression",
+  "dense_checkpoint",
+  "skip_dense",
+  "log_every_steps",
+  "checkpoint_keep",
+  "progress_bar",
+  "plots",
+  *(f"dense.{name}" for name in SGD_FIELDS),
+)
+
+
+class ConfigError(ValueError):
+  """A config (or a workdir's config) that cannot be trained; the message is one line."""
+
+
+def is_number(x: Any) -> bool:
+  """A real Python or NumPy number, not a bool."""
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def is_int(x: Any) -> bool:
+  """A Python or NumPy integer, not a bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def get_field(config: Any, dotted: str) -> Any:
+  """``config.a.b`` for ``dotted = "a.b"``; raises ``ConfigError`` when absent."""
+  value = config
+  try:
+    for key in dotted.split("."):
+      value = value[key]
+  except (KeyError, AttributeError):
+    raise ConfigError(f"config lacks the field {dotted}") from None
+  return value
+
+
+def check(config: Any, name: str, ok: Callable[[Any], bool], allowed: str) -> None:
+  """Raises ``ConfigError`` unless ``ok(config.<name>)``."""
+  value = get_field(config, name)
+  if not ok(value):
+    raise ConfigError(f"config.{name} must be {allowed}, got {value!r}")
+
+
+def _is_boundaries(x: Any) -> bool:
+  return (
+    isinstance(x, (list, tuple))
+    and all(is_number(b) and b > 0 for b in x)
+    and all(a < b for a, b in zip(x, x[1:]))
+  )
+
+
+def check_sgd_section(config: Any, section: str) -> None:
+  """Checks the SGD fields of ``config.<section>`` (epochs, learning rate, ...)."""
+  if section not in config:
+    raise ConfigError(f"config.method={config.method!r} needs the section config.{section}")
+  rules = {
+    "epochs": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+    "learning_rate": (lambda x: is_number(x) and x > 0, "a number > 0"),
+    "momentum": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
+    "nesterov": (lambda x: isinstance(x, bool), "True or False"),
+    "weight_decay": (lambda x: is_number(x) and x >= 0, "a number >= 0"),
+    "boundaries": (_is_boundaries, "a strictly increasing sequence of epochs > 0"),
+    "decay_factor": (lambda x: is_number(x) and x > 0, "a number > 0"),
+    "warmup_epochs": (lambda x: is_number(x) and x >= 0, "a number >= 0"),
+  }
+  for name in SGD_FIELDS:
+    check(config, f"{section}.{name}", *rules[name])
+
+
+def validate_common(
+  config: ml_collections.ConfigDict,
+  *,
+  models: Collection[str],
+  datasets: Collection[str],
+  methods: Collection[str],
+) -> None:
+  """Checks the fields every method reads (the method's own checks come after)."""
+  for name in _COMMON_FIELDS:
+    get_field(config, name)
+  if config.model not in models:
+    raise ConfigError(
+      f"unknown model {config.model!r} (config.model); choose one of {', '.join(sorted(models))}"
+    )
+  if config.dataset not in datasets:
+    raise ConfigError(
+      f"unknown dataset {config.dataset!r} (config.dataset); choose one of {', '.join(datasets)}"
+    )
+  if config.method not in methods:
+    raise ConfigError(
+      f"unknown method {config.method!r} (config.method); choose one of {', '.join(methods)}"
+    )
+  compression = config.compression
+  if not is_number(compression) or not math.isfinite(compression) or compression < 1:
+    raise ConfigError(
+      f"config.compression must be a number >= 1 (pool size / weights kept), got {compression!r}"
+    )
+  positive_int = (lambda x: is_int(x) and x > 0), "a positive integer"
+  for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_keep"):
+    check(config, name, *positive_int)
+  check(config, "seed", lambda x: is_int(x) and x >= 0, "an integer >= 0")
+  for name in ("max_train_examples", "max_test_examples"):
+    check(config, name, lambda x: x is None or (is_int(x) and x > 0), "None or a positive integer")
+  for name in ("download", "skip_dense", "progress_bar", "plots"):
+    check(config, name, lambda x: isinstance(x, bool), "True or False")
+  check_sgd_section(config, "dense")
+  check(config, "data_dir", lambda x: x is None or isinstance(x, str), "None or a directory")
+  check(
+    config, "dense_checkpoint", lambda x: x is None or isinstance(x, str), "None or a directory"
+  )
+  if config.dense_checkpoint:
+    if config.skip_dense:
+      raise ConfigError(
+        "config.skip_dense and config.dense_checkpoint exclude each other: "
+        "the dense phase is either skipped or loaded"
+      )
+    if not os.path.isdir(config.dense_checkpoint):
+      raise ConfigError(
+        f"config.dense_checkpoint={config.dense_checkpoint!r} is not a directory "
+        "(give a dense_model/ directory or the workdir of an earlier run)"
+      )
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten_config(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (what ``config.json`` holds)."""
+  return json.loads(config.to_json())
+
+
+def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """The fields (outside ``HARMLESS_FIELDS``) where a stored config.json differs."""
+  stored_flat = flatten_config(stored)
+  current = flatten_config(config_json(config))
+  return [
+    f"{key}: {stored_flat.get(key, '<absent>')!r} there, {current.get(key, '<absent>')!r} here"
+    for key in sorted(set(stored_flat) | set(current))
+    if key.split(".")[-1] not in HARMLESS_FIELDS and stored_flat.get(key) != current.get(key)
+  ]
+
+
+def read_workdir_config(workdir: str) -> dict[str, Any] | None:
+  """The workdir's config.json, or None when it has none."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> None:
+  """Refuses a workdir whose checkpoints were written by a different config.
+
+  Raises:
+    ConfigError: one line listing the fields that differ (fields in
+      ``HARMLESS_FIELDS`` may differ).
+  """
+  if not has_checkpoint:
+    return
+  stored = read_workdir_config(workdir)
+  if stored is None:
+    raise ConfigError(
+      f"workdir {workdir} holds checkpoints but no config.json; "
+      "use a new --workdir or delete this one"
+    )
+  diffs = config_differences(stored, config)
+  if diffs:
+    raise ConfigError(
+      f"workdir {workdir} holds a checkpoint of a different config "
+      f"({'; '.join(diffs)}); resume with the same config, or use a new --workdir"
+    )

@@ -1,0 +1,574 @@
+"""Every pruning method of ``config.method`` as a list of stages after the dense phase.
+
+A run is: the dense phase (trained, loaded with ``config.dense_checkpoint`` or
+skipped) -> the method's stages -> the final evaluation (``training.report``).
+A stage is a transition applied once when it begins (prune, apply a mask,
+the final cut, ...) followed by ``epochs`` epochs of an optax optimizer. A
+transition is a deterministic function of the state and of the files it reads,
+so it is simply redone when a run resumes. Adding a method is adding one
+function ``ctx -> list[Stage]`` (and the checks of its config section) to
+``METHODS``. The global compression C of every method is ``config.compression``.
+
+* ``gsm`` (Ding et al. 2019): ``gsm.epochs`` of ``gsm_optax.gsm``, then the
+  global magnitude cut to C with no fine-tuning.
+* ``dense``: no pruning; the dense model is the result (a reference point).
+* ``magnitude`` (Han et al. 2015): global (or, with ``magnitude.layerwise``,
+  per-layer) magnitude cut of the dense model, then ``finetune.epochs`` of SGD
+  with ``keep_masked``; with ``magnitude.rounds = R > 1`` the cut and the
+  fine-tuning are repeated R times along C^(r/R), the epochs split evenly.
+* ``gmp`` (Zhu & Gupta 2017): ``gmp.epochs`` of SGD with
+  ``gradual_magnitude_pruning`` (cubic schedule reaching C at the end of the
+  stage), then ``finetune.epochs`` of masked fine-tuning.
+* ``admm`` (Zhang et al. 2018): ``admm.epochs`` of W-steps on
+  f(W) + rho_k/2 ||W - Z + U||^2, Z/U updated every ``admm.steps_per_iteration``
+  steps (``gsm_optax.baselines.add_admm_penalty``); per-layer targets from a
+  GSM run's ``summary.json`` (``admm.densities_from``), explicit
+  ``admm.densities``, or else those of the global magnitude cut of the dense
+  model; then hard pruning and ``finetune.epochs`` of masked retraining.
+* ``lottery`` (Frankle & Carbin 2019, protocol of Ding et al.): the mask is the
+  global top-Q of the dense weights (``lottery.ticket = "magnitude"``) or of
+  the GSM-trained weights (``"gsm"``: a GSM stage of ``gsm.epochs``, or the
+  ``final_model`` of an earlier GSM run given in ``lottery.gsm_checkpoint``);
+  theta_0 * mask is retrained with the dense schedule and masked gradients.
+
+The method notes: docs/METHOD.md; the config fields: docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import MutableMapping
+import functools
+import json
+import os
+from typing import Any
+from typing import NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+import gsm_optax
+from gsm_optax import baselines
+from training import checkpoints
+from training import config as config_lib
+from training import steps
+from training.steps import TrainState
+
+Transition = Callable[[TrainState], tuple[TrainState, dict[str, Any]]]
+
+
+class Stage(NamedTuple):
+  """One stage after the dense phase.
+
+  Attributes:
+    name: the phase name in metrics.jsonl, the checkpoint and the summary.
+    epochs: epochs trained in the stage (0: the transition only).
+    phase: () -> ``steps.Phase``, built when first needed; None for a stage
+      that never trains (``epochs == 0``).
+    enter: state -> (state, results): the transition when the stage begins;
+      results are JSON values recorded in the summary.
+    bar_stats: state -> dict shown on the progress bar (optional).
+    epoch_stats: state -> dict added to the stage's metrics.jsonl rows.
+  """
+
+  name: str
+  epochs: int
+  phase: Callable[[], steps.Phase] | None
+  enter: Transition | None = None
+  bar_stats: Callable[[TrainState], dict[str, Any]] | None = None
+  epoch_stats: Callable[[TrainState], dict[str, Any]] | None = None
+
+
+class Context(NamedTuple):
+  """What a method needs to build its stages.
+
+  Attributes:
+    config: the run's config.
+    workdir: the run's workdir.
+    steps_per_epoch: optimizer steps per epoch.
+    graphdef: the model graph in training mode.
+    variables: ``{"params", "batch_stats"}`` of the freshly built model, the
+      template for loading exported models.
+    results: what the transitions so far recorded (restored on resume);
+      stages read back the values they need from it.
+    evaluate: (state, params) -> test accuracy of ``params`` with the
+      state's batch statistics.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  steps_per_epoch: int
+  graphdef: nnx.GraphDef
+  variables: dict[str, Any]
+  results: MutableMapping[str, Any]
+  evaluate: Callable[[TrainState, Any], float]
+
+  def phase(self, name: str, build: steps.OptimizerBuilder, cfg: Any, *extra: Any):
+    """() -> the cached phase of optimizer ``build(cfg, steps_per_epoch, *extra)``."""
+    return lambda: steps.make_phase(name, build, cfg, self.steps_per_epoch, self.graphdef, *extra)
+
+
+class Method(NamedTuple):
+  """One entry of ``METHODS``.
+
+  Attributes:
+    stages: ctx -> the stages after the dense phase.
+    check: config -> None; raises ``ConfigError`` on the method's own fields.
+    prunes: whether the result is pruned to ``config.compression``.
+  """
+
+  stages: Callable[[Context], list[Stage]]
+  check: Callable[[ml_collections.ConfigDict], None]
+  prunes: bool = True
+
+
+# ----------------------------------------------------------------------------
+# Optimizers (module-level builders: the phase cache keys on them)
+
+
+def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float):
+  """``gsm_optax.gsm`` with the section's piecewise-constant learning rate."""
+  lr = steps.section_schedule(cfg, steps_per_epoch)
+  tx = gsm_optax.gsm(
+    lr,
+    compression,
+    momentum=cfg.momentum,
+    weight_decay=cfg.weight_decay,
+    nesterov=cfg.nesterov,
+  )
+  return tx, lr
+
+
+def nonzero_pool_mask(params: Any) -> Any:
+  """True on the pooled entries that are non-zero and on every entry outside the pool."""
+  pool = gsm_optax.resolve_pool(params, None)
+  return jax.tree.map(lambda p, f: (p != 0) if f else jnp.ones(jnp.shape(p), bool), params, pool)
+
+
+def masked_sgd(cfg: Any, steps_per_epoch: int):
+  """``steps.sgd`` followed by ``keep_masked``: the zeros at init stay zero."""
+  tx, lr = steps.sgd(cfg, steps_per_epoch)
+  return optax.chain(tx, baselines.keep_masked(nonzero_pool_mask)), lr
+
+
+def gmp_end_step(epochs: int, steps_per_epoch: int, update_every: int) -> int:
+  """Step of the last GMP mask update: the last multiple of ``update_every`` in the stage."""
+  return ((epochs * steps_per_epoch - 1) // update_every) * update_every
+
+
+def gmp_optimizer(cfg: Any, steps_per_epoch: int, compression: float, end_step: int):
+  """SGD followed by ``gradual_magnitude_pruning`` reaching C at ``end_step``."""
+  tx, lr = steps.sgd(cfg, steps_per_epoch)
+  prune = baselines.gradual_magnitude_pruning(
+    compression,
+    begin_step=0,
+    end_step=end_step,
+    update_every=cfg.update_every_steps,
+    initial_sparsity=cfg.initial_sparsity,
+    layerwise=cfg.layerwise,
+  )
+  return optax.chain(tx, prune), lr
+
+
+def admm_optimizer(cfg: Any, steps_per_epoch: int, treedef: Any, counts: tuple):
+  """ADMM W-steps (penalty on the raw gradients, Z/U inside) followed by SGD."""
+  tx, lr = steps.sgd(cfg, steps_per_epoch)
+  keep_counts = jax.tree.unflatten(
+    treedef, [optax.MaskedNode() if c is None else c for c in counts]
+  )
+  w_step = baselines.add_admm_penalty(
+    cfg.rho,
+    keep_counts,
+    steps_per_iteration=cfg.steps_per_iteration,
+    rho_growth=cfg.rho_growth,
+  )
+  return optax.chain(w_step, tx), lr
+
+
+# ----------------------------------------------------------------------------
+# Transitions
+
+
+def _with_params(state: TrainState, params: Any) -> TrainState:
+  return state._replace(params=params)
+
+
+@jax.jit
+def _apply_mask(params, mask):
+  return gsm_optax.apply_mask(params, mask)
+
+
+def global_cut(params: Any, compression: float) -> Any:
+  """The global magnitude cut to C: the Q pooled weights of greatest |w| stay."""
+  return _apply_mask(params, gsm_optax.global_magnitude_mask(params, compression))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _magnitudes_at_rank(params, keep: int) -> tuple[jax.Array, jax.Array]:
+  mask = gsm_optax.resolve_pool(params, None)
+  pooled = [jnp.abs(p) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  size = sum(leaf.size for leaf in pooled)
+  largest_passive = gsm_optax.global_kth_largest(pooled, keep + 1) if keep < size else jnp.zeros(())
+  return largest_passive, gsm_optax.global_kth_largest(pooled, keep)
+
+
+def pool_magnitudes_at_cut(params: Any, compression: float) -> tuple[float, float]:
+  """(largest passive |w|, smallest kept |w|) over the pool, for Q = int(|pool| / C).
+
+  The largest passive |w| is the (Q+1)-th largest, the most the final cut can
+  remove from one weight; the smallest kept one is the Q-th largest.
+  """
+  keep = gsm_optax.keep_count(params, compression)
+  return tuple(float(x) for x in _magnitudes_at_rank(params, keep))
+
+
+def _pruning(
+  ctx: Context, prune: Callable[[Any], Any], extra: Callable[[Any], dict] | None = None
+) -> Transition:
+  """A transition that prunes the params and records the accuracies around it."""
+
+  def enter(state):
+    before = ctx.evaluate(state, state.params)
+    results = extra(state.params) if extra else {}
+    pruned = prune(state.params)
+    results.update(accuracy_before_prune=before, accuracy_after_prune=ctx.evaluate(state, pruned))
+    return _with_params(state, pruned), results
+
+  return enter
+
+
+# ----------------------------------------------------------------------------
+# The methods
+
+
+def gsm_stages(ctx: Context) -> list[Stage]:
+  """GSM training, then the global magnitude cut with no fine-tuning."""
+  compression = float(ctx.config.compression)
+
+  def cut_diagnostics(params):
+    largest_passive, smallest_kept = pool_magnitudes_at_cut(params, compression)
+    return {
+      "largest_passive_abs_weight_before_cut": largest_passive,
+      "smallest_kept_abs_weight_before_cut": smallest_kept,
+    }
+
+  return [
+    _gsm_stage(ctx, compression),
+    Stage(
+      "cut",
+      0,
+      None,
+      _pruning(ctx, lambda p: global_cut(p, compression), cut_diagnostics),
+    ),
+  ]
+
+
+def _gsm_stage(ctx: Context, compression: float) -> Stage:
+  def bar_stats(state):
+    stats = gsm_optax.gsm_stats(state.opt_state)
+    return {"active": int(stats["num_active"]), "thresh": f"{float(stats['threshold']):.3g}"}
+
+  def epoch_stats(state):
+    stats = gsm_optax.gsm_stats(state.opt_state)
+    return {
+      "active_weights": int(stats["num_active"]),
+      "keep": int(stats["keep"]),
+      "threshold": float(stats["threshold"]),
+      "largest_passive_abs_weight": pool_magnitudes_at_cut(state.params, compression)[0],
+    }
+
+  return Stage(
+    "gsm",
+    ctx.config.gsm.epochs,
+    ctx.phase("gsm", gsm_optimizer, ctx.config.gsm, compression),
+    bar_stats=bar_stats,
+    epoch_stats=epoch_stats,
+  )
+
+
+def check_gsm(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "gsm")
+
+
+def dense_stages(ctx: Context) -> list[Stage]:
+  """No stage: the dense model is the result."""
+  del ctx
+  return []
+
+
+def check_dense(config: ml_collections.ConfigDict) -> None:
+  del config
+
+
+def magnitude_stages(ctx: Context) -> list[Stage]:
+  """R rounds of a magnitude cut (to C^(r/R)) and masked fine-tuning."""
+  config = ctx.config
+  rounds = config.magnitude.rounds
+  schedule = baselines.iterative_compression_schedule(float(config.compression), rounds)
+  per_round = config.finetune.epochs // rounds
+  stages = []
+  for r, c_r in enumerate(schedule, start=1):
+    name = "finetune" if rounds == 1 else f"finetune{r}"
+
+    def prune(params, c_r=c_r):
+      return baselines.magnitude_prune(params, c_r, layerwise=config.magnitude.layerwise)[0]
+
+    def enter(state, prune=prune, r=r):
+      state, results = _pruning(ctx, prune)(state)
+      results[f"accuracy_after_prune_round{r}"] = results["accuracy_after_prune"]
+      return state, results
+
+    stages.append(Stage(name, per_round, ctx.phase(name, masked_sgd, config.finetune), enter))
+  return stages
+
+
+def check_magnitude(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "finetune")
+  check = functools.partial(config_lib.check, config)
+  check("magnitude.layerwise", lambda x: isinstance(x, bool), "True or False")
+  check("magnitude.rounds", lambda x: config_lib.is_int(x) and x >= 1, "an integer >= 1")
+  rounds, epochs = config.magnitude.rounds, config.finetune.epochs
+  if epochs % rounds:
+    raise config_lib.ConfigError(
+      f"config.finetune.epochs={epochs} must be a multiple of "
+      f"config.magnitude.rounds={rounds} (the epochs are split evenly)"
+    )
+
+
+def gmp_stages(ctx: Context) -> list[Stage]:
+  """Gradual magnitude pruning, then the global cut and masked fine-tuning."""
+  config = ctx.config
+  compression = float(config.compression)
+  cfg = config.gmp
+  end_step = gmp_end_step(cfg.epochs, ctx.steps_per_epoch, cfg.update_every_steps)
+  return [
+    Stage("gmp", cfg.epochs, ctx.phase("gmp", gmp_optimizer, cfg, compression, end_step)),
+    Stage(
+      "finetune",
+      config.finetune.epochs,
+      ctx.phase("finetune", masked_sgd, config.finetune),
+      _pruning(ctx, lambda p: global_cut(p, compression)),
+    ),
+  ]
+
+
+def check_gmp(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "gmp")
+  config_lib.check_sgd_section(config, "finetune")
+  check = functools.partial(config_lib.check, config)
+  check("gmp.update_every_steps", lambda x: config_lib.is_int(x) and x >= 1, "a positive integer")
+  check("gmp.initial_sparsity", lambda x: config_lib.is_number(x) and 0 <= x < 1, "in [0, 1)")
+  check("gmp.layerwise", lambda x: isinstance(x, bool), "True or False")
+  if config.gmp.epochs < 1:
+    raise config_lib.ConfigError("config.gmp.epochs must be >= 1 for method 'gmp'")
+
+
+def _summary_path(path: str) -> str:
+  return os.path.join(path, "summary.json") if os.path.isdir(path) else path
+
+
+def _leaf_paths(params: Any) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def admm_keep_counts(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, str]:
+  """Per-layer targets l_i of ADMM (a keep-count pytree) and where they come from."""
+  cfg = config.admm
+  compression = float(config.compression)
+  if cfg.densities_from:
+    path = _summary_path(cfg.densities_from)
+    with open(path) as f:
+      summary = json.load(f)
+    theirs = float(summary.get("compression_target") or 0.0)
+    if abs(theirs - compression) > 1e-6 * max(theirs, 1.0):
+      raise config_lib.ConfigError(
+        f"config.admm.densities_from={cfg.densities_from!r} was pruned at C={theirs:g}, "
+        f"this run prunes at C={compression:g}"
+      )
+    densities = {row["path"]: row["nonzeros"] / row["size"] for row in summary["layers"]}
+    source = f"per-layer densities of {os.path.abspath(path)} ({summary.get('method', 'gsm')})"
+  elif cfg.densities:
+    densities = [float(d) for d in cfg.densities]
+    source = "config.admm.densities"
+  else:
+    densities = gsm_optax.sparsity_report(global_cut(params, compression))
+    source = "per-layer densities of the global magnitude cut of the dense model"
+  try:
+    counts = baselines.layer_keep_counts_from_density(params, densities)
+  except (ValueError, TypeError) as err:
+    raise config_lib.ConfigError(f"ADMM per-layer targets: {err}") from None
+  return counts, source
+
+
+def _counts_by_path(counts: Any, params: Any) -> dict[str, int]:
+  leaves = jax.tree.leaves(counts, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  return {
+    path: int(c)
+    for path, c in zip(_leaf_paths(params), leaves)
+    if not isinstance(c, optax.MaskedNode)
+  }
+
+
+def _counts_from_paths(by_path: dict[str, int], params: Any) -> tuple[Any, tuple]:
+  """(treedef, per-leaf counts with None off the targets): the hashable keep counts."""
+  treedef = jax.tree.structure(params)
+  return treedef, tuple(by_path.get(path) for path in _leaf_paths(params))
+
+
+def admm_stages(ctx: Context) -> list[Stage]:
+  """ADMM W-steps with Z/U updates, then hard pruning and masked retraining."""
+  config = ctx.config
+  template = ctx.variables["params"]
+
+  def enter_admm(state):
+    counts, source = admm_keep_counts(config, state.params)
+    return state, {
+      "admm_targets_source": source,
+      "admm_keep_counts": _counts_by_path(counts, state.params),
+    }
+
+  def keep_counts():  # what enter_admm recorded (this run, or before a resume)
+    return _counts_from_paths(ctx.results["admm_keep_counts"], template)
+
+  def admm_phase():
+    return steps.make_phase(
+      "admm", admm_optimizer, config.admm, ctx.steps_per_epoch, ctx.graphdef, *keep_counts()
+    )
+
+  def hard_prune(params):
+    treedef, counts = keep_counts()
+    tree = jax.tree.unflatten(treedef, [optax.MaskedNode() if c is None else c for c in counts])
+    return baselines.admm_hard_prune(params, tree)[0]
+
+  return [
+    Stage("admm", config.admm.epochs, admm_phase, enter_admm),
+    Stage(
+      "finetune",
+      config.finetune.epochs,
+      ctx.phase("finetune", masked_sgd, config.finetune),
+      _pruning(ctx, hard_prune),
+    ),
+  ]
+
+
+def check_admm(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "admm")
+  config_lib.check_sgd_section(config, "finetune")
+  check = functools.partial(config_lib.check, config)
+  is_number = config_lib.is_number
+  check("admm.steps_per_iteration", lambda x: config_lib.is_int(x) and x >= 1, "a positive integer")
+  check("admm.rho", lambda x: is_number(x) and x >= 0, "a number >= 0")
+  check("admm.rho_growth", lambda x: is_number(x) and x >= 1, "a number >= 1")
+  check(
+    "admm.densities_from",
+    lambda x: x is None or isinstance(x, str),
+    "None or a GSM run's summary.json (or its workdir)",
+  )
+  check(
+    "admm.densities",
+    lambda x: (
+      x is None or (isinstance(x, (list, tuple)) and all(is_number(d) and 0 <= d <= 1 for d in x))
+    ),
+    "None or a sequence of densities in [0, 1], one per pooled layer",
+  )
+  if config.admm.densities_from and config.admm.densities:
+    raise config_lib.ConfigError(
+      "config.admm.densities_from and config.admm.densities exclude each "
+      "other: give the per-layer targets one way"
+    )
+  if config.admm.densities_from:
+    path = _summary_path(config.admm.densities_from)
+    if not os.path.isfile(path):
+      raise config_lib.ConfigError(
+        f"config.admm.densities_from={config.admm.densities_from!r}: no {path}"
+      )
+
+
+TICKETS = ("magnitude", "gsm")
+
+
+def initial_model_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """theta_0: ``initial_model/`` beside the dense model (loaded or trained here)."""
+  if not config.dense_checkpoint:
+    return os.path.join(workdir, "initial_model")
+  for base in (config.dense_checkpoint, os.path.dirname(os.path.abspath(config.dense_checkpoint))):
+    candidate = os.path.join(base, "initial_model")
+    if os.path.isdir(candidate):
+      return candidate
+  return None
+
+
+def lottery_stages(ctx: Context) -> list[Stage]:
+  """(A GSM stage,) then theta_0 * mask retrained with the dense schedule."""
+  config = ctx.config
+  compression = float(config.compression)
+  ticket, gsm_source = config.lottery.ticket, config.lottery.gsm_checkpoint
+  stages = []
+  if ticket == "gsm" and not gsm_source:
+    stages.append(_gsm_stage(ctx, compression))
+
+  def load(path):
+    return steps.fresh_arrays(checkpoints.load_model(path, ctx.variables))
+
+  def enter_ticket(state):
+    source, results = state.params, {}
+    if ticket == "gsm" and gsm_source:
+      path = os.path.join(gsm_source, "final_model")
+      path = path if os.path.isdir(path) else gsm_source
+      source = load(path)["params"]
+      results["ticket_source"] = f"checkpoint:{os.path.abspath(path)}"
+    else:
+      results["ticket_source"] = "dense model" if ticket == "magnitude" else "gsm stage"
+    results["source_accuracy_after_cut"] = ctx.evaluate(state, global_cut(source, compression))
+    mask = baselines.ticket_mask(source, compression)
+    initial = load(initial_model_dir(config, ctx.workdir))
+    params = steps.fresh_arrays(baselines.apply_ticket(initial["params"], mask))
+    state = state._replace(params=params, batch_stats=initial["batch_stats"])
+    results["accuracy_after_prune"] = ctx.evaluate(state, params)
+    return state, results
+
+  stages.append(
+    Stage(
+      "ticket", config.dense.epochs, ctx.phase("ticket", masked_sgd, config.dense), enter_ticket
+    )
+  )
+  return stages
+
+
+def check_lottery(config: ml_collections.ConfigDict) -> None:
+  check = functools.partial(config_lib.check, config)
+  check("lottery.ticket", lambda x: x in TICKETS, f"one of {', '.join(TICKETS)}")
+  check(
+    "lottery.gsm_checkpoint",
+    lambda x: x is None or isinstance(x, str),
+    "None or a GSM run's workdir (or its final_model/)",
+  )
+  if config.lottery.ticket == "gsm":
+    config_lib.check_sgd_section(config, "gsm")
+  if config.lottery.gsm_checkpoint and not os.path.isdir(config.lottery.gsm_checkpoint):
+    raise config_lib.ConfigError(
+      f"config.lottery.gsm_checkpoint={config.lottery.gsm_checkpoint!r} is not a directory"
+    )
+  if config.skip_dense:
+    raise config_lib.ConfigError(
+      "config.method='lottery' needs the dense model: config.skip_dense must be False"
+    )
+  if config.dense_checkpoint and initial_model_dir(config, "") is None:
+    raise config_lib.ConfigError(
+      f"config.dense_checkpoint={config.dense_checkpoint!r} has no "
+      "initial_model/ (theta_0) beside its dense_model/; the lottery "
+      "ticket needs the weights the dense model was trained from"
+    )
+
+
+METHODS: dict[str, Method] = {
+  "gsm": Method(gsm_stages, check_gsm),
+  "dense": Method(dense_stages, check_dense, prunes=False),
+  "magnitude": Method(magnitude_stages, check_magnitude),
+  "gmp": Method(gmp_stages, check_gmp),
+  "admm": Method(admm_stages, check_admm),
+  "lottery": Method(lottery_stages, check_lottery),
+}

@@ -1,0 +1,317 @@
+"""The train state, the loss, the jitted train/eval steps, schedules and phases.
+
+Data flows one way: a batch -> ``train_step(state, batch)`` (model, loss,
+grads, ``tx.update(grads, opt_state, params)``) -> a new ``TrainState``. A
+``Phase`` is an optimizer with the train step compiled for it; phases are
+cached by their hyperparameters, so calling ``train_and_evaluate`` again in
+one process (a resumed run, tests, a notebook) does not compile again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+import functools
+from typing import Any
+from typing import NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import gsm_optax
+import models
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; a pytree of arrays.
+
+  Attributes:
+    step: optimizer steps taken so far, all phases together.
+    params: the model's ``nnx.Param`` variables as a pure dict.
+    batch_stats: the model's ``nnx.BatchStat`` variables as a pure dict.
+    opt_state: the optimizer state of the current phase, momentum included.
+    rng: key data derived from ``config.seed`` for stochastic layers. The
+      current models have none and the data order is a function of (seed,
+      epoch), so it stays constant; it is checkpointed so a model with dropout
+      would still resume exactly.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def new_train_state(params: Any, batch_stats: Any, seed: int) -> TrainState:
+  """The state before the first step (its ``opt_state`` is set by each phase)."""
+  return TrainState(
+    step=jnp.asarray(0, jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=(),
+    rng=jax.random.key_data(jax.random.key(seed)),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+
+def init_model(name: str, num_classes: int, seed: int):
+  """(train graphdef, eval graphdef, params, batch_stats) of a freshly built model.
+
+  The graphdefs come from the abstract model switched to training mode (batch
+  statistics) and to eval mode (running averages); the variables are
+  initialised in one jitted call (eager initialisation compiles every random
+  op separately).
+  """
+  abstract = nnx.eval_shape(lambda: _build_model(name, num_classes, 0))
+  abstract.train()
+  train_graphdef = nnx.graphdef(abstract)
+  abstract.eval()
+  eval_graphdef = nnx.graphdef(abstract)
+  params, batch_stats = _init_variables(name, num_classes, jnp.asarray(seed, jnp.uint32))
+  return train_graphdef, eval_graphdef, params, batch_stats
+
+
+def _build_model(name: str, num_classes: int, seed) -> nnx.Module:
+  rngs = nnx.Rngs(jax.random.key(seed))  # what nnx.Rngs(seed) does, for a traced seed too
+  return models.create_model(name, num_classes=num_classes, rngs=rngs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_variables(name: str, num_classes: int, seed: jax.Array):
+  model = _build_model(name, num_classes, seed)
+  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
+def fresh_arrays(tree: Any) -> Any:
+  """Restored arrays, copied into uncommitted ones like those training creates.
+
+  Orbax restores arrays committed to a device; the jitted steps, compiled for
+  uncommitted arguments, would otherwise compile a second time.
+  """
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
+
+
+# ----------------------------------------------------------------------------
+# Loss and steps
+
+
+def cross_entropy_loss(
+  logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+  """Mean softmax cross-entropy over the examples where ``mask`` is true."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if mask is None:
+    return losses.mean()
+  mask = mask.astype(losses.dtype)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _batch_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array, mask: jax.Array):
+  count = jnp.sum(mask.astype(jnp.int32))
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+  return {"loss_sum": loss * count, "correct": correct.astype(jnp.int32), "count": count}
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """``train_step(state, batch) -> (state, metrics)``, jitted; ``graphdef`` in train mode."""
+
+  def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array]):
+    images, labels = batch
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.batch_stats)
+      logits = model(images)
+      batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      return cross_entropy_loss(logits, labels), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state._replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, _batch_metrics(logits, labels, loss, jnp.ones_like(labels, bool))
+
+  return jax.jit(train_step)
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(graphdef: nnx.GraphDef):
+  """``eval_step(params, batch_stats, (images, labels, mask)) -> metrics``, jitted."""
+
+  def eval_step(params, batch_stats, batch):
+    images, labels, mask = batch
+    logits = nnx.merge(graphdef, params, batch_stats)(images)
+    return _batch_metrics(logits, labels, cross_entropy_loss(logits, labels, mask), mask)
+
+  return jax.jit(eval_step)
+
+
+# ----------------------------------------------------------------------------
+# Metric totals: summed on the device, read once per epoch.
+
+
+@jax.jit
+def accumulate(totals: dict[str, jax.Array], metrics: dict[str, jax.Array]):
+  """Adds a batch's metrics to the running totals."""
+  return jax.tree.map(jnp.add, totals, metrics)
+
+
+def zero_totals() -> dict[str, Any]:
+  """Totals before the first batch (host values, JSON-ready)."""
+  return {"loss_sum": 0.0, "correct": 0, "count": 0}
+
+
+def totals_to_device(totals: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Host totals as device scalars of fixed dtypes (one compiled ``accumulate``)."""
+  return {
+    "loss_sum": jnp.asarray(totals["loss_sum"], jnp.float32),
+    "correct": jnp.asarray(totals["correct"], jnp.int32),
+    "count": jnp.asarray(totals["count"], jnp.int32),
+  }
+
+
+def totals_to_host(totals: Mapping[str, jax.Array]) -> dict[str, Any]:
+  """Device totals as Python numbers (checkpoint meta, logs)."""
+  return {
+    "loss_sum": float(totals["loss_sum"]),
+    "correct": int(totals["correct"]),
+    "count": int(totals["count"]),
+  }
+
+
+def means(totals: Mapping[str, Any]) -> tuple[float, float]:
+  """(mean loss, accuracy) of host totals."""
+  count = max(int(totals["count"]), 1)
+  return float(totals["loss_sum"]) / count, int(totals["correct"]) / count
+
+
+def evaluate(eval_step, params, batch_stats, dataset, batch_size: int) -> dict[str, float]:
+  """Test loss and accuracy; the last partial batch is padded (masked) to one shape."""
+  totals = totals_to_device(zero_totals())
+  for images, labels in dataset.test_batches(batch_size):
+    n = len(labels)
+    mask = np.arange(batch_size) < n
+    if n < batch_size:
+      pad = batch_size - n
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+    totals = accumulate(totals, eval_step(params, batch_stats, (images, labels, mask)))
+  loss, accuracy = means(totals_to_host(totals))
+  return {"loss": loss, "accuracy": accuracy}
+
+
+# ----------------------------------------------------------------------------
+# Schedules and optimizers
+
+
+def make_lr_schedule(
+  learning_rate: float,
+  boundaries: Sequence[float],
+  decay_factor: float,
+  steps_per_epoch: int,
+  warmup_epochs: float = 0.0,
+) -> optax.Schedule:
+  """``learning_rate`` times ``decay_factor`` at each boundary (in epochs), over steps.
+
+  With ``warmup_epochs > 0`` the rate first ramps up linearly, reaching
+  ``learning_rate`` after ``warmup_epochs`` epochs.
+  """
+  piecewise = optax.piecewise_constant_schedule(
+    learning_rate, {int(round(b * steps_per_epoch)): decay_factor for b in boundaries}
+  )
+  warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+  if warmup_steps <= 0:
+    return piecewise
+
+  def schedule(step):
+    return piecewise(step) * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+
+  return schedule
+
+
+def section_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:
+  """The learning-rate schedule of an SGD config section."""
+  return make_lr_schedule(
+    cfg.learning_rate, cfg.boundaries, cfg.decay_factor, steps_per_epoch, cfg.warmup_epochs
+  )
+
+
+def pool_mask(params: Any) -> Any:
+  """The default GSM pool (dense and conv kernels) as a bool pytree."""
+  return gsm_optax.resolve_pool(params, None)
+
+
+def sgd(cfg: Any, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum; weight decay on the pool (kernels) only, as in the reference code.
+
+  Returns:
+    ``(tx, learning_rate_schedule)`` for an SGD config section.
+  """
+  lr = section_schedule(cfg, steps_per_epoch)
+  tx = optax.chain(
+    optax.add_decayed_weights(cfg.weight_decay, mask=pool_mask),
+    optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov),
+  )
+  return tx, lr
+
+
+# ----------------------------------------------------------------------------
+# Phases
+
+OptimizerBuilder = Callable[..., tuple[optax.GradientTransformation, optax.Schedule]]
+
+
+class Phase(NamedTuple):
+  """One training phase: its optimizer and the functions compiled for it."""
+
+  name: str
+  tx: optax.GradientTransformation
+  train_step: Callable  # jitted (state, batch) -> (state, metrics)
+  learning_rate: Callable  # jitted schedule: phase step -> rate
+
+
+def freeze(value: Any) -> Any:
+  """A hashable copy of a config section / list / dict (for the phase cache)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return tuple(sorted((key, freeze(item)) for key, item in value.items()))
+  if isinstance(value, (list, tuple)):
+    return tuple(freeze(item) for item in value)
+  return value
+
+
+def make_phase(
+  name: str,
+  build: OptimizerBuilder,
+  cfg: Any,
+  steps_per_epoch: int,
+  graphdef: nnx.GraphDef,
+  *extra: Any,
+) -> Phase:
+  """The phase ``name`` with the optimizer ``build(cfg, steps_per_epoch, *extra)``.
+
+  ``build`` is a module-level function; ``extra`` holds hashable arguments.
+  Built once per (builder, hyperparameters, steps per epoch, model graph);
+  ``cfg.epochs`` does not enter the optimizer.
+  """
+  frozen = tuple(item for item in freeze(cfg) if item[0] != "epochs")
+  return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, extra)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_phase(name, build, frozen_cfg, steps_per_epoch, graphdef, extra) -> Phase:
+  cfg = ml_collections.ConfigDict(dict(frozen_cfg))
+  tx, lr = build(cfg, steps_per_epoch, *extra)
+  return Phase(name, tx, make_train_step(graphdef, tx), jax.jit(lr))
