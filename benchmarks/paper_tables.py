@@ -45,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from configs import default as default_config  # noqa: E402
+from training import config as config_lib  # noqa: E402
 from training import train_lib  # noqa: E402
 
 METHODS = ("gsm", "magnitude_no_ft", "magnitude_ft", "gmp", "admm")
@@ -161,7 +162,7 @@ def method_config(
 ):
   config = base.copy_and_resolve_references()
   rest = base.gsm.epochs - base.gmp.epochs  # the budget minus the pruning stage
-  config.gsm.compression = compression
+  config.compression = compression
   config.method = method
   if method == "gsm":
     config.dense_checkpoint = dense_dir
@@ -183,9 +184,7 @@ def method_config(
 
 def dense_config(base):
   config = base.copy_and_resolve_references()
-  config.method = "gsm"
-  config.gsm.epochs = 0
-  config.gsm.compression = 10.0
+  config.method = "dense"
   return config
 
 
@@ -214,17 +213,8 @@ _RUN_TIMES: list[float] = []  # wall time of every run's (last) train_and_evalua
 
 def _same_config(config, workdir: str) -> bool:
   """Whether the workdir was written by this config, up to the harmless fields."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    stored = train_lib._flatten_config(json.load(f))
-  current = train_lib._flatten_config(json.loads(config.to_json()))
-
-  def relevant(flat):
-    return {k: v for k, v in flat.items() if k.split(".")[-1] not in train_lib.HARMLESS_FIELDS}
-
-  return relevant(stored) == relevant(current)
+  stored = config_lib.read_workdir_config(workdir)
+  return stored is not None and not config_lib.config_differences(stored, config)
 
 
 def _slim(summary: dict[str, Any]) -> dict[str, Any]:
@@ -235,17 +225,13 @@ def _slim(summary: dict[str, Any]) -> dict[str, Any]:
     "accuracy_final",
     "compression_target",
     "compression_reached",
-    "nonzeros_after_cut",
+    "nonzeros",
     "epochs",
     "wall_time_s",
-    "accuracy_before_cut",
-    "accuracy_after_cut",
-    "accuracy_before_hard_prune",
-    "source_accuracy_after_cut",
-    "admm_targets_source",
-    "largest_passive_abs_weight_before_cut",
+    "accuracy_before_prune",
+    "method_results",
   )
-  out = {k: summary[k] for k in keys if k in summary}
+  out = {k: summary[k] for k in keys}
   out["layers"] = [
     {k: row[k] for k in ("path", "size", "nonzeros", "density")} for row in summary["layers"]
   ]
@@ -291,7 +277,7 @@ def run_all(quick: bool, workdir: str, log) -> dict[str, Any]:
     dense = run(dense_config(base), dense_dir, log)
     results["dense"][model] = {
       "accuracy": dense["dense_accuracy"],
-      "epochs": dense["dense_epochs"],
+      "epochs": dense["epochs"].get("dense", 0),
       "wall_time_s": dense["wall_time_s"]["dense"],
     }
     for c in s["compressions"]:
@@ -376,10 +362,12 @@ def _table1_row(model, c, dense_accuracy, runs) -> dict[str, Any]:
     "admm": runs["admm"]["accuracy_final"],
     "gmp_no_ft": runs["gmp"]["accuracy_after_prune"],
     "admm_no_ft": runs["admm"]["accuracy_after_prune"],
-    "gsm_largest_passive_abs_weight": runs["gsm"].get("largest_passive_abs_weight_before_cut"),
-    "gsm_accuracy_before_cut": runs["gsm"].get("accuracy_before_cut"),
+    "gsm_largest_passive_abs_weight": runs["gsm"]["method_results"].get(
+      "largest_passive_abs_weight_before_cut"
+    ),
+    "gsm_accuracy_before_cut": runs["gsm"]["accuracy_before_prune"],
     "compression_reached": {m: r["compression_reached"] for m, r in runs.items()},
-    "nonzeros": {m: r["nonzeros_after_cut"] for m, r in runs.items()},
+    "nonzeros": {m: r["nonzeros"] for m, r in runs.items()},
     "epochs": {m: {k: v for k, v in r["epochs"].items() if k != "dense"} for m, r in runs.items()},
     "wall_time_s": {
       m: sum(v for k, v in r["wall_time_s"].items() if k != "this_invocation")
