@@ -1,11 +1,13 @@
-"""Trains a dense model, prunes it with Global Sparse Momentum SGD and evaluates the cut.
+"""Trains a dense model, prunes it with config.method (GSM by default) and evaluates the result.
 
 Usage:
   python train.py [--config configs/<name>.py] [--config.key=value ...] --workdir DIR
 
 Without --config, configs/default.py is used (LeNet-300-100 on Fashion-MNIST,
-C = 60, about 5 minutes on 2 CPU cores). Re-running with the same --workdir
-resumes from its latest checkpoint; Ctrl-C saves a checkpoint and exits.
+GSM to C = 60, about 4 minutes on 2 CPU cores). Re-running with the same
+--workdir resumes from its latest checkpoint; Ctrl-C saves a checkpoint and
+exits (code 130); a bad config is one error line (code 1). The fields, the
+workdir and summary.json: docs/TRAINING.md.
 """
 
 import os

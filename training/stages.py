@@ -176,12 +176,9 @@ def gmp_optimizer(cfg: Any, steps_per_epoch: int, compression: float, end_step: 
 def admm_optimizer(cfg: Any, steps_per_epoch: int, treedef: Any, counts: tuple):
   """ADMM W-steps (penalty on the raw gradients, Z/U inside) followed by SGD."""
   tx, lr = steps.sgd(cfg, steps_per_epoch)
-  keep_counts = jax.tree.unflatten(
-    treedef, [optax.MaskedNode() if c is None else c for c in counts]
-  )
   w_step = baselines.add_admm_penalty(
     cfg.rho,
-    keep_counts,
+    keep_count_tree(treedef, counts),
     steps_per_iteration=cfg.steps_per_iteration,
     rho_growth=cfg.rho_growth,
   )
@@ -403,13 +400,18 @@ def admm_keep_counts(config: ml_collections.ConfigDict, params: Any) -> tuple[An
   return counts, source
 
 
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def keep_count_tree(treedef: Any, counts: tuple) -> Any:
+  """The library's keep-count pytree: l_i on target leaves, ``MaskedNode`` on the others."""
+  return jax.tree.unflatten(treedef, [optax.MaskedNode() if c is None else c for c in counts])
+
+
 def _counts_by_path(counts: Any, params: Any) -> dict[str, int]:
-  leaves = jax.tree.leaves(counts, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  return {
-    path: int(c)
-    for path, c in zip(_leaf_paths(params), leaves)
-    if not isinstance(c, optax.MaskedNode)
-  }
+  leaves = jax.tree.leaves(counts, is_leaf=_is_masked)
+  return {path: int(c) for path, c in zip(_leaf_paths(params), leaves) if not _is_masked(c)}
 
 
 def _counts_from_paths(by_path: dict[str, int], params: Any) -> tuple[Any, tuple]:
@@ -439,9 +441,7 @@ def admm_stages(ctx: Context) -> list[Stage]:
     )
 
   def hard_prune(params):
-    treedef, counts = keep_counts()
-    tree = jax.tree.unflatten(treedef, [optax.MaskedNode() if c is None else c for c in counts])
-    return baselines.admm_hard_prune(params, tree)[0]
+    return baselines.admm_hard_prune(params, keep_count_tree(*keep_counts()))[0]
 
   return [
     Stage("admm", config.admm.epochs, admm_phase, enter_admm),
