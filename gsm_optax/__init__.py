@@ -16,6 +16,7 @@ from gsm_optax.report import LeafSparsity
 from gsm_optax.report import SparsityReport
 from gsm_optax.report import sparsity_report
 from gsm_optax.selection import global_kth_largest
+from gsm_optax.selection import global_kth_largest_magnitude
 from gsm_optax.transform import MaskByGlobalTaylorState
 from gsm_optax.transform import gsm
 from gsm_optax.transform import gsm_stats
@@ -32,6 +33,7 @@ __all__ = [
   "baselines",
   "default_pool",
   "global_kth_largest",
+  "global_kth_largest_magnitude",
   "global_magnitude_mask",
   "gsm",
   "gsm_stats",

@@ -3,7 +3,11 @@
 A pool follows `optax.masked`'s convention: a bool pytree with the structure of
 the params, or a callable ``params -> bool pytree``. ``None`` selects every
 floating leaf with ``ndim >= 2`` (dense and conv kernels), as the reference code
-of Ding et al. (2019) does.
+of Ding et al. (2019) does. Params may be arrays or `jax.ShapeDtypeStruct`s.
+
+Q = floor(|pool| / C), the number of pooled weights kept at compression C, is
+computed here only: `floor_keep` for a Python number C (``int(|pool| / C)``,
+the reference code's rounding), `traced_keep` for an array or traced C.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from typing import Callable
 from typing import Union
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from gsm_optax import _checks
 
 Pool = Union[None, Any, Callable[[Any], Any]]
 
@@ -23,7 +30,7 @@ Pool = Union[None, Any, Callable[[Any], Any]]
 def default_pool(params: Any) -> Any:
   """Every floating leaf with ``ndim >= 2``: dense and convolution kernels."""
   return jax.tree.map(
-    lambda x: bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) and jnp.ndim(x) >= 2), params
+    lambda x: bool(jnp.issubdtype(_checks.leaf_dtype(x), jnp.floating) and jnp.ndim(x) >= 2), params
   )
 
 
@@ -64,7 +71,7 @@ def resolve_pool(params: Any, pool: Pool = None) -> Any:
         "optimizer is built), not a traced array."
       )
     if flag:
-      dtype = jnp.asarray(leaf).dtype
+      dtype = _checks.leaf_dtype(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
           f"pool selects the leaf {_path_name(path)} of dtype {dtype}; "
@@ -84,22 +91,21 @@ def pool_leaves(params: Any, pool_mask: Any) -> list[jax.Array]:
   return [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(pool_mask)) if m]
 
 
+def pooled_size(params: Any, pool_mask: Any) -> int:
+  """|Theta| for a resolved pool (a bool pytree)."""
+  return sum(_checks.leaf_size(p) for p in pool_leaves(params, pool_mask))
+
+
 def pool_size(params: Any, pool: Pool = None) -> int:
   """|Theta|: the number of prunable weights in the pool."""
-  mask = resolve_pool(params, pool)
-  return sum(math.prod(jnp.shape(p)) for p in pool_leaves(params, mask))
+  return pooled_size(params, resolve_pool(params, pool))
 
 
 def validate_compression(compression: float, name: str = "compression") -> float:
-  """Checks a constant compression ratio C: finite and >= 1."""
-  if isinstance(compression, (str, bytes, bool)):  # float("4") would pass
+  """Checks a constant compression ratio C: a number, finite and >= 1."""
+  if not _checks.is_number(compression):
     raise TypeError(f"{name} must be a number >= 1 or an optax schedule, got {compression!r}.")
-  try:
-    value = float(compression)
-  except (TypeError, ValueError):
-    raise TypeError(
-      f"{name} must be a number >= 1 or an optax schedule, got {compression!r}."
-    ) from None
+  value = float(compression)
   if not math.isfinite(value) or value < 1:
     raise ValueError(
       f"{name} must be finite and >= 1 (C = |pool| / kept weights), got {compression!r}."
@@ -107,10 +113,47 @@ def validate_compression(compression: float, name: str = "compression") -> float
   return value
 
 
+def floor_keep(size: int, compression: float) -> int:
+  """Q = int(|Theta| / C) for a Python number C >= 1, the reference code's
+  rounding; 0 when C > |Theta| (callers raise their own error)."""
+  return int(size / compression)
+
+
+def floor_divide_by_float(size: int, divisor: jax.Array) -> jax.Array:
+  """floor(size / c) exactly, for an int 0 <= size < 2^31 and float32 c >= 1.
+
+  Float32 division rounds (int(n / C) could be one too many near an
+  integer), so this divides by c = m * 2^e in integers: by m << e when
+  e >= 0, else n // m and then one binary digit of the remainder per bit of
+  -e (at most 23). A non-finite c gives 0.
+  """
+  bits = lax.bitcast_convert_type(jnp.asarray(divisor, jnp.float32), jnp.int32)
+  exponent = ((bits >> 23) & 0xFF) - 150  # c = mantissa * 2^exponent
+  mantissa = (bits & 0x7FFFFF) | 0x800000
+  n = jnp.int32(size)
+  whole = n // (mantissa << jnp.clip(exponent, 0, 7))
+  quotient, remainder = n // mantissa, n % mantissa
+  for bit in range(23):
+    active = bit < -exponent
+    twice = remainder * 2
+    digit = (twice >= mantissa).astype(jnp.int32)
+    remainder = jnp.where(active, twice - digit * mantissa, remainder)
+    quotient = jnp.where(active, quotient * 2 + digit, quotient)
+  return jnp.where(exponent >= 8, 0, jnp.where(exponent >= 0, whole, quotient))
+
+
+def traced_keep(size: int, compression: jax.Array) -> jax.Array:
+  """Q = floor(|Theta| / C) for an array (e.g. traced) C, exactly for its
+  float32 value (`floor_divide_by_float`); C < 1 counts as 1 and Q is
+  clipped to [1, |Theta|]. An int32 scalar."""
+  value = jnp.maximum(jnp.asarray(compression, jnp.float32), 1.0)
+  return jnp.clip(floor_divide_by_float(size, value), 1, size)
+
+
 def keep_count_for_size(size: int, compression: float) -> int:
-  """Q = int(|Theta| / C), the reference code's rounding; raises if Q < 1."""
+  """Q = int(|Theta| / C) (`floor_keep`) for a number C; raises if Q < 1."""
   value = validate_compression(compression)
-  keep = int(size / value)
+  keep = floor_keep(size, value)
   if keep < 1:
     raise ValueError(
       f"compression {compression!r} keeps Q = int({size} / {value}) = 0 of "

@@ -35,7 +35,7 @@ def taylor_mask(grads: Any, params: Any, compression: float, *, pool: _pool.Pool
   in_pool = _pool.resolve_pool(params, pool)
   tx = transform.mask_by_global_taylor(compression, pool=in_pool)
   masked, state = tx.update(grads, tx.init(params), params)
-  size = sum(jnp.size(p) for p in _pool.pool_leaves(params, in_pool))
+  size = _pool.pooled_size(params, in_pool)
   # An active gradient passes unchanged and an active score is > 0 (so g != 0)
   # unless Q = |pool|, where every pooled weight is active.
   keep_all = state.keep >= size

@@ -10,10 +10,6 @@ import jax.numpy as jnp
 from gsm_optax import _pool
 from gsm_optax import selection
 
-# One compiled computation for eager calls (jitted callers inline it): op by
-# op, the radix select compiles dozens of XLA programs on first use.
-_kth_largest_score = jax.jit(selection.kth_largest_score)
-
 
 def global_magnitude_mask(params: Any, compression: float, *, pool: _pool.Pool = None) -> Any:
   """Keeps the Q = int(|pool| / C) pooled weights of greatest |w|.
@@ -28,9 +24,7 @@ def global_magnitude_mask(params: Any, compression: float, *, pool: _pool.Pool =
   """
   mask = _pool.resolve_pool(params, pool)
   keep = _pool.keep_count(params, compression, pool=mask)
-  pooled = _pool.pool_leaves(params, mask)
-  magnitudes = [jnp.abs(p.astype(jnp.float32)) for p in pooled]
-  threshold = _kth_largest_score(magnitudes, keep)
+  threshold = selection.kth_largest_magnitude(_pool.pool_leaves(params, mask), keep)
 
   def leaf_mask(p, in_pool):
     if not in_pool:

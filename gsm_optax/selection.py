@@ -5,6 +5,11 @@ keys"), so the k-th largest value is found digit by digit with histograms
 (radix select): two passes of 16-bit digits for 32-bit keys. Each pass
 works leaf by leaf and only adds up the per-leaf counts, so the pytree is never
 concatenated and, under SPMD, only the small histograms cross devices.
+
+`radix_select` is the one radix select: `global_kth_largest` runs it on 32-bit
+keys of any float; every k-th greatest of non-negative values (GSM's Taylor
+scores, |w| for `global_kth_largest_magnitude`, `global_magnitude_mask` and the
+baselines' top-k masks) runs it on 31-bit keys with NaN ranked as 0.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from gsm_optax import _checks
 
 _SIGN_BIT = jnp.uint32(1 << 31)
 _INF_BITS = jnp.uint32(0x7F800000)
@@ -105,44 +112,72 @@ def _kth_largest_bin(hist: jax.Array, k: jax.Array):
   return digit, k - above, above
 
 
+class RadixSelection(NamedTuple):
+  """The result of `radix_select`."""
+
+  key: jax.Array  # the k-th largest key (uint32)
+  num_at_least: jax.Array  # keys >= it (with nan_as_zero, NaN keys not counted)
+  digits: tuple[jax.Array, ...]  # the digit found by each pass (uint32)
+  histograms: tuple[jax.Array, ...]  # each pass's digit counts, as counted
+
+
 def radix_select(
-  keys: Sequence[jax.Array], k: jax.Array, digits: Sequence[int] = _KEY_DIGITS
-) -> tuple[jax.Array, jax.Array]:
-  """Exact k-th largest of uint32 keys spread over several arrays.
+  keys: Sequence[jax.Array],
+  k: jax.Array,
+  digits: Sequence[int] = _KEY_DIGITS,
+  *,
+  nan_as_zero: bool = False,
+) -> RadixSelection:
+  """Exact k-th largest of unsigned keys of ``sum(digits)`` bits spread over
+  several arrays: the one radix select of the library.
 
   One histogram pass per digit, most significant first; each pass counts only
   the keys that share the digits found so far. Requires 1 <= k <= total size.
 
-  Returns:
-    (the k-th largest key, the number of keys >= it).
+  With `nan_as_zero`, the greatest key (all ``sum(digits)`` bits set, where
+  the caller maps NaN) ranks as the key 0: it must be alone in the top bin of
+  the first pass, whose count is moved to bin 0 (and into bin 0 of the later
+  passes while the digits found are 0). Such keys are not in `num_at_least`.
   """
   rank = jnp.asarray(k, jnp.int32)
-  prefix, above_total, shift = None, jnp.zeros([], jnp.int32), sum(digits)
+  prefix, above_total, shift = None, None, sum(digits)
+  found, histograms = [], []
   for width in digits:
     shift -= width
     hist = _digit_histogram(keys, shift, width, prefix)
+    histograms.append(hist)
+    if nan_as_zero and prefix is None:
+      num_nan = hist[-1]
+      hist = hist.at[0].add(num_nan).at[-1].set(0)
+    elif nan_as_zero:
+      hist = hist.at[0].add(jnp.where(prefix == 0, num_nan, 0))
     digit, rank, above = _kth_largest_bin(hist, rank)
-    above_total += above
+    above_total = above if above_total is None else above_total + above
+    index = digit
     digit = digit.astype(jnp.uint32)
+    found.append(digit)
     prefix = digit if prefix is None else (prefix << width) | digit
-  return prefix, above_total + hist[digit]
+  num_at_least = above_total + hist[index]
+  if nan_as_zero:
+    num_at_least = num_at_least - jnp.where(prefix == 0, num_nan, 0)
+  return RadixSelection(prefix, num_at_least, tuple(found), tuple(histograms))
 
 
-def select_kth_largest_key(keys: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-  """Exact k-th largest of uint32 keys spread over several arrays."""
-  return radix_select(keys, k, _KEY_DIGITS)[0]
-
-
-def _check_leaves(leaves: Sequence[Any]) -> None:
+def _check_tree(tree: Any, k: Any, name: str) -> tuple[list[Any], Any]:
+  """(the leaves, their common dtype); checks the dtypes and a concrete k."""
+  leaves = jax.tree.leaves(tree)
   if not leaves:
-    raise ValueError("global_kth_largest needs a pytree with at least one leaf.")
-  for leaf in leaves:
-    dtype = jnp.asarray(leaf).dtype
+    raise ValueError(f"{name} needs a pytree with at least one leaf.")
+  dtypes = [_checks.leaf_dtype(leaf) for leaf in leaves]
+  for dtype in dtypes:
     if not any(dtype == d for d in _SUPPORTED_DTYPES):
       raise TypeError(
-        f"global_kth_largest supports float16, bfloat16 and float32 leaves; "
-        f"got a leaf of dtype {dtype}."
+        f"{name} supports float16, bfloat16 and float32 leaves; got a leaf of dtype {dtype}."
       )
+  size = sum(_checks.leaf_size(leaf) for leaf in leaves)
+  if _checks.is_number(k, integer=True) and not 1 <= int(k) <= size:
+    raise ValueError(f"k must be in [1, {size}] (the number of elements), got {k}.")
+  return leaves, jnp.result_type(*dtypes)
 
 
 def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
@@ -160,12 +195,7 @@ def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
   Returns:
     A scalar of the leaves' common dtype.
   """
-  leaves = jax.tree.leaves(tree)
-  _check_leaves(leaves)
-  size = sum(jnp.size(leaf) for leaf in leaves)
-  if isinstance(k, int) and not 1 <= k <= size:
-    raise ValueError(f"k must be in [1, {size}] (the number of elements), got {k}.")
-  dtype = jnp.result_type(*[jnp.asarray(leaf).dtype for leaf in leaves])
+  leaves, dtype = _check_tree(tree, k, "global_kth_largest")
   return _kth_largest_value(leaves, jnp.asarray(k, jnp.int32)).astype(dtype)
 
 
@@ -175,11 +205,44 @@ def _kth_largest_value(leaves: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   # radix select would compile dozens of small XLA programs on first use.
   size = sum(jnp.size(leaf) for leaf in leaves)
   k = jnp.clip(k, 1, size)
-  return key_to_float(select_kth_largest_key([sortable_key(x) for x in leaves], k))
+  return key_to_float(radix_select([sortable_key(x) for x in leaves], k).key)
+
+
+def global_kth_largest_magnitude(tree: Any, k: int | jax.Array) -> jax.Array:
+  """The k-th greatest |x| over all leaves of `tree` (k = 1 is the greatest).
+
+  Equals ``np.sort(np.abs(np.concatenate([leaf.ravel() ...])))[-k]`` exactly,
+  with NaN ranked as 0: the radix select of GSM's Taylor scores
+  (`kth_largest_score`), which `global_magnitude_mask` and the baselines' top-k
+  masks use too. Prefer it to ``global_kth_largest(jnp.abs(...))`` for
+  magnitudes: non-negative keys need one bit less.
+
+  Args:
+    tree: a pytree of float16, bfloat16 or float32 arrays.
+    k: rank from the top, 1 <= k <= total number of elements. A concrete int
+      is checked; a traced k must be in range (it is clipped).
+
+  Returns:
+    A scalar of the leaves' common dtype.
+  """
+  leaves, dtype = _check_tree(tree, k, "global_kth_largest_magnitude")
+  return kth_largest_magnitude(leaves, jnp.asarray(k, jnp.int32)).astype(dtype)
+
+
+@jax.jit
+def kth_largest_magnitude(leaves: Sequence[jax.Array], k: jax.Array) -> jax.Array:
+  """The k-th greatest |x| of float arrays (float32; k clipped to [1, size]).
+
+  One compiled program when called eagerly, inlined in jitted callers.
+  """
+  size = sum(jnp.size(leaf) for leaf in leaves)
+  k = jnp.clip(k, 1, size)
+  return kth_largest_score([jnp.abs(jnp.asarray(x).astype(jnp.float32)) for x in leaves], k)
 
 
 def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-  """Exact k-th greatest of scores >= 0 (e.g. from `jnp.abs`), NaN ranked as 0."""
+  """Exact k-th greatest of scores >= 0 (e.g. from `jnp.abs`), NaN ranked as 0;
+  1 <= k <= total size."""
   return _select_radix(_score_keys(scores), k).threshold
 
 
@@ -207,6 +270,7 @@ def kth_largest_score(scores: Sequence[jax.Array], k: jax.Array) -> jax.Array:
 _INF_KEY = 0x7F800000  # +inf; NaN bit patterns are greater
 _NAN_KEY = 0x7FFFFFFF  # every NaN, in the radix select
 _LOW_BITS = 15  # radix select: high 16 bits, then low 15
+_SCORE_DIGITS = (31 - _LOW_BITS, _LOW_BITS)
 _SAMPLE_STRIDE = 16
 _SAMPLED_MIN_SIZE = 1 << 22  # below this the radix select is as cheap
 _SAMPLE_BIN_BITS = 15  # the sample brackets in bins of 2^15 keys
@@ -430,28 +494,20 @@ def _select_sampled(keys, k, size):
 
 
 def _select_radix(keys, k):
-  """Radix select over the score keys in two passes (high 16, low 15 bits).
+  """`radix_select` over the 31-bit score keys (high 16, low 15 bits).
 
   NaN keys become 0x7FFFFFFF, alone in the top high bin (and +inf alone in
-  bin 0xFF00), so the first histogram also counts them; they are then ranked
-  with the zeros.
+  bin 0xFF00), so the first histogram also counts them; they are ranked with
+  the zeros (``nan_as_zero``).
   """
   keys = [jnp.where(key > _INF_KEY, _NAN_KEY, key).astype(jnp.uint32) for key in keys]
-  high_hist = _digit_histogram(keys, _LOW_BITS, 31 - _LOW_BITS, None)
+  found = radix_select(keys, k, _SCORE_DIGITS, nan_as_zero=True)
+  high_hist, low_hist = found.histograms
   num_inf, num_nan = high_hist[_INF_KEY >> _LOW_BITS], high_hist[-1]
-  high_hist = high_hist.at[0].add(num_nan).at[-1].set(0)
-  high, rank, above = _kth_largest_bin(high_hist, k)
-  high = high.astype(jnp.uint32)
-  low_hist = _digit_histogram(keys, 0, _LOW_BITS, high)
-  num_zero = jnp.where(high == 0, low_hist[0], 0)
-  low_hist = low_hist.at[0].add(jnp.where(high == 0, num_nan, 0))
-  low, _, low_above = _kth_largest_bin(low_hist, rank)
-  threshold_key = (high << _LOW_BITS) | low.astype(jnp.uint32)
-  nan_counted = jnp.where(threshold_key == 0, num_nan, 0)
   return ScoreSelection(
-    threshold=lax.bitcast_convert_type(threshold_key, jnp.float32),
-    num_at_least=above + low_above + low_hist[low] - nan_counted,
-    num_zero=num_zero,
+    threshold=lax.bitcast_convert_type(found.key, jnp.float32),
+    num_at_least=found.num_at_least,
+    num_zero=jnp.where(found.digits[0] == 0, low_hist[0], 0),
     num_nonfinite=num_inf + num_nan,
     sampled=jnp.asarray(False),
   )

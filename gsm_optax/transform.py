@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 from typing import NamedTuple
-from typing import Union
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from gsm_optax import _checks
 from gsm_optax import _pool
 from gsm_optax import selection
-
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 class MaskByGlobalTaylorState(NamedTuple):
@@ -51,49 +49,23 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_compression_arg(compression: ScalarOrSchedule) -> None:
+def _check_compression_arg(compression: optax.ScalarOrSchedule) -> None:
   """Checks what can be checked when the transform is built."""
   if callable(compression):
     return
-  if compression is None or isinstance(compression, (bool, str, bytes)):
-    raise TypeError(f"compression must be a number >= 1, got {compression!r}.")
-  if jnp.ndim(compression) != 0:
-    raise ValueError(f"compression must be a scalar, got shape {jnp.shape(compression)}.")
-  if _is_concrete(compression):
+  if isinstance(compression, (jax.Array, np.ndarray)) and compression.ndim != 0:
+    raise ValueError(f"compression must be a scalar, got shape {compression.shape}.")
+  if _is_concrete(compression):  # a traced C is checked where it is used
     _pool.validate_compression(compression)
 
 
-def floor_divide_by_float(size: int, divisor: jax.Array) -> jax.Array:
-  """floor(size / c) exactly, for an int 0 <= size < 2^31 and float32 c >= 1.
-
-  Float32 division rounds (int(n / C) could be one too many near an
-  integer), so this divides by c = m * 2^e in integers: by m << e when
-  e >= 0, else n // m and then one binary digit of the remainder per bit of
-  -e (at most 23). A non-finite c gives 0.
-  """
-  bits = lax.bitcast_convert_type(jnp.asarray(divisor, jnp.float32), jnp.int32)
-  exponent = ((bits >> 23) & 0xFF) - 150  # c = mantissa * 2^exponent
-  mantissa = (bits & 0x7FFFFF) | 0x800000
-  n = jnp.int32(size)
-  whole = n // (mantissa << jnp.clip(exponent, 0, 7))
-  quotient, remainder = n // mantissa, n % mantissa
-  for bit in range(23):
-    active = bit < -exponent
-    twice = remainder * 2
-    digit = (twice >= mantissa).astype(jnp.int32)
-    remainder = jnp.where(active, twice - digit * mantissa, remainder)
-    quotient = jnp.where(active, quotient * 2 + digit, quotient)
-  return jnp.where(exponent >= 8, 0, jnp.where(exponent >= 0, whole, quotient))
-
-
-def _keep_for_step(size: int, compression: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+def _keep_for_step(size: int, compression: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
   """Q = int(|pool| / C) for this step: exact for a Python number C (as the
   reference code computes it), and for a traced float32 C."""
   if isinstance(compression, (int, float)):
     return jnp.asarray(_pool.keep_count_for_size(size, compression), jnp.int32)
   value = compression(count) if callable(compression) else compression
-  value = jnp.maximum(jnp.asarray(value, jnp.float32), 1.0)
-  return jnp.clip(floor_divide_by_float(size, value), 1, size)
+  return _pool.traced_keep(size, value)
 
 
 def taylor_score(grad: jax.Array, param: jax.Array) -> jax.Array:
@@ -133,10 +105,10 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
 
 
 def mask_by_global_taylor(
-  compression: ScalarOrSchedule,
+  compression: optax.ScalarOrSchedule,
   *,
   pool: _pool.Pool = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Keeps the loss gradient of the Q pooled weights with the greatest |g * w|.
 
   B = [T(w) >= t] with T(w) = |g * w| and t the Q-th greatest score over the
@@ -147,8 +119,8 @@ def mask_by_global_taylor(
   more than Q may be active. A score of 0 is never active when Q < |pool|:
   when fewer than Q scores are positive (t = 0) only the positive ones are
   kept, instead of the whole pool. With C = 1 (Q = |pool|) every weight is
-  active, i.e. plain momentum SGD. NaN scores are never active; `num_nonfinite` counts NaN and inf
-  scores. Scores are computed in float32.
+  active, i.e. plain momentum SGD. NaN scores are never active;
+  `num_nonfinite` counts NaN and inf scores. Scores are computed in float32.
 
   Args:
     compression: C >= 1, a float, a scalar array, or an optax schedule
@@ -157,18 +129,13 @@ def mask_by_global_taylor(
       bool pytree, or a callable ``params -> bool pytree``.
 
   Returns:
-    An `optax.GradientTransformation` whose `update` requires `params`.
+    An `optax.GradientTransformationExtraArgs` whose `update` requires
+    `params` (and ignores extra keyword arguments). `init` accepts abstract
+    params (`jax.ShapeDtypeStruct` leaves).
   """
   _check_compression_arg(compression)
 
-  def init_fn(params):
-    if params is None:
-      raise ValueError("mask_by_global_taylor.init needs the params pytree.")
-    mask = _pool.resolve_pool(params, pool)
-    size = sum(jnp.size(p) for p in _pool.pool_leaves(params, mask))
-    keep = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
-    if not callable(compression) and _is_concrete(compression):
-      _pool.keep_count_for_size(size, float(compression))
+  def state_with_keep(keep):
     return MaskByGlobalTaylorState(
       count=jnp.zeros([], jnp.int32),
       keep=jnp.asarray(keep, jnp.int32),
@@ -177,7 +144,19 @@ def mask_by_global_taylor(
       num_nonfinite=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None):
+  def init_fn(params):
+    if params is None:
+      raise ValueError("mask_by_global_taylor.init needs the params pytree.")
+    if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
+      return state_with_keep(0)
+    size = _pool.pooled_size(params, _pool.resolve_pool(params, pool))
+    keep = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
+    if not callable(compression) and _is_concrete(compression):
+      _pool.keep_count_for_size(size, float(compression))
+    return state_with_keep(keep)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError(
         "mask_by_global_taylor needs params to compute |g * w|: call update(grads, state, params)."
@@ -209,18 +188,18 @@ def mask_by_global_taylor(
     )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def gsm(
-  learning_rate: ScalarOrSchedule,
-  compression: ScalarOrSchedule,
+  learning_rate: optax.ScalarOrSchedule,
+  compression: optax.ScalarOrSchedule,
   *,
   momentum: float = 0.99,
-  weight_decay: ScalarOrSchedule = 5e-4,
+  weight_decay: optax.ScalarOrSchedule = 5e-4,
   nesterov: bool = False,
   pool: _pool.Pool = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Global Sparse Momentum SGD (Ding et al., NeurIPS 2019, eq. 7-8).
 
   z <- beta * z + eta * w + B * dL/dw;  w <- w - alpha * z, with B the mask of
@@ -238,7 +217,8 @@ def gsm(
     pool: prunable leaves, as in `mask_by_global_taylor`.
 
   Returns:
-    An `optax.GradientTransformation`; `update` requires `params`.
+    An `optax.GradientTransformationExtraArgs` (an `optax.chain`); `update`
+    requires `params`.
   """
   decay_mask = _pool.default_pool if pool is None else pool
   return optax.chain(

@@ -127,6 +127,79 @@ def test_kth_largest_orders_subnormals_like_numpy(dtype):
 
 
 # ----------------------------------------------------------------------------
+# The k-th greatest |x|: the score radix select (31-bit keys, NaN ranked as 0).
+# ----------------------------------------------------------------------------
+
+
+def _numpy_magnitudes_descending(tree) -> np.ndarray:
+  flat = np.concatenate([np.asarray(leaf, np.float32).ravel() for leaf in jax.tree.leaves(tree)])
+  magnitudes = np.abs(flat)
+  return np.sort(np.where(np.isnan(magnitudes), np.float32(0), magnitudes))[::-1]
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["nojit", "jit"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kth_largest_magnitude_equals_numpy_sort_of_abs_with_nan_as_zero(dtype, use_jit):
+  tree = jax.tree.map(jnp.asarray, _special_tree(dtype))  # 19 values, 1 NaN
+  expected = _numpy_magnitudes_descending(tree)
+  fn = gsm_optax.global_kth_largest_magnitude
+  if use_jit:
+    fn = jax.jit(fn)
+  got = [fn(tree, k) for k in range(1, expected.size + 1)]
+  for k, g in enumerate(got, start=1):
+    assert g.shape == () and g.dtype == dtype
+    assert float(g) == expected[k - 1], f"k={k}"
+  # NaN ranks as 0: the last two ranks are the zeros (0.0 and -0.0 count) and NaN.
+  assert expected[-4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_kth_largest_magnitude_of_random_normals_equals_the_signed_selection_of_abs():
+  tree = _large_random_tree()
+  magnitudes = jax.tree.map(jnp.abs, tree)
+  for k in [1, 2, 17, 60, 100, 126]:
+    assert float(gsm_optax.global_kth_largest_magnitude(tree, k)) == float(
+      gsm_optax.global_kth_largest(magnitudes, k)
+    )
+
+
+@pytest.mark.parametrize("k", [0, 20])
+def test_kth_largest_magnitude_rejects_k_out_of_range_and_non_float_leaves(k):
+  tree = jax.tree.map(jnp.asarray, _special_tree(np.float32))
+  with pytest.raises(ValueError, match=r"k must be in \[1, 19\]"):
+    gsm_optax.global_kth_largest_magnitude(tree, k)
+  with pytest.raises(TypeError, match="global_kth_largest_magnitude supports.*int32"):
+    gsm_optax.global_kth_largest_magnitude({"w": jnp.zeros((2,), jnp.int32)}, 1)
+
+
+def test_every_kth_largest_goes_through_the_one_radix_select(monkeypatch):
+  # Shapes no other test uses, so that every function below is traced anew.
+  calls = []
+  radix_select = selection.radix_select
+
+  def recording(keys, k, digits=selection._KEY_DIGITS, *, nan_as_zero=False):
+    calls.append((tuple(digits), nan_as_zero))
+    return radix_select(keys, k, digits, nan_as_zero=nan_as_zero)
+
+  monkeypatch.setattr(selection, "radix_select", recording)
+  rng = np.random.default_rng(4)
+
+  def tree(i):  # a new shape per call: no compiled program is reused
+    return {"a": jnp.asarray(rng.standard_normal((13, 11 + i)), jnp.float32)}
+
+  score_path = ((16, 15), True)
+  checks = [
+    (lambda: gsm_optax.global_kth_largest(tree(0), 3), ((16, 16), False)),
+    (lambda: gsm_optax.global_kth_largest_magnitude(tree(1), 3), score_path),
+    (lambda: gsm_optax.global_magnitude_mask(tree(2), 3.0), score_path),
+    (lambda: gsm_optax.taylor_mask(tree(5), tree(5), 3.0), score_path),
+  ]
+  for fn, path in checks:
+    calls.clear()
+    jax.block_until_ready(fn())
+    assert calls == [path], calls
+
+
+# ----------------------------------------------------------------------------
 # Property test: random lists of small arrays, values with many duplicates.
 # ----------------------------------------------------------------------------
 

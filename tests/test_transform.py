@@ -1,6 +1,6 @@
 """gsm / mask_by_global_taylor against a NumPy implementation of the paper.
 
-The reference (`NumpyGSM`) implements PAPER.md's update with NumPy sorting:
+The reference (`NumpyGSM`) implements docs/METHOD.md's update with NumPy sorting:
 
     T = |g * w| on the pool, t = sort(T)[-Q], Q = int(|pool| / C),
     B = (T >= t) & (T > 0)                     (B = 1 everywhere when Q = |pool|)
@@ -25,7 +25,9 @@ import optax
 import pytest
 
 import gsm_optax
-from gsm_optax import transform
+from gsm_optax import _checks
+from gsm_optax import _pool
+from gsm_optax import baselines
 
 LR, BETA, ETA = 0.05, 0.9, 1e-2
 
@@ -49,7 +51,7 @@ def _muladd(a, b, c, fused: bool) -> np.ndarray:
 
 
 class NumpyGSM:
-  """Global Sparse Momentum SGD in NumPy (float32), written from PAPER.md."""
+  """Global Sparse Momentum SGD in NumPy (float32), written from docs/METHOD.md."""
 
   def __init__(
     self,
@@ -365,7 +367,7 @@ def test_passive_weight_decays_geometrically(nesterov):
   np.testing.assert_allclose(got, np.stack(trajectory[1:])[:, 0], rtol=2e-5)
 
   # Asymptotically |w| shrinks by the dominant eigenvalue of M per step,
-  # which is about 1 - alpha eta / (1 - beta) (PAPER.md).
+  # which is about 1 - alpha eta / (1 - beta) (docs/METHOD.md).
   rate = np.max(np.abs(np.linalg.eigvals(m)))
   np.testing.assert_allclose(got[-1] / got[-2], rate, rtol=1e-5)
   np.testing.assert_allclose(rate, 1 - alpha * eta / (1 - beta), rtol=1e-3)
@@ -904,10 +906,65 @@ def test_keep_for_a_traced_compression_is_exactly_floor_of_size_over_c(size, use
   spread = np.exp(rng.uniform(0.0, 25.0, 200)).astype(np.float32)
   divisors = np.concatenate([near_integer, spread, np.float32([1.0, 5.0, 60.0])])
   divisors = divisors[divisors >= 1.0]
-  divide = lambda c: transform.floor_divide_by_float(size, c)  # noqa: E731
+  divide = lambda c: _pool.floor_divide_by_float(size, c)  # noqa: E731
   if use_jit:
     divide = jax.jit(divide)
   got = [int(divide(jnp.float32(c))) for c in divisors[:40]]
   got += [int(x) for x in jax.vmap(divide)(jnp.asarray(divisors[40:]))]
   expected = [math.floor(fractions.Fraction(size) / fractions.Fraction(float(c))) for c in divisors]
   assert got == expected
+
+
+@pytest.mark.parametrize("compression", [1.0, 3.0, 4.0, 7.5, 46.0, 138.0])
+def test_every_q_of_the_library_is_int_of_size_over_c(compression, rng, params_factory):
+  # Q = floor(|pool| / C) is computed in _pool only: for a Python C
+  # (keep_count, gsm, gmp's final count, layer-wise pruning) and for an
+  # array C (a schedule's value), with the same result.
+  params = _as_jax(params_factory(rng))
+  keep = int(138 / compression)
+  assert gsm_optax.keep_count(params, compression) == keep
+  for c in (compression, jnp.float32(compression), optax.constant_schedule(compression)):
+    state = gsm_optax.mask_by_global_taylor(c).init(params)
+    assert int(gsm_optax.gsm_stats(state)["keep"]) == keep
+  gmp = baselines.gradual_magnitude_pruning(compression, begin_step=0, end_step=0, update_every=1)
+  _, state = gmp.update(params, gmp.init(params), params)
+  kept = sum(int(np.sum(m)) for m in jax.tree.leaves(state.mask) if np.ndim(m) >= 2)
+  assert kept == keep
+  if compression <= 18:  # every kernel keeps int(size_i / C) >= 1
+    mask = baselines.layerwise_magnitude_mask(params, compression)
+    for kernel, size in [
+      (mask["conv"]["kernel"], 72),
+      (mask["mlp"]["dense1"]["kernel"], 48),
+      (mask["mlp"]["dense2"]["kernel"], 18),
+    ]:
+      assert int(np.sum(kernel)) == int(size / compression)
+  assert _pool.floor_keep(138, compression) == keep
+  assert int(_pool.traced_keep(138, jnp.float32(compression))) == keep
+
+
+@pytest.mark.parametrize(
+  "value,number,integer",
+  [
+    (3, True, True),
+    (np.int64(3), True, True),
+    (np.asarray(3, np.int32), True, True),
+    (jnp.asarray(3), True, True),
+    (2.5, True, False),
+    (np.float32(2.5), True, False),
+    (jnp.asarray(2.5), True, False),
+    (True, False, False),
+    (np.bool_(True), False, False),
+    (jnp.asarray(True), False, False),
+    ("4", False, False),
+    (None, False, False),
+    (np.ones(2), False, False),
+    ([1], False, False),
+  ],
+)
+def test_one_number_predicate_rejects_bools_strings_and_non_scalars(value, number, integer):
+  assert _checks.is_number(value) is number
+  assert _checks.is_number(value, integer=True) is integer
+
+
+def test_a_traced_value_is_not_a_number_known_when_the_transform_is_built():
+  assert jax.jit(lambda x: jnp.asarray(_checks.is_number(x)))(2.0).item() is False
