@@ -1,6 +1,6 @@
 """The baselines (magnitude pruning, GMP, ADMM, lottery tickets) against NumPy.
 
-Every reference is written here from PAPER.md with NumPy sorting
+Every reference is written here from docs/METHOD.md with NumPy sorting
 (``np.argsort(-|w|, kind="stable")[:k]``: the k greatest magnitudes, ties to
 the lower index, which is also the library's documented tie rule), never with
 the code under test.
@@ -107,6 +107,20 @@ def test_ties_at_the_cut_go_to_the_first_entries_and_zeros_are_never_kept():
   np.testing.assert_array_equal(mask["w"], w != 0)
   z = baselines.admm_project(params, keep_counts)  # the projection keeps 3 too
   np.testing.assert_array_equal(z["w"], np.where(_numpy_topk_mask(w, 3), w, 0))
+
+
+def test_topk_masks_rank_nan_magnitudes_as_zero_like_the_global_cut():
+  # One selection for every k-th greatest |w| (NaN ranked as 0): the k kept
+  # are the k greatest finite magnitudes, as in global_magnitude_mask.
+  w = np.array([[np.nan, 3.0, -2.0], [1.0, np.nan, 0.5]], np.float32)
+  params = {"w": w}
+  mask = baselines.topk_mask(params, {"w": 2})
+  np.testing.assert_array_equal(mask["w"], [[False, True, True], [False, False, False]])
+  mask = baselines.topk_mask(params, {"w": 5})  # more than the 4 non-NaN: NaN is never kept
+  np.testing.assert_array_equal(mask["w"], ~np.isnan(w))
+  np.testing.assert_array_equal(
+    gsm_optax.global_magnitude_mask(params, 3.0)["w"], baselines.topk_mask(params, {"w": 2})["w"]
+  )
 
 
 def test_layerwise_mask_accepts_densities_as_pytree_paths_sequence_or_report(rng, params_factory):
@@ -268,7 +282,7 @@ GMP_C = 4.0
 def _cubic_sparsity(
   t: int, c=GMP_C, begin_step=2, end_step=14, update_every=3, initial_sparsity=0.1
 ) -> float:
-  """PAPER.md's s_t at the last mask update t_k <= t (0 before t0), float64."""
+  """docs/METHOD.md's s_t at the last mask update t_k <= t (0 before t0), float64."""
   if t < begin_step:
     return 0.0
   t_k = begin_step + min((t - begin_step) // update_every * update_every, end_step - begin_step)
@@ -524,18 +538,179 @@ def test_admm_penalty_gradient_equals_rho_residual_and_jax_grad_of_the_penalty(
 
 
 def test_add_admm_penalty_feeds_the_optimizer_the_penalised_gradient(rng, params_factory):
+  # Before the first Z-step: Z = Pi(W_0) from init, U = 0.
   rho, lr = 0.5, 0.1
-  params = params_factory(rng)
-  keep_counts = _keep_counts(params)
-  state = baselines.admm_init(params_factory(rng), keep_counts)
-  grads = params_factory(rng)
-  opt = optax.chain(baselines.add_admm_penalty(rho), optax.sgd(lr))
-  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params, admm_state=state)
-  for u, g, w, z in zip(_pooled(updates), _pooled(grads), _pooled(params), _pooled(state.z)):
+  start = params_factory(rng)
+  keep_counts = _keep_counts(start)
+  params, grads = params_factory(rng), params_factory(rng)
+  opt = optax.chain(
+    baselines.add_admm_penalty(rho, keep_counts, steps_per_iteration=3), optax.sgd(lr)
+  )
+  state = opt.init(start)
+  updates, state = jax.jit(opt.update)(grads, state, params)
+  for u, g, w, w0, k in zip(
+    _pooled(updates), _pooled(grads), _pooled(params), _pooled(start), COUNTS
+  ):
+    z = np.where(_numpy_topk_mask(w0, k), w0, 0.0)
     np.testing.assert_allclose(u, -lr * (g + rho * (w - z)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(updates["conv"]["bias"], -lr * grads["conv"]["bias"], rtol=1e-6)
-  with pytest.raises(ValueError, match="admm_state"):
-    opt.update(grads, opt.init(params), params)
+  assert int(state[0].count) == 1
+  with pytest.raises(ValueError, match="needs params"):
+    opt.update(grads, state)
+
+
+def _numpy_admm(start, target, keep_counts_list, rho, rho_growth, n, lr, steps):
+  """ADMM W-steps by SGD on f(W) = 1/2 ||W - A||^2 in NumPy float32, from
+  Zhang et al. (2018): Z = Pi(W), U = 0; before step t (t = n, 2n, ...)
+  Z = Pi(W + U), U <- U + W - Z; W <- W - lr (W - A + rho_k (W - Z + U)),
+  rho_k = rho * rho_growth^(t // n) on the pruned leaves, W - A elsewhere.
+
+  Returns the (W, Z, U) lists after every step.
+  """
+  w = [x.copy() for x in start]
+  proj = [
+    lambda x, k=k: x if k is None else np.where(_numpy_topk_mask(x, k), x, 0)
+    for k in keep_counts_list
+  ]
+  z = [p(x) if k is not None else np.zeros_like(x) for p, x, k in zip(proj, w, keep_counts_list)]
+  u = [np.zeros_like(x) for x in w]
+  history = []
+  for t in range(steps):
+    if t > 0 and t % n == 0:
+      for i, k in enumerate(keep_counts_list):
+        if k is not None:
+          z[i] = proj[i](w[i] + u[i])
+          u[i] = u[i] + (w[i] - z[i])
+    rho_k = np.float32(rho) * np.float32(rho_growth) ** np.float32(t // n)
+    for i, k in enumerate(keep_counts_list):
+      g = w[i] - target[i]
+      if k is not None:
+        g = g + rho_k * (w[i] - z[i] + u[i])
+      w[i] = w[i] - np.float32(lr) * g
+    history.append(([x.copy() for x in w], [x.copy() for x in z], [x.copy() for x in u]))
+  return history
+
+
+def test_add_admm_penalty_runs_the_admm_iteration_of_a_numpy_reference(
+  rng, params_factory, use_jit
+):
+  # 30 steps, a Z/U step every 4 (7 of them), rho growing 1.5x per iteration.
+  rho, rho_growth, n, lr, steps = 0.3, 1.5, 4, 0.1, 30
+  start, target = params_factory(rng), params_factory(rng)
+  keep_counts = _keep_counts(start)
+  flat_counts = [
+    None if isinstance(c, optax.MaskedNode) else c
+    for c in jax.tree.leaves(keep_counts, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  ]
+  opt = optax.chain(
+    baselines.add_admm_penalty(rho, keep_counts, steps_per_iteration=n, rho_growth=rho_growth),
+    optax.sgd(lr),
+  )
+
+  def step(p, s):
+    g = jax.tree.map(lambda w, a: w - a, p, target)
+    updates, s = opt.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  step = _maybe_jit(step, use_jit)
+  expected = _numpy_admm(
+    [np.asarray(x, np.float32) for x in jax.tree.leaves(start)],
+    [np.asarray(x, np.float32) for x in jax.tree.leaves(target)],
+    flat_counts,
+    rho,
+    rho_growth,
+    n,
+    lr,
+    steps,
+  )
+  params = jax.tree.map(jnp.asarray, start)
+  state = opt.init(params)
+  for t in range(steps):
+    params, state = step(params, state)
+    admm = state[0]
+    assert int(admm.count) == t + 1
+    for got, want in zip((params, admm.z, admm.u), expected[t]):
+      for g, e, k in zip(jax.tree.leaves(got), want, flat_counts):
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-5, err_msg=f"step {t}")
+  # Z has exactly l_i non-zeros per pruned leaf; Z and U are zero elsewhere.
+  for z, u, k in zip(jax.tree.leaves(state[0].z), jax.tree.leaves(state[0].u), flat_counts):
+    if k is None:
+      assert not np.any(np.asarray(z)) and not np.any(np.asarray(u))
+    else:
+      assert np.count_nonzero(np.asarray(z)) == k
+
+
+def _old_admm_w_step(rho, rho_growth, keep_counts, steps_per_iteration):
+  """The W-step of training/methods.py before it moved into the library
+  (a verbatim copy of its algorithm): the new transform must match it bit for bit."""
+  flags = [
+    not isinstance(c, optax.MaskedNode)
+    for c in jax.tree.leaves(keep_counts, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  ]
+
+  def to_full(params, tree):
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return jax.tree.unflatten(
+      jax.tree.structure(params),
+      [
+        leaf if flag else jnp.zeros_like(p)
+        for leaf, flag, p in zip(leaves, flags, jax.tree.leaves(params))
+      ],
+    )
+
+  def to_admm(params, tree):
+    treedef = jax.tree.structure(params)
+    return jax.tree.unflatten(
+      treedef,
+      [
+        leaf if flag else optax.MaskedNode()
+        for leaf, flag in zip(treedef.flatten_up_to(tree), flags)
+      ],
+    )
+
+  def init_fn(params):
+    state = baselines.admm_init(params, keep_counts)
+    return (jnp.zeros([], jnp.int32), to_full(params, state.z), to_full(params, state.u))
+
+  def update_fn(updates, state, params=None):
+    count, z, u = state
+    admm = baselines.ADMMState(z=to_admm(params, z), u=to_admm(params, u))
+    due = (count > 0) & (count % steps_per_iteration == 0)
+    z, u = jax.lax.cond(
+      due, lambda: tuple(baselines.admm_step(params, admm, keep_counts)), lambda: (admm.z, admm.u)
+    )
+    admm = baselines.ADMMState(z=z, u=u)
+    iteration = (count // steps_per_iteration).astype(jnp.float32)
+    rho_k = rho * jnp.power(jnp.float32(rho_growth), iteration)
+    penalty = baselines.admm_penalty_grads(params, admm, rho_k)
+    updates = jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, penalty)
+    return updates, (optax.safe_increment(count), to_full(params, z), to_full(params, u))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def test_add_admm_penalty_is_bit_identical_to_the_former_training_w_step(rng, params_factory):
+  # Jitted, as the training program runs it (eagerly, the old code compiled
+  # its cond anew at every step).
+  rho, rho_growth, n = 1e-2, 1.3, 3
+  params = jax.tree.map(jnp.asarray, params_factory(rng))
+  keep_counts = _keep_counts(params)
+  sgd = optax.sgd(0.05, momentum=0.9)
+  new = optax.chain(
+    baselines.add_admm_penalty(rho, keep_counts, steps_per_iteration=n, rho_growth=rho_growth), sgd
+  )
+  old = optax.chain(_old_admm_w_step(rho, rho_growth, keep_counts, n), sgd)
+  new_update, old_update = jax.jit(new.update), jax.jit(old.update)
+  p_new, s_new, p_old, s_old = params, new.init(params), params, old.init(params)
+  grad_rng = np.random.default_rng(5)
+  for t in range(20):
+    grads = jax.tree.map(jnp.asarray, params_factory(grad_rng))
+    u_new, s_new = new_update(grads, s_new, p_new)
+    u_old, s_old = old_update(grads, s_old, p_old)
+    p_new, p_old = optax.apply_updates(p_new, u_new), optax.apply_updates(p_old, u_old)
+    for a, b in zip(jax.tree.leaves((p_new, s_new)), jax.tree.leaves((p_old, s_old))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"step {t}")
+  assert int(s_new[0].count) == 20
 
 
 def test_admm_on_a_quadratic_converges_to_the_sparse_projection_of_its_minimum(rng, params_factory):
@@ -544,27 +719,24 @@ def test_admm_on_a_quadratic_converges_to_the_sparse_projection_of_its_minimum(r
   target = params_factory(rng)
   params = jax.tree.map(lambda a: 0.1 * a, params_factory(rng))
   keep_counts = _keep_counts(params)
-  rho = 1.0
-  opt = optax.chain(baselines.add_admm_penalty(rho), optax.sgd(0.2))
+  opt = optax.chain(
+    baselines.add_admm_penalty(1.0, keep_counts, steps_per_iteration=20), optax.sgd(0.2)
+  )
 
   @jax.jit
-  def w_step(p, s, admm_state):
+  def train(p, s):
     def one(_, carry):
       p, s = carry
       g = jax.tree.map(lambda w, a: w - a, p, target)
-      u, s = opt.update(g, s, p, admm_state=admm_state)
+      u, s = opt.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    return jax.lax.fori_loop(0, 20, one, (p, s))
+    return jax.lax.fori_loop(0, 620, one, (p, s))  # 30 Z/U steps, then 20 W-steps
 
-  admm_state = baselines.admm_init(params, keep_counts)
-  opt_state = opt.init(params)
-  for _ in range(30):
-    params, opt_state = w_step(params, opt_state, admm_state)
-    admm_state = baselines.admm_step(params, admm_state, keep_counts)
+  params, opt_state = train(params, opt.init(params))
   pruned, mask = baselines.admm_hard_prune(params, keep_counts)
   for got_m, got_w, z, a, k in zip(
-    _pooled(mask), _pooled(pruned), _pooled(admm_state.z), _pooled(target), COUNTS
+    _pooled(mask), _pooled(pruned), _pooled(opt_state[0].z), _pooled(target), COUNTS
   ):
     support = _numpy_topk_mask(a, k)
     np.testing.assert_array_equal(got_m.astype(bool), support)
@@ -605,8 +777,37 @@ def test_admm_functions_reject_keep_counts_that_do_not_fit_the_params(rng, param
   bad["conv"]["kernel"] = 73
   with pytest.raises(ValueError, match=r"keep_counts at \['conv'\]\['kernel'\]"):
     baselines.admm_project(params, bad)
-  with pytest.raises(ValueError, match="rho"):
-    baselines.add_admm_penalty(-1.0)
+
+
+@pytest.mark.parametrize(
+  "kwargs,error,message",
+  [
+    (dict(rho=-1.0), ValueError, "rho must be finite and >= 0, got -1.0"),
+    (dict(rho=math.inf), ValueError, "rho must be finite and >= 0, got inf"),
+    (dict(rho="1e-4"), TypeError, "rho must be a number >= 0, got '1e-4'"),
+    (dict(rho_growth=0.5), ValueError, "rho_growth must be finite and >= 1, got 0.5"),
+    (dict(rho_growth=None), TypeError, "rho_growth must be a number >= 1, got None"),
+    (dict(steps_per_iteration=0), ValueError, "steps_per_iteration must be a positive int, got 0"),
+    (dict(steps_per_iteration=2.0), TypeError, "steps_per_iteration must be a positive int"),
+    (dict(steps_per_iteration=True), TypeError, "steps_per_iteration must be a positive int"),
+  ],
+  ids=[
+    "negative_rho",
+    "inf_rho",
+    "string_rho",
+    "small_growth",
+    "none_growth",
+    "zero_steps",
+    "float_steps",
+    "bool_steps",
+  ],
+)
+def test_add_admm_penalty_rejects_bad_hyperparameters_when_built(kwargs, error, message):
+  args = dict(rho=1e-4, rho_growth=1.0, steps_per_iteration=10) | kwargs
+  rho = args.pop("rho")
+  with pytest.raises(error) as info:
+    baselines.add_admm_penalty(rho, {"w": 1}, **args)
+  assert message in str(info.value)
 
 
 # ----------------------------------------------------------------------------

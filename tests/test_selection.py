@@ -191,6 +191,8 @@ def test_every_kth_largest_goes_through_the_one_radix_select(monkeypatch):
     (lambda: gsm_optax.global_kth_largest(tree(0), 3), ((16, 16), False)),
     (lambda: gsm_optax.global_kth_largest_magnitude(tree(1), 3), score_path),
     (lambda: gsm_optax.global_magnitude_mask(tree(2), 3.0), score_path),
+    (lambda: gsm_optax.baselines.topk_mask(tree(3), {"a": 5}), score_path),
+    (lambda: gsm_optax.baselines.magnitude_prune(tree(4), 3.0, layerwise=True), score_path),
     (lambda: gsm_optax.taylor_mask(tree(5), tree(5), 3.0), score_path),
   ]
   for fn, path in checks:

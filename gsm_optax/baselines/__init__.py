@@ -3,6 +3,11 @@
 One-shot and iterative magnitude pruning with masked fine-tuning (Han et al.
 2015), gradual magnitude pruning (Zhu & Gupta 2017), ADMM weight pruning
 (Zhang et al. 2018) and lottery tickets (Frankle & Carbin 2019).
+
+The transforms (`keep_masked`, `gradual_magnitude_pruning`, `add_admm_penalty`)
+are `optax.GradientTransformationExtraArgs`: they ignore the extra keyword
+arguments of `optax.chain`, accept abstract params at `init` and work with
+`optax.tree_utils.tree_map_params`.
 """
 
 from gsm_optax.baselines.admm import LENET5_ADMM_SETTING

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from gsm_optax import _checks
 from gsm_optax import _pool
 from gsm_optax import report as report_lib
 from gsm_optax import selection
@@ -19,21 +19,6 @@ from gsm_optax import selection
 
 def path_name(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
-
-
-def is_number(x: Any) -> bool:
-  """A real Python/NumPy number or a concrete 0-d numeric array, not a bool."""
-  if isinstance(x, (bool, np.bool_)) or isinstance(x, jax.core.Tracer):
-    return False
-  if isinstance(x, (int, float, np.integer, np.floating)):
-    return True
-  if isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0:
-    return jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)
-  return False
-
-
-def is_masked_node(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def floor_count(size: int, fraction: float) -> int:
@@ -63,7 +48,8 @@ def check_mask(params: Any, mask: Any, name: str = "mask") -> Any:
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   out = []
   for (path, leaf), flag in zip(flat, jax.tree.leaves(mask)):
-    flag = flag if isinstance(flag, jax.core.Tracer) else jnp.asarray(flag)
+    if not isinstance(flag, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+      flag = jnp.asarray(flag)
     if flag.dtype != jnp.bool_:
       raise TypeError(f"{name} leaf at {path_name(path)} must be bool, got dtype {flag.dtype}.")
     if flag.shape not in ((), jnp.shape(leaf)):
@@ -78,11 +64,11 @@ def check_mask(params: Any, mask: Any, name: str = "mask") -> Any:
 def topk_leaf_masks(magnitudes: Sequence[jax.Array], k: Any) -> list[jax.Array]:
   """Masks of exactly the k greatest magnitudes over all `magnitudes` together.
 
-  t = the k-th greatest magnitude (exact radix select); every magnitude > t is
-  kept, and of those equal to t the first ones in tree then row-major order,
-  so that exactly k are kept. A zero magnitude is never kept unless k covers
-  every entry (then all are). `k` may be a Python int or a traced integer
-  (clipped to [0, size]).
+  t = the k-th greatest magnitude (`selection.kth_largest_score`, NaN ranked
+  as 0); every magnitude > t is kept, and of those equal to t the first ones
+  in tree then row-major order, so that exactly k are kept. A zero magnitude
+  is never kept unless k covers every entry (then all are).
+  `k` may be an int or a traced integer (clipped to [0, size]).
 
   Args:
     magnitudes: non-negative float32 arrays.
@@ -93,7 +79,7 @@ def topk_leaf_masks(magnitudes: Sequence[jax.Array], k: Any) -> list[jax.Array]:
   """
   magnitudes = list(magnitudes)
   size = sum(int(m.size) for m in magnitudes)
-  if isinstance(k, (int, np.integer)):
+  if _checks.is_number(k, integer=True):
     if k <= 0:
       return [jnp.zeros(m.shape, bool) for m in magnitudes]
     if k >= size:
@@ -110,7 +96,7 @@ def layerwise_topk_masks(magnitudes: Sequence[jax.Array], ks: Sequence[Any]) -> 
   out: list[Any] = [None] * len(magnitudes)
   todo = []
   for i, (m, k) in enumerate(zip(magnitudes, ks)):
-    if isinstance(k, (int, np.integer)) and (k <= 0 or k >= m.size):
+    if _checks.is_number(k, integer=True) and (k <= 0 or k >= m.size):
       out[i] = topk_leaf_masks([m], k)[0]
     else:
       todo.append(i)
@@ -125,7 +111,7 @@ def layerwise_topk_masks(magnitudes: Sequence[jax.Array], ks: Sequence[Any]) -> 
 def _topk_masks(magnitudes: list[jax.Array], k: jax.Array) -> list[jax.Array]:
   size = sum(int(m.size) for m in magnitudes)
   k = jnp.clip(k, 0, size)
-  threshold = selection.global_kth_largest(magnitudes, jnp.maximum(k, 1))
+  threshold = selection.kth_largest_score(magnitudes, jnp.maximum(k, 1))
   num_above = sum(jnp.sum(m > threshold, dtype=jnp.int32) for m in magnitudes)
   room = k - num_above  # how many ties at the threshold are kept
   keep_all = k >= size
@@ -168,7 +154,7 @@ def pooled_leaves_with_paths(params: Any, pool: _pool.Pool):
 
 
 def _check_density(value: Any, where: str, name: str) -> float:
-  if not is_number(value):
+  if not _checks.is_number(value):
     raise TypeError(f"{name} at {where} must be a number in [0, 1], got {value!r}.")
   density = float(value)
   if not math.isfinite(density) or not 0.0 <= density <= 1.0:
@@ -206,14 +192,14 @@ def per_leaf_densities(
     counts = []
     for path, leaf in pooled:
       row = rows[path]
-      if row.size != int(np.size(leaf)):
+      if row.size != _checks.leaf_size(leaf):
         raise ValueError(
           f"{name} (a SparsityReport) has size {row.size} at {path}, but "
-          f"the param there has {int(np.size(leaf))} entries."
+          f"the param there has {_checks.leaf_size(leaf)} entries."
         )
       counts.append(row.nonzeros)
     return treedef, infos, _spread(infos, counts)
-  if is_number(densities):
+  if _checks.is_number(densities):
     values = [_check_density(densities, path, name) for path, _ in pooled]
   else:
     try:
@@ -239,7 +225,7 @@ def per_leaf_densities(
         "params' structure, a dict from leaf paths to densities or a "
         f"sequence in pool order; got {type(densities).__name__}."
       )
-  counts = [floor_count(int(np.size(leaf)), d) for (_, leaf), d in zip(pooled, values)]
+  counts = [floor_count(_checks.leaf_size(leaf), d) for (_, leaf), d in zip(pooled, values)]
   return treedef, infos, _spread(infos, counts)
 
 
@@ -268,7 +254,7 @@ def resolve_keep_counts(
     keep-count pytree holds MaskedNode).
   """
   params_leaves, params_def = jax.tree.flatten(params)
-  counts_leaves, counts_def = jax.tree.flatten(keep_counts, is_leaf=is_masked_node)
+  counts_leaves, counts_def = jax.tree.flatten(keep_counts, is_leaf=_checks.is_masked_node)
   if counts_def.num_leaves != params_def.num_leaves:
     counts_def = None
   else:
@@ -280,27 +266,25 @@ def resolve_keep_counts(
     raise ValueError(
       f"{name} must have the params' tree structure (ints on pooled leaves, "
       f"optax.MaskedNode elsewhere); params: {params_def}, {name}: "
-      f"{jax.tree.structure(keep_counts, is_leaf=is_masked_node)}."
+      f"{jax.tree.structure(keep_counts, is_leaf=_checks.is_masked_node)}."
     )
   flat = []
   paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for path, leaf, count in zip(paths, params_leaves, counts_leaves):
-    if is_masked_node(count):
+    if _checks.is_masked_node(count):
       flat.append(None)
       continue
-    if isinstance(count, (bool, np.bool_)):
-      raise TypeError(f"{name} at {path} must be an int, got {count!r}.")
-    if isinstance(count, (int, np.integer)):
-      size = int(np.size(leaf))
+    if _checks.is_number(count, integer=True):
+      size = _checks.leaf_size(leaf)
       if not 0 <= int(count) <= size:
         raise ValueError(f"{name} at {path} must be in [0, {size}] (the leaf's size), got {count}.")
       flat.append(int(count))
     elif (
-      isinstance(count, (jax.Array, np.ndarray))
+      isinstance(count, jax.core.Tracer)
       and count.ndim == 0
       and jnp.issubdtype(count.dtype, jnp.integer)
     ):
-      flat.append(count)  # traced or array count: clipped when used
+      flat.append(count)  # traced count: clipped when used
     else:
       raise TypeError(f"{name} at {path} must be an int or optax.MaskedNode, got {count!r}.")
   return params_def, params_leaves, flat

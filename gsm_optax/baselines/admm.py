@@ -5,41 +5,47 @@ Framework using ADMM", ECCV 2018).
 
 With Z_i = W_i and the scaled dual U_i, each ADMM iteration is
 
-    W-step: train f(W) + sum_i rho/2 ||W_i - Z_i + U_i||^2 for a few epochs
-            (`add_admm_penalty` after the optimizer, or `admm_penalty_loss`);
+    W-step: train f(W) + sum_i rho/2 ||W_i - Z_i + U_i||^2 for a few epochs;
     Z-step: Z_i = Pi_i(W_i + U_i), keep the l_i entries of greatest |.|
             (`admm_project`);
     U-step: U_i <- U_i + W_i - Z_i (`admm_dual_update`);
 
-`admm_step` does the Z- and U-steps. Start from a pretrained W with
-`admm_init` (Z = Pi(W), U = 0); at the end hard-prune W to the targets
-(`admm_hard_prune`) and retrain with ``optax.chain(opt, keep_masked(mask))``.
+`admm_step` does the Z- and U-steps. `add_admm_penalty(rho, keep_counts,
+steps_per_iteration=n)`, first in an optax chain, runs the whole loop: its
+state holds Z and U (started from the params as `admm_init` does: Z = Pi(W),
+U = 0), it adds rho_k (W - Z + U) to the gradients, and runs `admm_step` every
+n updates (rho_k = rho * rho_growth^k at ADMM iteration k). At the end
+hard-prune W to the targets (`admm_hard_prune`) and retrain with
+``optax.chain(opt, keep_masked(mask))``. The functions (`admm_init`,
+`admm_step`, `admm_penalty_loss`, `admm_penalty_grads`) serve loops that keep
+Z and U themselves.
 
 The targets l_i are inputs: `layer_keep_counts_from_density` builds them from
 per-layer densities, e.g. those GSM found at the same global compression
 (``sparsity_report(gsm_params)``), or the published ones
 (`LENET5_ADMM_SETTING`).
 
-Z and U live on the pruned leaves only: their pytrees have the params'
-structure with ``optax.MaskedNode()`` elsewhere, like the keep counts.
+In `ADMMState`, Z and U live on the pruned leaves only: their pytrees have the
+params' structure with ``optax.MaskedNode()`` elsewhere, like the keep counts.
+In `AddADMMPenaltyState` they are full pytrees, zeros where not pruned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 from typing import NamedTuple
-from typing import Union
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
+from gsm_optax import _checks
 from gsm_optax import pruning
 from gsm_optax.baselines import _util
 from gsm_optax.baselines import magnitude
-
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +103,7 @@ def _flatten_like(treedef, tree, name="state"):
   except (ValueError, TypeError) as e:
     raise ValueError(
       f"{name} must have the params' tree structure (MaskedNode on leaves "
-      f"that are not pruned); got {jax.tree.structure(tree, is_leaf=_util.is_masked_node)} "
+      f"that are not pruned); got {jax.tree.structure(tree, is_leaf=_checks.is_masked_node)} "
       f"for params {treedef}."
     ) from e
 
@@ -112,9 +118,9 @@ def _state_leaves(params, state: ADMMState):
   z = _flatten_like(treedef, state.z, "state.z")
   u = _flatten_like(treedef, state.u, "state.u")
   for zi, ui, wi in zip(z, u, w):
-    if _util.is_masked_node(zi) != _util.is_masked_node(ui):
+    if _checks.is_masked_node(zi) != _checks.is_masked_node(ui):
       raise ValueError("state.z and state.u must prune the same leaves.")
-    if not _util.is_masked_node(zi) and (
+    if not _checks.is_masked_node(zi) and (
       jnp.shape(zi) != jnp.shape(wi) or jnp.shape(ui) != jnp.shape(wi)
     ):
       raise ValueError(
@@ -167,8 +173,8 @@ def admm_dual_update(u: Any, w: Any, z: Any) -> Any:
   zz = _flatten_like(treedef, z, "z")
   out = []
   for ui, wi, zi in zip(uu, treedef.flatten_up_to(w), zz):
-    if _util.is_masked_node(ui) or _util.is_masked_node(zi):
-      if _util.is_masked_node(ui) != _util.is_masked_node(zi):
+    if _checks.is_masked_node(ui) or _checks.is_masked_node(zi):
+      if _checks.is_masked_node(ui) != _checks.is_masked_node(zi):
         raise ValueError("u and z must prune the same leaves.")
       out.append(optax.MaskedNode())
     else:
@@ -188,7 +194,9 @@ def admm_init(params: Any, keep_counts: Any) -> ADMMState:
   """
   z = admm_project(params, keep_counts)
   u = jax.tree.map(
-    lambda x: x if _util.is_masked_node(x) else jnp.zeros_like(x), z, is_leaf=_util.is_masked_node
+    lambda x: x if _checks.is_masked_node(x) else jnp.zeros_like(x),
+    z,
+    is_leaf=_checks.is_masked_node,
   )
   return ADMMState(z=z, u=u)
 
@@ -197,7 +205,7 @@ def admm_step(params: Any, state: ADMMState, keep_counts: Any) -> ADMMState:
   """Z- and U-steps after a W-step: Z = Pi(W + U), then U <- U + W - Z."""
   treedef, w, _, u = _state_leaves(params, state)
   w_plus_u = jax.tree.unflatten(
-    treedef, [wi if _util.is_masked_node(ui) else wi + ui for wi, ui in zip(w, u)]
+    treedef, [wi if _checks.is_masked_node(ui) else wi + ui for wi, ui in zip(w, u)]
   )
   z = admm_project(w_plus_u, keep_counts)
   return ADMMState(z=z, u=admm_dual_update(state.u, params, z))
@@ -206,12 +214,12 @@ def admm_step(params: Any, state: ADMMState, keep_counts: Any) -> ADMMState:
 def admm_penalty_loss(params: Any, state: ADMMState, rho: Any) -> jax.Array:
   """sum_i rho/2 ||W_i - Z_i + U_i||^2 over the pruned leaves (float32).
 
-  Add it to the loss for the W-step, or use `add_admm_penalty`.
+  Add it to the loss for the W-step (or use `add_admm_penalty`).
   """
   _, w, z, u = _state_leaves(params, state)
   total = jnp.zeros([], jnp.float32)
   for wi, zi, ui in zip(w, z, u):
-    if not _util.is_masked_node(zi):
+    if not _checks.is_masked_node(zi):
       r = jnp.asarray(wi, jnp.float32) - jnp.asarray(zi, jnp.float32) + jnp.asarray(ui, jnp.float32)
       total = total + jnp.sum(r * r)
   return 0.5 * jnp.asarray(rho, jnp.float32) * total
@@ -233,7 +241,7 @@ def admm_penalty_grads(params: Any, state: ADMMState, rho: Any) -> Any:
   out = []
   for wi, zi, ui in zip(w, z, u):
     wi = jnp.asarray(wi)
-    if _util.is_masked_node(zi):
+    if _checks.is_masked_node(zi):
       out.append(jnp.zeros_like(wi))
     else:
       r = wi.astype(jnp.float32) - jnp.asarray(zi, jnp.float32) + jnp.asarray(ui, jnp.float32)
@@ -242,48 +250,120 @@ def admm_penalty_grads(params: Any, state: ADMMState, rho: Any) -> Any:
 
 
 class AddADMMPenaltyState(NamedTuple):
-  """State of `add_admm_penalty`: the step, for a rho schedule."""
+  """State of `add_admm_penalty`; every field is an array (orbax-ready).
+
+  Attributes:
+    count: number of updates done.
+    z: Z, a pytree with the params' structure (zeros on the leaves that are
+      not pruned).
+    u: U, the scaled dual, with the same structure (zeros where not pruned).
+  """
 
   count: jax.Array
+  z: Any
+  u: Any
 
 
-def add_admm_penalty(rho: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  """W-step of ADMM pruning: g <- g + rho (W - Z + U) on the pruned leaves.
+def _check_rho(rho: Any, rho_growth: Any, steps_per_iteration: Any) -> None:
+  if not _checks.is_number(rho):
+    raise TypeError(f"rho must be a number >= 0, got {rho!r}.")
+  if not math.isfinite(float(rho)) or float(rho) < 0:
+    raise ValueError(f"rho must be finite and >= 0, got {rho!r}.")
+  if not _checks.is_number(rho_growth):
+    raise TypeError(f"rho_growth must be a number >= 1, got {rho_growth!r}.")
+  if not math.isfinite(float(rho_growth)) or float(rho_growth) < 1:
+    raise ValueError(f"rho_growth must be finite and >= 1, got {rho_growth!r}.")
+  if not _checks.is_number(steps_per_iteration, integer=True):
+    raise TypeError(f"steps_per_iteration must be a positive int, got {steps_per_iteration!r}.")
+  if steps_per_iteration < 1:
+    raise ValueError(f"steps_per_iteration must be a positive int, got {steps_per_iteration!r}.")
+
+
+def add_admm_penalty(
+  rho: float, keep_counts: Any, *, steps_per_iteration: int, rho_growth: float = 1.0
+) -> optax.GradientTransformationExtraArgs:
+  """ADMM W-steps with the Z- and U-steps inside: g <- g + rho_k (W - Z + U).
 
   Put it first in the chain, on the raw gradients, so that the optimizer sees
-  the gradient of f(W) + sum_i rho/2 ||W_i - Z_i + U_i||^2 (Zhang et al. 2018,
-  eq. 5): ``opt = optax.chain(add_admm_penalty(1e-4), optax.adam(1e-3))``,
-  then ``opt.update(grads, opt_state, params, admm_state=state)``. The
-  `ADMMState` is an extra argument, not optimizer state: it changes only at
-  the Z- and U-steps (`admm_step`), which the training loop runs.
+  the gradient of f(W) + sum_i rho_k/2 ||W_i - Z_i + U_i||^2 (Zhang et al.
+  2018, eq. 5): ``optax.chain(add_admm_penalty(1e-4, counts,
+  steps_per_iteration=5000), optax.adam(1e-3))``. `init` starts ADMM from the
+  params (`admm_init`: Z = Pi(W), U = 0). Every `steps_per_iteration` updates
+  (at counts n, 2n, ...), before the update, `admm_step` runs: Z = Pi(W + U),
+  then U <- U + W - Z. ADMM iteration k = count // n uses
+  rho_k = rho * rho_growth^k (float32). Leaves whose count is MaskedNode get
+  their gradient unchanged.
 
   Args:
-    rho: rho >= 0, a float or an optax schedule of the step.
+    rho: rho >= 0.
+    keep_counts: l_i on the pruned leaves, ``optax.MaskedNode()`` elsewhere
+      (`layer_keep_counts_from_density`).
+    steps_per_iteration: n >= 1, the W-steps of one ADMM iteration.
+    rho_growth: rho's factor per ADMM iteration (>= 1).
 
   Returns:
-    An `optax.GradientTransformationExtraArgs`; `update` requires `params` and
-    the keyword argument `admm_state`.
+    An `optax.GradientTransformationExtraArgs` with `AddADMMPenaltyState`;
+    `update` requires `params`.
   """
-  if not callable(rho) and _util.is_number(rho) and float(rho) < 0:
-    raise ValueError(f"rho must be >= 0, got {rho!r}.")
+  _check_rho(rho, rho_growth, steps_per_iteration)
+  rho, rho_growth, steps = float(rho), float(rho_growth), int(steps_per_iteration)
+  pruned = [
+    not _checks.is_masked_node(c)
+    for c in jax.tree.leaves(keep_counts, is_leaf=_checks.is_masked_node)
+  ]
+
+  def to_full(params, tree):
+    """An ADMM pytree (MaskedNode where not pruned) as a full one (zeros)."""
+    leaves = jax.tree.leaves(tree, is_leaf=_checks.is_masked_node)
+    full = [
+      leaf if flag else jnp.zeros_like(p)
+      for leaf, flag, p in zip(leaves, pruned, jax.tree.leaves(params))
+    ]
+    return jax.tree.unflatten(jax.tree.structure(params), full)
+
+  def to_admm(params, tree):
+    treedef = jax.tree.structure(params)
+    leaves = _flatten_like(treedef, tree)
+    return jax.tree.unflatten(
+      treedef, [leaf if flag else optax.MaskedNode() for leaf, flag in zip(leaves, pruned)]
+    )
+
+  def start(params):
+    state = admm_init(params, keep_counts)
+    return to_full(params, state.z), to_full(params, state.u)
 
   def init_fn(params):
-    del params
-    return AddADMMPenaltyState(count=jnp.zeros([], jnp.int32))
+    if params is None:
+      raise ValueError("add_admm_penalty.init needs the params pytree.")
+    count = jnp.zeros([], jnp.int32)
+    if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
+      return AddADMMPenaltyState(count=count, z=params, u=params)
+    if _checks.is_abstract(params):  # Z = Pi(W) needs W's values: abstract
+      z = jax.eval_shape(lambda p: start(p)[0], params)
+      return AddADMMPenaltyState(count=count, z=z, u=jax.tree.map(jnp.zeros_like, z))
+    z, u = start(params)
+    return AddADMMPenaltyState(count=count, z=z, u=u)
 
-  def update_fn(updates, state, params=None, *, admm_state=None, **extra_args):
+  def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError("add_admm_penalty needs params: update(g, state, params, admm_state=...).")
-    if admm_state is None:
-      raise ValueError(
-        "add_admm_penalty needs the keyword argument admm_state (an "
-        "ADMMState from admm_init / admm_step)."
+      raise ValueError("add_admm_penalty needs params: call update(updates, state, params).")
+    admm = ADMMState(z=to_admm(params, state.z), u=to_admm(params, state.u))
+    due = (state.count > 0) & (state.count % steps == 0)
+    if isinstance(due, jax.core.Tracer):
+      z, u = lax.cond(
+        due, lambda: tuple(admm_step(params, admm, keep_counts)), lambda: (admm.z, admm.u)
       )
-    value = rho(state.count) if callable(rho) else rho
-    penalty = admm_penalty_grads(params, admm_state, value)
+    else:  # eager: the Z- and U-steps only when due, without tracing a cond
+      z, u = tuple(admm_step(params, admm, keep_counts)) if bool(due) else (admm.z, admm.u)
+    admm = ADMMState(z=z, u=u)
+    iteration = (state.count // steps).astype(jnp.float32)
+    rho_k = rho * jnp.power(jnp.float32(rho_growth), iteration)
+    penalty = admm_penalty_grads(params, admm, rho_k)
     updates = jax.tree.map(lambda g, p: g + p.astype(g.dtype), updates, penalty)
-    return updates, AddADMMPenaltyState(count=optax.safe_increment(state.count))
+    return updates, AddADMMPenaltyState(
+      count=optax.safe_increment(state.count), z=to_full(params, z), u=to_full(params, u)
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -20,6 +20,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from gsm_optax import _checks
 from gsm_optax import _pool
 from gsm_optax.baselines import _util
 
@@ -40,11 +41,11 @@ class GradualMagnitudePruningState(NamedTuple):
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, int):
+  if not _checks.is_number(value, integer=True):
     raise TypeError(f"{name} must be an int, got {value!r}.")
   if value < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return value
+  return int(value)
 
 
 class _Cubic(NamedTuple):
@@ -86,7 +87,8 @@ class _Cubic(NamedTuple):
     return jnp.where(step < self.begin_step, jnp.float32(0), s)
 
   def final_keep(self, size: int) -> int:
-    return int(size / self.compression)
+    """Q = int(size / C), as GSM's."""
+    return _pool.floor_keep(size, self.compression)
 
   def keep(self, size: int, k: jax.Array) -> jax.Array:
     """floor(size * (1 - s)) at update k; exact Python ints at k = 0 and n."""
@@ -107,7 +109,7 @@ class _Cubic(NamedTuple):
 
 def _cubic(final_compression, initial_sparsity, begin_step, end_step, update_every) -> _Cubic:
   compression = _pool.validate_compression(final_compression, "final_compression")
-  if not _util.is_number(initial_sparsity):
+  if not _checks.is_number(initial_sparsity):
     raise TypeError(f"initial_sparsity must be a number in [0, 1), got {initial_sparsity!r}.")
   s_i = float(initial_sparsity)
   if not 0.0 <= s_i < 1.0:
@@ -117,9 +119,9 @@ def _cubic(final_compression, initial_sparsity, begin_step, end_step, update_eve
       f"initial_sparsity {s_i} exceeds the final sparsity 1 - 1/C = "
       f"{1.0 - 1.0 / compression} of final_compression {compression}."
     )
-  _check_int(begin_step, "begin_step", 0)
-  _check_int(end_step, "end_step", 0)
-  _check_int(update_every, "update_every", 1)
+  begin_step = _check_int(begin_step, "begin_step", 0)
+  end_step = _check_int(end_step, "end_step", 0)
+  update_every = _check_int(update_every, "update_every", 1)
   if begin_step > end_step:
     raise ValueError(f"begin_step ({begin_step}) must be <= end_step ({end_step}).")
   if (end_step - begin_step) % update_every:
@@ -170,7 +172,7 @@ def gradual_magnitude_pruning(
   initial_sparsity: float = 0.0,
   pool: _pool.Pool = None,
   layerwise: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta 2017) after any optimizer.
 
   At t = t0, t0 + dt, ..., t0 + n * dt the mask is recomputed from the current
@@ -200,23 +202,26 @@ def gradual_magnitude_pruning(
       as a whole.
 
   Returns:
-    An `optax.GradientTransformation`; `update` requires `params`.
+    An `optax.GradientTransformationExtraArgs`; `update` requires `params`.
   """
   cubic = _cubic(final_compression, initial_sparsity, begin_step, end_step, update_every)
 
   def pooled_sizes(params):
     mask = _pool.resolve_pool(params, pool)
     flags = jax.tree.leaves(mask)
-    return flags, [int(jnp.size(p)) for p, f in zip(jax.tree.leaves(params), flags) if f]
+    return flags, [_checks.leaf_size(p) for p, f in zip(jax.tree.leaves(params), flags) if f]
 
   def init_fn(params):
     if params is None:
       raise ValueError("gradual_magnitude_pruning.init needs the params pytree.")
+    if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
+      count, sparsity = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32)
+      return GradualMagnitudePruningState(count=count, mask=params, sparsity=sparsity)
     _, sizes = pooled_sizes(params)
     if layerwise:
       infos, _ = _util.pooled_leaves_with_paths(params, pool)
       for path, leaf, in_pool in infos:
-        size = int(jnp.size(leaf))
+        size = _checks.leaf_size(leaf)
         if in_pool and cubic.final_keep(size) < 1:
           raise ValueError(
             f"final_compression {cubic.compression} keeps int({size} / "
@@ -231,7 +236,8 @@ def gradual_magnitude_pruning(
       sparsity=jnp.zeros([], jnp.float32),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError(
         "gradual_magnitude_pruning needs params to prune by |w| and to zero "
@@ -280,4 +286,4 @@ def gradual_magnitude_pruning(
     )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

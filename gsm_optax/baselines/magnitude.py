@@ -8,7 +8,6 @@ prune / fine-tune for R rounds along `iterative_compression_schedule`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from typing import Callable
 from typing import NamedTuple
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gsm_optax import _checks
 from gsm_optax import _pool
 from gsm_optax import pruning
 from gsm_optax.baselines import _util
@@ -105,7 +105,7 @@ def layerwise_magnitude_mask(
   Raises:
     ValueError: C < 1, or C keeps no weight of some leaf (size_i < C).
   """
-  if _util.is_number(densities_or_compression):
+  if _checks.is_number(densities_or_compression):
     compression = _pool.validate_compression(densities_or_compression, "densities_or_compression")
     infos, treedef = _util.pooled_leaves_with_paths(params, pool)
     counts = []
@@ -113,8 +113,8 @@ def layerwise_magnitude_mask(
       if not flag:
         counts.append(None)
         continue
-      size = math.prod(jnp.shape(leaf))
-      keep = int(size / compression)
+      size = _checks.leaf_size(leaf)
+      keep = _pool.floor_keep(size, compression)
       if keep < 1:
         raise ValueError(
           f"densities_or_compression {compression} keeps int({size} / "
@@ -154,7 +154,7 @@ def magnitude_prune(
   if layerwise:
     mask = layerwise_magnitude_mask(params, target, pool=pool)
   else:
-    if not _util.is_number(target):
+    if not _checks.is_number(target):
       raise TypeError(
         "target of a global magnitude_prune must be a compression C >= 1, "
         f"got {type(target).__name__}; per-leaf densities need "
@@ -179,10 +179,11 @@ def iterative_compression_schedule(final_compression: float, rounds: int) -> tup
     A tuple of R compressions, non-decreasing, the last equal to C.
   """
   compression = _pool.validate_compression(final_compression, "final_compression")
-  if isinstance(rounds, bool) or not isinstance(rounds, int):
+  if not _checks.is_number(rounds, integer=True):
     raise TypeError(f"rounds must be an int >= 1, got {rounds!r}.")
   if rounds < 1:
     raise ValueError(f"rounds must be >= 1, got {rounds}.")
+  rounds = int(rounds)
   schedule = [compression ** (r / rounds) for r in range(1, rounds)]
   return tuple(schedule) + (compression,)
 
@@ -194,7 +195,7 @@ class KeepMaskedState(NamedTuple):
   mask: Any
 
 
-def keep_masked(mask: Mask) -> optax.GradientTransformation:
+def keep_masked(mask: Mask) -> optax.GradientTransformationExtraArgs:
   """Zeroes the updates of masked-out entries: u <- mask * u.
 
   Chain it after any optimizer, ``optax.chain(optax.sgd(lr), keep_masked(m))``:
@@ -209,19 +210,28 @@ def keep_masked(mask: Mask) -> optax.GradientTransformation:
       pool all True), or a callable ``params -> mask`` evaluated at `init`.
 
   Returns:
-    An `optax.GradientTransformation` whose state stores the mask.
+    An `optax.GradientTransformationExtraArgs` whose state stores the mask.
+    On abstract params (`jax.ShapeDtypeStruct` leaves) a callable mask is
+    evaluated abstractly (`jax.eval_shape`): the state's mask is abstract too.
   """
 
   def init_fn(params):
-    value = mask(params) if callable(mask) else mask
+    if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
+      return KeepMaskedState(mask=params)
+    if not callable(mask):
+      value = mask
+    elif _checks.is_abstract(params):
+      value = jax.eval_shape(mask, params)
+    else:
+      value = mask(params)
     return KeepMaskedState(mask=_util.check_mask(params, value))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     checked = _util.check_mask(updates, state.mask)
     return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, checked), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 masked_update = keep_masked
