@@ -206,10 +206,11 @@ def global_cut(params: Any, compression: float) -> Any:
 @functools.partial(jax.jit, static_argnums=1)
 def _magnitudes_at_rank(params, keep: int) -> tuple[jax.Array, jax.Array]:
   mask = gsm_optax.resolve_pool(params, None)
-  pooled = [jnp.abs(p) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  pooled = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   size = sum(leaf.size for leaf in pooled)
-  largest_passive = gsm_optax.global_kth_largest(pooled, keep + 1) if keep < size else jnp.zeros(())
-  return largest_passive, gsm_optax.global_kth_largest(pooled, keep)
+  kth = gsm_optax.global_kth_largest_magnitude
+  largest_passive = kth(pooled, keep + 1) if keep < size else jnp.zeros(())
+  return largest_passive, kth(pooled, keep)
 
 
 def pool_magnitudes_at_cut(params: Any, compression: float) -> tuple[float, float]:
