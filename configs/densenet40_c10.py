@@ -1,6 +1,6 @@
 """DenseNet-40 on CIFAR-10, C = 10: the paper's CIFAR row.
 
-docs/METHOD.md (from the paper) gives the reference hyperparameters for ResNet-56 on CIFAR-10 only; we
+The paper (docs/METHOD.md) gives the CIFAR-10 hyperparameters for ResNet-56 only; we
 use the same ones for DenseNet-40 (see ``resnet56_c10``).
 Published: 93.86 -> 93.90 at 10x.
 """

@@ -19,21 +19,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = "mnist"
   config.batch_size = 256
 
-  config.dense.epochs = 200
-  config.dense.learning_rate = 3e-2
-  config.dense.momentum = 0.9
-  config.dense.nesterov = False
-  config.dense.weight_decay = 5e-4
-  config.dense.boundaries = (40, 80, 120, 160)
-  config.dense.decay_factor = 0.1
-  config.dense.warmup_epochs = 5.0
+  config.dense = default_lib.sgd_section(
+    epochs=200,
+    learning_rate=3e-2,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=5e-4,
+    boundaries=(40, 80, 120, 160),
+    decay_factor=0.1,
+    warmup_epochs=5.0,
+  )
 
-  config.gsm.epochs = 280
-  config.gsm.learning_rate = 1e-2
-  config.gsm.momentum = 0.99
-  config.gsm.nesterov = True
-  config.gsm.weight_decay = 5e-4
-  config.gsm.boundaries = (160, 200, 240)
-  config.gsm.decay_factor = 0.1
+  config.gsm = default_lib.sgd_section(
+    epochs=280,
+    learning_rate=1e-2,
+    momentum=0.99,
+    nesterov=True,
+    weight_decay=5e-4,
+    boundaries=(160, 200, 240),
+    decay_factor=0.1,
+  )
   config.compression = 60.0
   return config

@@ -20,21 +20,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500
   config.log_every_steps = 100
 
-  config.dense.epochs = 500
-  config.dense.learning_rate = 0.1
-  config.dense.momentum = 0.9
-  config.dense.nesterov = False
-  config.dense.weight_decay = 1e-4
-  config.dense.boundaries = (100, 200, 300, 400)
-  config.dense.decay_factor = 0.1
-  config.dense.warmup_epochs = 0.0
+  config.dense = default_lib.sgd_section(
+    epochs=500,
+    learning_rate=0.1,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=1e-4,
+    boundaries=(100, 200, 300, 400),
+    decay_factor=0.1,
+    warmup_epochs=0.0,
+  )
 
-  config.gsm.epochs = 600
-  config.gsm.learning_rate = 5e-3
-  config.gsm.momentum = 0.98
-  config.gsm.nesterov = True
-  config.gsm.weight_decay = 1e-4
-  config.gsm.boundaries = (400, 500)
-  config.gsm.decay_factor = 0.1
+  config.gsm = default_lib.sgd_section(
+    epochs=600,
+    learning_rate=5e-3,
+    momentum=0.98,
+    nesterov=True,
+    weight_decay=1e-4,
+    boundaries=(400, 500),
+    decay_factor=0.1,
+  )
   config.compression = 10.0
   return config
