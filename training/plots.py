@@ -67,7 +67,7 @@ def plot_curves(
   history: Sequence[Mapping[str, Any]],
   path: str,
   *,
-  accuracy_after_cut: float | None = None,
+  accuracy_final: float | None = None,
   title: str = "",
 ) -> None:
   """Accuracy and loss against the epoch, with the GSM phase shaded.
@@ -76,7 +76,7 @@ def plot_curves(
       history: the per-epoch rows of ``metrics.jsonl`` (keys ``epoch``, ``phase``,
           ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``).
       path: the PNG file to write.
-      accuracy_after_cut: test accuracy after the final cut, drawn as a star
+      accuracy_final: test accuracy of the final (pruned) model, drawn as a star
           at the last epoch.
       title: figure title.
   """
@@ -86,13 +86,13 @@ def plot_curves(
     ax_acc.plot(epochs, [100.0 * row[key] for row in history], style, label=label)
   for key, label, style in (("train_loss", "train", "--"), ("test_loss", "test", "-")):
     ax_loss.plot(epochs, [row[key] for row in history], style, label=label)
-  if accuracy_after_cut is not None:
+  if accuracy_final is not None:
     ax_acc.plot(
       [epochs[-1] if epochs else 0],
-      [100.0 * accuracy_after_cut],
+      [100.0 * accuracy_final],
       "r*",
       markersize=12,
-      label="test after the cut",
+      label="final model (test)",
     )
   # Shade the GSM epochs; the dense phase is the unshaded part before them.
   gsm_epochs = [row["epoch"] for row in history if row["phase"] == "gsm"]

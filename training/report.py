@@ -145,7 +145,7 @@ def write_report(
     plots.plot_curves(
       progress.history,
       os.path.join(workdir, "curves.png"),
-      accuracy_after_cut=final["accuracy"] if prunes else None,
+      accuracy_final=final["accuracy"] if prunes else None,
       title=title,
     )
   print(gsm_optax.sparsity_report(state.params))
