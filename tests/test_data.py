@@ -71,6 +71,54 @@ def batch_indices(images: np.ndarray) -> np.ndarray:
   return np.rint(images[:, 0, 0, 0] * 255).astype(int)
 
 
+def random_dataset(n_train: int = 50, augment: bool = False) -> data.Dataset:
+  """In-memory dataset of random 8x8x3 images, so augmentation crops and flips show."""
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (n_train, 8, 8, 3), dtype=np.uint8)
+  test = (images[:5], np.arange(5) % 10)
+  return data.Dataset.from_arrays(
+    "toy", (images, np.arange(n_train) % 10), test, num_classes=10, augment=augment
+  )
+
+
+def grain_dataset(n_train: int = 50, augment: bool = False, calls: list | None = None):
+  """Dataset over a _GrainBackend of plain dict records; the transform uses its rng if augment."""
+
+  def transform(record, rng):
+    if calls is not None:
+      calls.append(record["x"])
+    noise = rng.random((2, 2, 1)) if augment else 0.0
+    return (record["x"] + noise).astype(np.float32), np.int32(record["x"] % 10)
+
+  records = [{"x": np.full((2, 2, 1), i, np.float64)} for i in range(n_train)]
+  backend = data._GrainBackend(
+    train_source=records,
+    test_source=records[:5],
+    num_train=n_train,
+    num_test=5,
+    train_transform=transform,
+    eval_transform=lambda record: transform(record, np.random.default_rng(0)),
+    num_threads=2,
+  )
+  return data.Dataset("grain-toy", 10, (2, 2, 1), n_train, 5, "records", backend)
+
+
+def make_dataset(backend: str, augment: bool, calls: list | None = None) -> data.Dataset:
+  """A 50-example dataset of the given backend ("arrays" or "grain")."""
+  if backend == "grain":
+    return grain_dataset(augment=augment, calls=calls)
+  return random_dataset(augment=augment)
+
+
+def assert_one_line(err: pytest.ExceptionInfo, *parts: str) -> None:
+  """The error is a DataError whose message is one line containing every part."""
+  message = str(err.value)
+  assert isinstance(err.value, data.DataError)
+  assert "\n" not in message, message
+  for part in parts:
+    assert part in message, (part, message)
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
   """No Debian Fashion-MNIST and no network: only explicit sources can be found."""
@@ -187,6 +235,69 @@ def test_train_batches_drop_remainder():
   np.testing.assert_array_equal(labels, seen % 10)  # labels stay paired with their images
   with pytest.raises(ValueError, match="exceeds"):
     ds.train_batches(51, epoch=0, seed=0)
+
+
+BACKENDS = ["arrays", "grain"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("start", [0, 1, 3, 5, 6])
+def test_train_batches_start_is_the_tail_of_the_epoch(backend, augment, start):
+  ds = make_dataset(backend, augment)
+  assert ds.steps_per_epoch(8) == 6
+  full = list(ds.train_batches(8, epoch=2, seed=5))
+  tail = list(ds.train_batches(8, epoch=2, seed=5, start=start))
+  assert len(tail) == len(full) - start
+  for (x, y), (x_full, y_full) in zip(tail, full[start:]):
+    assert x.tobytes() == x_full.tobytes() and x.dtype == x_full.dtype
+    assert y.tobytes() == y_full.tobytes() and y.dtype == y_full.dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_differs_between_epochs_and_batches(backend):
+  ds = make_dataset(backend, augment=True)
+  plain = make_dataset(backend, augment=False)
+  first = list(ds.train_batches(8, epoch=0, seed=0))
+  unaugmented = list(plain.train_batches(8, epoch=0, seed=0))
+  assert any(not np.array_equal(a, b) for (a, _), (b, _) in zip(first, unaugmented))
+  other_epoch = list(ds.train_batches(8, epoch=1, seed=0))
+  assert not np.array_equal(first[0][0], other_epoch[0][0])
+
+
+def test_array_augmentation_draws_from_seed_epoch_and_batch_index():
+  ds = random_dataset(augment=True)
+  backend = ds._backend
+  order = np.random.default_rng([5, 2]).permutation(50)
+  for step, (images, labels) in enumerate(ds.train_batches(8, epoch=2, seed=5)):
+    idx = order[step * 8 : (step + 1) * 8]
+    rng = np.random.default_rng([5, 2, step])
+    expected = data.normalize(
+      data.cifar_augment(backend.train_images[idx], rng), backend.mean, backend.std
+    )
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(labels, backend.train_labels[idx])
+
+
+def test_start_skips_the_work_of_earlier_batches(monkeypatch):
+  calls = []
+  ds = make_dataset("grain", augment=True, calls=calls)
+  assert len(list(ds.train_batches(8, epoch=0, seed=0, start=4))) == 2
+  assert len(calls) == 2 * 8  # neither earlier batches nor the dropped remainder
+  ds = make_dataset("arrays", augment=True)
+  real = data.cifar_augment
+  augmented = []
+  monkeypatch.setattr(data, "cifar_augment", lambda x, rng: augmented.append(1) or real(x, rng))
+  assert len(list(ds.train_batches(8, epoch=0, seed=0, start=4))) == 2
+  assert len(augmented) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("start", [-1, 7])
+def test_start_out_of_range(backend, start):
+  ds = make_dataset(backend, augment=False)
+  with pytest.raises(ValueError, match=r"start must be in \[0, 6\].*got start=" + str(start)):
+    ds.train_batches(8, epoch=0, seed=0, start=start)
 
 
 def test_test_batches_cover_every_example_once():

@@ -95,8 +95,20 @@ class Dataset:
     _check_positive("batch_size", batch_size)
     return self.num_train // batch_size
 
-  def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
-    """Shuffled, augmented training batches; a pure function of (epoch, seed)."""
+  def train_batches(
+    self, batch_size: int, *, epoch: int, seed: int, start: int = 0
+  ) -> Iterator[Batch]:
+    """Shuffled, augmented batches ``start, start + 1, ...`` of one epoch.
+
+    A pure function of ``(epoch, seed)``: the result equals
+    ``list(train_batches(batch_size, epoch=epoch, seed=seed))[start:]`` bitwise,
+    and the batches before ``start`` are not produced (a resumed run jumps
+    straight to its batch).  Each batch draws its augmentation from its own
+    ``np.random.default_rng([seed, epoch, batch_index])``.  Earlier versions drew
+    every batch's augmentation from one generator per epoch, so CIFAR runs see
+    other augmentation draws since (once); the shuffle, ``default_rng([seed,
+    epoch])``, and so every non-augmented batch, is unchanged.
+    """
     _check_positive("batch_size", batch_size)
     if epoch < 0 or seed < 0:
       raise ValueError(f"epoch and seed must be >= 0, got epoch={epoch}, seed={seed}")
@@ -105,7 +117,13 @@ class Dataset:
         f"batch_size={batch_size} exceeds the {self.num_train} training examples "
         f"of {self.name}; no full batch can be formed"
       )
-    return self._backend.train_batches(batch_size, epoch=epoch, seed=seed)
+    steps = self.steps_per_epoch(batch_size)
+    if not 0 <= start <= steps:
+      raise ValueError(
+        f"start must be in [0, {steps}] (the batches per epoch of {self.name} at "
+        f"batch_size={batch_size}), got start={start}"
+      )
+    return self._backend.train_batches(batch_size, epoch=epoch, seed=seed, start=start)
 
   def test_batches(self, batch_size: int) -> Iterator[Batch]:
     """Test batches in order, keeping the last partial batch."""
@@ -291,14 +309,16 @@ class _ArrayBackend:
   std: tuple[float, ...]
   augment: bool
 
-  def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(self.train_labels))
-    for step in range(len(order) // batch_size):
+  def train_batches(
+    self, batch_size: int, *, epoch: int, seed: int, start: int = 0
+  ) -> Iterator[Batch]:
+    """Batches ``start, ...`` of the epoch: an index into the epoch's permutation."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(self.train_labels))
+    for step in range(start, len(order) // batch_size):
       idx = order[step * batch_size : (step + 1) * batch_size]
       images = self.train_images[idx]
       if self.augment:
-        images = cifar_augment(images, rng)
+        images = cifar_augment(images, np.random.default_rng([seed, epoch, step]))
       yield normalize(images, self.mean, self.std), self.train_labels[idx]
 
   def test_batches(self, batch_size: int) -> Iterator[Batch]:
@@ -327,15 +347,25 @@ class _GrainBackend:
       num_threads=self.num_threads, prefetch_buffer_size=max(2 * batch_size, 16)
     )
 
-  def train_batches(self, batch_size: int, *, epoch: int, seed: int) -> Iterator[Batch]:
+  def train_batches(
+    self, batch_size: int, *, epoch: int, seed: int, start: int = 0
+  ) -> Iterator[Batch]:
+    """Batches ``start, ...`` of the epoch.
+
+    ``random_map`` seeds each example by its index, so slicing after it keeps
+    every example (and its augmentation) as in the full epoch; the slice also
+    stops before the dropped remainder, which is thus never transformed.
+    """
     import grain
 
     shuffle_seed, map_seed = np.random.default_rng([seed, epoch]).integers(0, 2**31 - 1, 2)
+    stop = self.num_train // batch_size * batch_size
     ds = (
       grain.MapDataset.source(self.train_source)
       .slice(slice(0, self.num_train))
       .shuffle(seed=int(shuffle_seed))
       .random_map(self.train_transform, seed=int(map_seed))
+      .slice(slice(start * batch_size, stop))
     )
     ds = ds.to_iter_dataset(self._read_options(batch_size))
     return iter(ds.batch(batch_size, drop_remainder=True))
