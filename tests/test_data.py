@@ -177,6 +177,68 @@ def test_truncated_file_names_file(tmp_path):
   assert path in str(err.value)
 
 
+def truncated_gz(payload: bytes) -> bytes:
+  return payload[: len(payload) // 2]
+
+
+def corrupt_gz(payload: bytes) -> bytes:
+  middle = len(payload) // 2
+  flipped = bytes(b ^ 0xFF for b in payload[middle : middle + 16])
+  return payload[:middle] + flipped + payload[middle + 16 :]
+
+
+def not_gzip(payload: bytes) -> bytes:
+  return b"<html>404 Not Found</html>"
+
+
+@pytest.mark.parametrize("damage", [truncated_gz, corrupt_gz, not_gzip])
+def test_damaged_gz_is_one_clear_idx_error(tmp_path, damage):
+  images = np.random.default_rng(2).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+  path = write_idx(str(tmp_path / "train-images-idx3-ubyte"), images, gz=True)
+  with open(path, "rb") as f:
+    payload = f.read()
+  with open(path, "wb") as f:
+    f.write(damage(payload))
+  with pytest.raises(data.IdxFormatError) as err:
+    data.read_idx(path, "images")
+  assert_one_line(err, path, "is truncated or not a gzip file", "re-download it or delete it")
+
+
+@pytest.mark.parametrize("size", [0, 3, 6])
+def test_raw_file_shorter_than_its_header(tmp_path, size):
+  path = write_idx(str(tmp_path / "train-images-idx3-ubyte"), np.zeros((2, 28, 28)))
+  with open(path, "r+b") as f:
+    f.truncate(size)
+  with pytest.raises(data.IdxFormatError) as err:
+    data.read_idx(path, "images")
+  assert_one_line(err, path, "truncated", "re-download it or delete it")
+
+
+def test_unreadable_idx_path(tmp_path):
+  with pytest.raises(data.IdxFormatError) as err:
+    data.read_idx(str(tmp_path), "images")  # a directory
+  assert_one_line(err, str(tmp_path), "cannot be read")
+
+
+def test_load_dataset_names_the_truncated_gz(tmp_path, offline):
+  write_mnist_dir(tmp_path, gz=True)
+  path = str(tmp_path / "t10k-labels-idx1-ubyte.gz")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 10)
+  with pytest.raises(data.DataError) as err:
+    data.load_dataset("mnist", data_dir=str(tmp_path))
+  assert isinstance(err.value, data.IdxFormatError)
+  assert_one_line(err, path, "re-download it or delete it")
+
+
+def test_error_classes():
+  assert issubclass(data.DataNotFoundError, data.DataError)
+  assert issubclass(data.DataNotFoundError, FileNotFoundError)
+  assert issubclass(data.IdxFormatError, data.DataError)
+  assert issubclass(data.IdxFormatError, ValueError)
+  assert str(data.DataNotFoundError("one line")) == "one line"
+
+
 def test_image_label_count_mismatch(tmp_path, offline):
   write_mnist_dir(tmp_path)
   labels = write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros(9))

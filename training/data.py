@@ -28,6 +28,7 @@ import gzip
 import math
 import os
 from typing import Any
+import zlib
 
 import numpy as np
 
@@ -41,12 +42,16 @@ _IMAGENET_TRAIN_RESIZE_SCALE = (0.08, 1.0)
 _IMAGENET_TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-class DataNotFoundError(FileNotFoundError):
-  """No source (IDX directory, Debian package, TFDS) holds the dataset."""
+class DataError(Exception):
+  """Base class of the data errors: the message is one line saying what to do."""
 
 
-class IdxFormatError(ValueError):
-  """An IDX file is malformed (bad magic number, truncated, inconsistent)."""
+class DataNotFoundError(DataError, FileNotFoundError):
+  """No source (explicit data_dir, Debian package, TFDS) holds the dataset."""
+
+
+class IdxFormatError(DataError, ValueError):
+  """An IDX file is unreadable or malformed (truncated, not gzip, bad magic, bad sizes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,29 +395,79 @@ _IDX_MAGIC = {"labels": (0x801,), "images": (0x803, 0x804)}  # uint8, 1-d / 3-d 
 _SPLIT_PREFIXES = {"train": ("train",), "test": ("t10k", "test")}
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_FIX_FILE = "re-download it or delete it"
+
+
 def read_idx(path: str, kind: str) -> np.ndarray:
-  """Read a uint8 IDX file (gzip or raw) of ``kind`` "images" or "labels"; validates it."""
-  with open(path, "rb") as f:
-    data = f.read()
-  if data[:2] == b"\x1f\x8b":
-    data = gzip.decompress(data)
-  magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
-  if magic not in _IDX_MAGIC[kind]:
-    expected = " or ".join(f"0x{m:08x}" for m in _IDX_MAGIC[kind])
+  """Read a uint8 IDX file (gzip or raw) of ``kind`` "images" or "labels"; validates it.
+
+  Raises:
+    IdxFormatError: unreadable, truncated, not gzip, bad magic or bad sizes; the
+      one-line message names ``path`` and says what to do.
+  """
+  data = _idx_bytes(path)
+  if len(data) < 4:
     raise IdxFormatError(
-      f"{path}: bad IDX magic number 0x{max(magic, 0):08x}, expected {expected} "
-      f"(uint8 {kind}); is this really an IDX {kind} file?"
+      f"{path} is truncated ({len(data)} bytes, less than an IDX header): {_FIX_FILE}"
     )
+  magic = int.from_bytes(data[:4], "big")
+  if magic not in _IDX_MAGIC[kind]:
+    raise IdxFormatError(_bad_magic_message(path, kind, magic))
   ndim = magic & 0xFF
   header = 4 + 4 * ndim
+  if len(data) < header:
+    raise IdxFormatError(
+      f"{path} is truncated ({len(data)} bytes, less than its {header}-byte IDX header): "
+      f"{_FIX_FILE}"
+    )
   dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
   if len(data) != header + math.prod(dims):
     raise IdxFormatError(
       f"{path}: size mismatch, the header declares shape {dims} "
       f"({header + math.prod(dims)} bytes) but the file holds {len(data)} bytes "
-      "(truncated or corrupt download?)"
+      f"(truncated or corrupt download): {_FIX_FILE}"
     )
   return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _idx_bytes(path: str) -> bytes:
+  """The file's bytes, decompressed when they start with the gzip magic number."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as err:
+    raise IdxFormatError(
+      f"{path} cannot be read ({err.strerror or err}): check it is a readable file, or {_FIX_FILE}"
+    ) from err
+  if data[:2] != _GZIP_MAGIC:
+    return data
+  try:
+    return gzip.decompress(data)
+  except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+    raise IdxFormatError(
+      f"{path} is truncated or not a gzip file ({type(err).__name__}: {_one_line(err)}): "
+      f"{_FIX_FILE}"
+    ) from err
+
+
+def _bad_magic_message(path: str, kind: str, magic: int) -> str:
+  expected = " or ".join(f"0x{m:08x}" for m in _IDX_MAGIC[kind])
+  if path.endswith(".gz"):
+    return (
+      f"{path} is truncated or not a gzip file (no gzip header, and 0x{magic:08x} is "
+      f"not the IDX {kind} magic number {expected}): {_FIX_FILE}"
+    )
+  return (
+    f"{path}: bad IDX magic number 0x{magic:08x}, expected {expected} (uint8 {kind}); "
+    f"if it is not an IDX {kind} file, move it away, else {_FIX_FILE}"
+  )
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+  """The first line of ``str(err)``, at most ``limit`` characters."""
+  lines = str(err).strip().splitlines()
+  return lines[0][:limit] if lines else ""
 
 
 def _idx_candidates(prefix: str, kind: str) -> list[str]:
@@ -448,7 +503,10 @@ def find_idx_files(directory: str) -> dict[tuple[str, str], str] | None:
     return None
   if missing:
     names = ", ".join(_idx_candidates(_SPLIT_PREFIXES[s][0], k)[1] for s, k in missing)
-    raise DataNotFoundError(f"{directory} holds some IDX files but lacks: {names} (or .gz)")
+    raise DataNotFoundError(
+      f"{directory} holds some IDX files but lacks: {names} (or .gz); add them there, "
+      "e.g. re-download the dataset"
+    )
   return found  # type: ignore[return-value]
 
 
@@ -459,16 +517,19 @@ def _load_idx_split(
   labels = read_idx(labels_path, "labels")
   if len(images) != len(labels):
     raise IdxFormatError(
-      f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+      f"{images_path} holds {len(images)} images but {labels_path} holds "
+      f"{len(labels)} labels: the two come from different datasets or downloads, "
+      "re-download both"
     )
   if images.shape[1:] != spec.image_shape:
     raise IdxFormatError(
-      f"{images_path}: images have shape {images.shape[1:]}, expected {spec.image_shape} for {name}"
+      f"{images_path}: images have shape {images.shape[1:]}, expected "
+      f"{spec.image_shape} for {name}: is this directory the data of another dataset?"
     )
   if len(labels) and int(labels.max()) >= spec.num_classes:
     raise IdxFormatError(
       f"{labels_path}: label {int(labels.max())} out of range for {name} "
-      f"({spec.num_classes} classes)"
+      f"({spec.num_classes} classes): is this directory the data of another dataset?"
     )
   return images[:limit], labels[:limit].astype(np.int32)
 
