@@ -477,19 +477,92 @@ def test_imagenet_transforms():
 # --------------------------------------------------------------------------- #
 
 
-def test_missing_data_error_mentions_all_three_ways(tmp_path, offline):
-  empty = tmp_path / "empty"
+@pytest.fixture
+def no_tfds_data(monkeypatch, tmp_path):
+  """TFDS's default data_dir is an empty directory."""
+  empty = tmp_path / "tfds-default"
   empty.mkdir()
+  monkeypatch.setenv("TFDS_DATA_DIR", str(empty))
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(empty))
+  return empty
+
+
+def test_missing_data_error_mentions_all_three_ways(offline, no_tfds_data):
   start = time.perf_counter()
   with pytest.raises(data.DataNotFoundError) as err:
-    data.load_dataset("fashion_mnist", data_dir=str(empty))
+    data.load_dataset("fashion_mnist")
   assert time.perf_counter() - start < 10
   assert isinstance(err.value, FileNotFoundError)
-  message = str(err.value)
-  assert "'fashion_mnist'" in message
-  assert "--config.data_dir=DIR" in message and "train-images-idx3-ubyte" in message
-  assert "apt-get install dataset-fashion-mnist" in message
-  assert "tfds build fashion_mnist" in message and str(empty) in message
+  assert str(err.value).startswith("Dataset 'fashion_mnist' not found")
+  assert_one_line(
+    err,
+    "--config.data_dir=DIR",
+    "train-images-idx3-ubyte[.gz]",
+    "apt-get install dataset-fashion-mnist",
+    f"tfds build fashion_mnist --data_dir={no_tfds_data}",
+  )
+
+
+@pytest.fixture
+def debian_fashion_mnist(monkeypatch, tmp_path):
+  """A (fake) Debian Fashion-MNIST directory with valid IDX files."""
+  debian = tmp_path / "debian"
+  debian.mkdir()
+  write_mnist_dir(debian, gz=True)
+  monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(debian))
+  return debian
+
+
+def test_defaults_find_debian_fashion_mnist(debian_fashion_mnist):
+  ds = data.load_dataset("fashion_mnist")
+  assert ds.source == f"idx:{debian_fashion_mnist}" and ds.num_train == 10
+
+
+@pytest.mark.parametrize("content", ["empty", "missing", "unrelated", "file"])
+def test_explicit_data_dir_without_data_is_an_error(tmp_path, debian_fashion_mnist, content):
+  data_dir = tmp_path / "explicit"
+  if content != "missing":
+    data_dir.mkdir()
+  if content == "unrelated":
+    (data_dir / "README.txt").write_text("not a dataset")
+    (data_dir / "mnist.npz").write_bytes(b"\0" * 10)
+  if content == "file":
+    data_dir = tmp_path / "a-file"
+    data_dir.write_text("")
+  start = time.perf_counter()
+  with pytest.raises(data.DataNotFoundError) as err:
+    data.load_dataset("fashion_mnist", data_dir=str(data_dir))  # never the Debian copy
+  assert time.perf_counter() - start < 10
+  assert str(err.value).startswith(f"Dataset 'fashion_mnist' not found in data_dir={data_dir}")
+  assert_one_line(
+    err,
+    "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+    "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]",
+    f"prepared TFDS dataset {data_dir}/fashion_mnist/",
+    "Only data_dir=None searches the default places",
+  )
+
+
+def test_explicit_empty_data_dir_does_not_fall_back_to_tfds(tmp_path, offline):
+  with tfds.testing.mock_data(num_examples=20):  # TFDS would serve any dataset
+    with pytest.raises(data.DataNotFoundError) as err:
+      data.load_dataset("mnist", data_dir=str(tmp_path))
+  assert_one_line(err, str(tmp_path), "no TFDS dataset directory mnist/")
+
+
+def test_empty_string_data_dir_is_an_error(offline):
+  with pytest.raises(data.DataNotFoundError) as err:
+    data.load_dataset("mnist", data_dir="")
+  assert_one_line(err, "data_dir is an empty string", "None")
+
+
+def test_explicit_tfds_data_dir_is_used(tmp_path, offline):
+  (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)  # the prepared dataset's directory
+  with tfds.testing.mock_data(num_examples=20):
+    ds = data.load_dataset("mnist", data_dir=str(tmp_path))
+  assert ds.source == f"tfds:mnist (data_dir={tmp_path})" and ds.num_train == 20
+  images, _ = next(ds.train_batches(8, epoch=0, seed=0, start=1))
+  assert images.shape == (8, 28, 28, 1)
 
 
 def test_unknown_dataset_name():

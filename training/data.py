@@ -5,16 +5,32 @@ batched with numpy; ImageNet (``imagenet2012``) is streamed with Grain from a
 TFDS ``array_record`` data source.  Every batch is ``(images, labels)`` with
 float32 NHWC images normalised by the dataset's mean/std and int32 labels.
 
-Data is looked for, in this order:
+Where the data comes from:
 
-1. an explicit ``data_dir`` holding MNIST-format IDX files;
-2. for ``fashion_mnist`` only, the Debian package ``dataset-fashion-mnist``
-   (``/usr/share/datasets/fashion-mnist``);
-3. TFDS (``tfds.data_source``, random access, works without TensorFlow).
+* an explicit ``data_dir`` is the only place looked at: it must hold the four
+  MNIST-format IDX files (``train-images-idx3-ubyte[.gz]``, ...) or be a TFDS
+  data_dir holding the prepared dataset (``data_dir/<name>/...``); anything
+  else is a ``DataNotFoundError``, never a silent fallback;
+* ``data_dir=None`` searches the defaults: for ``fashion_mnist`` the Debian
+  package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
+  then TFDS (``tfds.data_source``, random access, works without TensorFlow).
 
-``train_batches`` is a pure function of ``(epoch, seed)``: the shuffle and
-augmentation randomness is drawn from ``np.random.default_rng([seed, epoch])``
-so a run resumed at an epoch boundary sees exactly the same batches.
+``train_batches(batch_size, epoch=, seed=, start=)`` is a pure function of
+``(epoch, seed)``: the shuffle is drawn from ``np.random.default_rng([seed,
+epoch])`` and batch k's augmentation from its own ``default_rng([seed, epoch,
+k])``, so a run resumed mid-epoch jumps straight to batch ``start`` and sees
+exactly the batches of an uninterrupted run.
+
+Errors a caller should catch (every message is one line naming the file or
+directory and what to do):
+
+* ``DataError``: the base class of the two below; catch it in one place.
+* ``DataNotFoundError`` (also a ``FileNotFoundError``): the dataset is not
+  where it was looked for (an explicit ``data_dir`` without data, a directory
+  lacking some IDX files, nothing prepared in TFDS).
+* ``IdxFormatError`` (also a ``ValueError``): an IDX file is truncated, not
+  gzip despite its header or name, has a bad magic number or sizes that do
+  not add up.
 """
 
 from __future__ import annotations
@@ -572,7 +588,7 @@ def _in_memory_dataset(
 
 
 def _tfds_data_dir(data_dir: str | None) -> str:
-  if data_dir:
+  if data_dir is not None:
     return data_dir
   return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
@@ -600,38 +616,70 @@ def _open_tfds(
         return tfds.data_source(name, split=splits, data_dir=data_dir, download=True)
       except Exception as err:  # noqa: BLE001
         cause = err
-  raise DataNotFoundError(_missing_message(name, data_dir, cause)) from cause
+  if data_dir is not None:
+    reason = f"TFDS cannot open it ({type(cause).__name__}: {_one_line(cause)})"
+    raise DataNotFoundError(_data_dir_message(name, data_dir, reason)) from cause
+  raise DataNotFoundError(_missing_message(name, cause)) from cause
 
 
-def _missing_message(name: str, data_dir: str | None, cause: BaseException) -> str:
-  tfds_dir = _tfds_data_dir(data_dir)
+def _idx_names() -> str:
+  """The IDX file names looked for, for messages."""
+  return ", ".join(
+    _idx_candidates(_SPLIT_PREFIXES[split][0], kind)[1] + "[.gz]"
+    for split in _SPLIT_PREFIXES
+    for kind in ("images", "labels")
+  )
+
+
+def _tfds_build_hint(name: str, tfds_dir: str) -> str:
+  if name == "imagenet2012":
+    return (
+      f"`tfds build imagenet2012 --data_dir={tfds_dir}` after putting "
+      f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {tfds_dir}/downloads/manual "
+      "(it cannot be downloaded automatically; needs TensorFlow)"
+    )
+  return (
+    f"`tfds build {name} --data_dir={tfds_dir}` (needs TensorFlow), or one run with "
+    "internet access and --config.download=True (load_dataset(..., download=True))"
+  )
+
+
+def _data_dir_message(name: str, data_dir: str, reason: str) -> str:
+  """One line: an explicit data_dir holds no usable copy of ``name``."""
+  idx = "" if name == "imagenet2012" else f"the IDX files {_idx_names()} or "
+  return (
+    f"Dataset {name!r} not found in data_dir={data_dir}: {reason}. An explicit data_dir "
+    f"must hold {idx}the prepared TFDS dataset {os.path.join(data_dir, name)}/ "
+    f"(prepare it with {_tfds_build_hint(name, data_dir)}). Only data_dir=None searches "
+    "the default places."
+  )
+
+
+def _missing_message(name: str, cause: BaseException) -> str:
+  """One line: none of the default places (Debian package, TFDS) holds ``name``."""
+  tfds_dir = _tfds_data_dir(None)
   if isinstance(cause, ImportError) or os.path.isdir(os.path.join(tfds_dir, name)):
-    reason = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0][:300]
+    reason = f"{type(cause).__name__}: {_one_line(cause)}"
   else:
     reason = f"no {os.path.join(tfds_dir, name)} directory"
-  manual = (
-    f" ImageNet cannot be downloaded automatically: first put ILSVRC2012_img_train.tar "
-    f"and ILSVRC2012_img_val.tar in {tfds_dir}/downloads/manual."
-    if name == "imagenet2012"
-    else ""
-  )
-  tried = [f"no IDX files in {data_dir}" if data_dir else "no data_dir given"]
+  tried = ["no data_dir given"]
   if name == "fashion_mnist":
     tried.append(f"no IDX files in {DEBIAN_FASHION_MNIST_DIR}")
   tried.append(f"TFDS has not prepared it in {tfds_dir} ({reason})")
-  return (
-    f"Dataset {name!r} not found: {'; '.join(tried)}. "
-    "Get the data in one of three ways:\n"
-    "  1. pass --config.data_dir=DIR where DIR holds the MNIST-format IDX files "
-    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-    "t10k-labels-idx1-ubyte (optionally .gz);\n"
-    "  2. fashion_mnist only: `sudo apt-get install dataset-fashion-mnist` "
-    f"(installs the IDX files in {DEBIAN_FASHION_MNIST_DIR});\n"
-    f"  3. TFDS: run `tfds build {name} --data_dir={tfds_dir}` (preparing needs "
-    "TensorFlow installed), or run once with internet access and --config.download=True "
-    f"(load_dataset(..., download=True)) so TFDS downloads and prepares it; the TFDS data_dir is {tfds_dir} (set it with "
-    f"--config.data_dir=DIR or the TFDS_DATA_DIR environment variable).{manual}"
+  ways = []
+  if name != "imagenet2012":
+    ways.append(f"pass --config.data_dir=DIR where DIR holds the IDX files {_idx_names()}")
+  if name == "fashion_mnist":
+    ways.append(
+      "`sudo apt-get install dataset-fashion-mnist` "
+      f"(installs the IDX files in {DEBIAN_FASHION_MNIST_DIR})"
+    )
+  ways.append(
+    f"prepare it with TFDS: {_tfds_build_hint(name, tfds_dir)}; the TFDS data_dir is set "
+    "with --config.data_dir=DIR or the TFDS_DATA_DIR environment variable"
   )
+  numbered = "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
+  return f"Dataset {name!r} not found: {'; '.join(tried)}. Get it one of these ways: {numbered}."
 
 
 def _read_records(source: Sequence[Any], stop: int) -> Iterator[list[Any]]:
@@ -708,9 +756,16 @@ def load_dataset(
   max_test_examples: int | None = None,
   download: bool = False,
 ) -> Dataset:
-  """Load ``name`` from an IDX ``data_dir``, the Debian package or TFDS (in that order).
+  """Load ``name`` from an explicit ``data_dir``, else from the default places.
 
-  With ``download=True`` TFDS may download and prepare a missing dataset.
+  An explicit ``data_dir`` must hold the IDX files or the prepared TFDS dataset
+  (with ``download=True`` TFDS may download and prepare it there); it is the
+  only place looked at.  ``data_dir=None`` tries the Debian package (for
+  ``fashion_mnist``), then TFDS's data_dir (downloading only with ``download``).
+
+  Raises:
+    DataNotFoundError: no usable data where it was looked for.
+    IdxFormatError: an IDX file found is truncated or corrupt.
   """
   if name not in _SPECS:
     raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -721,14 +776,38 @@ def load_dataset(
     if value is not None:
       _check_positive(what, value)
   spec = _SPECS[name]
-  idx_dirs = [data_dir] if data_dir else []
+  limits = (max_train_examples, max_test_examples)
+  if data_dir is not None:
+    return _load_from_data_dir(name, spec, data_dir, limits, download)
   if name == "fashion_mnist":
-    idx_dirs.append(DEBIAN_FASHION_MNIST_DIR)
+    files = find_idx_files(DEBIAN_FASHION_MNIST_DIR)
+    if files is not None:
+      return _dataset_from_idx(name, spec, DEBIAN_FASHION_MNIST_DIR, files, *limits)
+  return _dataset_from_tfds(name, spec, None, *limits, download)
+
+
+def _load_from_data_dir(
+  name: str,
+  spec: _Spec,
+  data_dir: str,
+  limits: tuple[int | None, int | None],
+  download: bool,
+) -> Dataset:
+  """``name`` from IDX files in ``data_dir``, else from TFDS data prepared there."""
+  if not data_dir:
+    raise DataNotFoundError(
+      f"Dataset {name!r} not found: data_dir is an empty string; pass a directory, "
+      "or leave data_dir unset (None) to search the default places"
+    )
+  if not os.path.isdir(data_dir):
+    reason = "it is not a directory" if os.path.exists(data_dir) else "it does not exist"
+    raise DataNotFoundError(_data_dir_message(name, data_dir, reason))
   if name != "imagenet2012":
-    for directory in idx_dirs:
-      files = find_idx_files(directory)
-      if files is not None:
-        return _dataset_from_idx(
-          name, spec, directory, files, max_train_examples, max_test_examples
-        )
-  return _dataset_from_tfds(name, spec, data_dir, max_train_examples, max_test_examples, download)
+    files = find_idx_files(data_dir)
+    if files is not None:
+      return _dataset_from_idx(name, spec, data_dir, files, *limits)
+  if not download and not os.path.isdir(os.path.join(data_dir, name)):
+    idx = "" if name == "imagenet2012" else "none of the IDX files and "
+    reason = f"it holds {idx}no TFDS dataset directory {name}/"
+    raise DataNotFoundError(_data_dir_message(name, data_dir, reason))
+  return _dataset_from_tfds(name, spec, data_dir, *limits, download)
