@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from gsm_optax import _checks
 
@@ -174,10 +175,24 @@ def _check_tree(tree: Any, k: Any, name: str) -> tuple[list[Any], Any]:
       raise TypeError(
         f"{name} supports float16, bfloat16 and float32 leaves; got a leaf of dtype {dtype}."
       )
-  size = sum(_checks.leaf_size(leaf) for leaf in leaves)
-  if _checks.is_number(k, integer=True) and not 1 <= int(k) <= size:
-    raise ValueError(f"k must be in [1, {size}] (the number of elements), got {k}.")
+  _check_k(k, sum(_checks.leaf_size(leaf) for leaf in leaves))
   return leaves, jnp.result_type(*dtypes)
+
+
+def _check_k(k: Any, size: int) -> None:
+  """k must be an integer scalar (its dtype is known even when traced); a
+  concrete k must be in [1, size]. A traced k cannot be checked."""
+  dtype = getattr(k, "dtype", None)
+  integer = isinstance(k, int) and not isinstance(k, bool)
+  if dtype is not None:
+    integer = jnp.issubdtype(dtype, jnp.integer)
+  if not integer:
+    kind = f"dtype {np.dtype(dtype).name}" if dtype is not None else type(k).__name__
+    raise TypeError(f"k must be an integer (the rank from the top), got {k!r} ({kind}).")
+  if jnp.ndim(k) != 0:
+    raise ValueError(f"k must be a scalar, got shape {jnp.shape(k)}.")
+  if not isinstance(k, jax.core.Tracer) and not 1 <= int(k) <= size:
+    raise ValueError(f"k must be in [1, {size}] (the number of elements), got {k}.")
 
 
 def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
@@ -189,8 +204,10 @@ def global_kth_largest(tree: Any, k: int | jax.Array) -> jax.Array:
 
   Args:
     tree: a pytree of float16, bfloat16 or float32 arrays.
-    k: rank from the top, 1 <= k <= total number of elements. A Python int is
-      checked; a traced k must be in range (it is clipped).
+    k: rank from the top, an integer in [1, total number of elements]: a
+      Python int or an integer scalar array. A bool or a float k raises a
+      TypeError, a concrete k out of range a ValueError; a traced k (under
+      `jax.jit`) cannot be checked and is clipped to the range.
 
   Returns:
     A scalar of the leaves' common dtype.
@@ -219,8 +236,10 @@ def global_kth_largest_magnitude(tree: Any, k: int | jax.Array) -> jax.Array:
 
   Args:
     tree: a pytree of float16, bfloat16 or float32 arrays.
-    k: rank from the top, 1 <= k <= total number of elements. A concrete int
-      is checked; a traced k must be in range (it is clipped).
+    k: rank from the top, an integer in [1, total number of elements]: a
+      Python int or an integer scalar array. A bool or a float k raises a
+      TypeError, a concrete k out of range a ValueError; a traced k (under
+      `jax.jit`) cannot be checked and is clipped to the range.
 
   Returns:
     A scalar of the leaves' common dtype.
