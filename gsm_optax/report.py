@@ -41,11 +41,15 @@ class SparsityReport:
 
   @property
   def density(self) -> float:
-    return self.total_nonzeros / self.total_size
+    """non-zeros / |pool|; 0.0 for a pool of no weights (every leaf empty), as
+    `LeafSparsity.density` of an empty leaf."""
+    size = self.total_size
+    return self.total_nonzeros / size if size else 0.0
 
   @property
   def compression(self) -> float:
-    """|pool| / non-zeros (inf when every pooled weight is zero)."""
+    """|pool| / non-zeros; inf when no pooled weight is non-zero (also for a
+    pool of no weights, whose density is 0.0)."""
     nonzeros = self.total_nonzeros
     return self.total_size / nonzeros if nonzeros else float("inf")
 
@@ -84,7 +88,11 @@ class SparsityReport:
 
 
 def sparsity_report(params: Any, *, pool: _pool.Pool = None) -> SparsityReport:
-  """Counts non-zeros per pooled leaf: density = nnz / size, C = |pool| / nnz."""
+  """Counts non-zeros per pooled leaf: density = nnz / size, C = |pool| / nnz.
+
+  A pool of no weights (every pooled leaf of size 0) has density 0.0 and
+  compression inf, like a pool of zeros, instead of dividing by zero.
+  """
   mask = _pool.resolve_pool(params, pool)
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   rows = []

@@ -6,6 +6,8 @@ Each test states the behaviour exactly (counts, messages, NumPy references).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +73,27 @@ def test_a_traced_k_is_clipped_and_a_traced_float_k_is_rejected():
     kth(_TREE, 3.0)
   with pytest.raises(TypeError, match=r"k must be an integer .* \(dtype bool\)\."):
     kth_mag(_TREE, True)
+
+
+# ----------------------------------------------------------------------------
+# sparsity_report of a pool whose leaves are all empty.
+# ----------------------------------------------------------------------------
+
+
+def test_sparsity_report_of_an_empty_pool_has_density_0_and_infinite_compression():
+  params = {"k": np.zeros((0, 4), np.float32), "c": np.zeros((3, 0, 2), np.float32)}
+  report = gsm_optax.sparsity_report(params)
+  assert [(r.path, r.size, r.nonzeros, r.density) for r in report.rows] == [
+    ("['c']", 0, 0, 0.0),
+    ("['k']", 0, 0, 0.0),
+  ]
+  assert (report.total_size, report.total_nonzeros) == (0, 0)
+  assert report.density == 0.0
+  assert report.compression == float("inf")
+  lines = str(report).splitlines()
+  assert lines[-2].split() == ["total", "0", "0", "0.00%"]
+  assert lines[-1] == "compression infx (0 / 0)"
+  as_dict = report.to_dict()
+  assert (as_dict["density"], as_dict["compression"]) == (0.0, float("inf"))
+  assert json.loads(json.dumps(as_dict)) == as_dict
+  assert gsm_optax.SparsityReport(rows=()).density == 0.0
