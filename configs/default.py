@@ -25,10 +25,11 @@ docs/TRAINING.md; in short:
   magnitude, lottery: the fields of those methods.
   dense_checkpoint: load this dense model (a run's ``dense_model/`` or its
     workdir) instead of training one; skip_dense: start from the random init.
-  log_every_steps, checkpoint_keep, progress_bar, plots: logging and outputs.
+  log_every_steps, checkpoint_keep, checkpoint_every_steps, progress_bar, plots:
+    logging and outputs.
 
 data_dir, download, eval_batch_size, log_every_steps, checkpoint_keep,
-progress_bar and plots may change when a run is resumed; every other field must
+checkpoint_every_steps, progress_bar and plots may change when a run is resumed; every other field must
 stay as it was (``training.config.HARMLESS_FIELDS``).
 """
 
@@ -94,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
   config.checkpoint_keep = 3
+  config.checkpoint_every_steps = 0  # also checkpoint every N steps inside an epoch (0: off)
   config.progress_bar = True
   config.plots = True
   return config

@@ -215,8 +215,9 @@ class _CtrlCDataset:
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
-  def train_batches(self, batch_size, *, epoch, seed):
-    for i, batch in enumerate(self._inner.train_batches(batch_size, epoch=epoch, seed=seed)):
+  def train_batches(self, batch_size, *, epoch, seed, start=0):
+    batches = self._inner.train_batches(batch_size, epoch=epoch, seed=seed, start=start)
+    for i, batch in enumerate(batches, start=start):
       if (epoch, i) == self._at:
         os.kill(os.getpid(), signal.SIGINT)
       yield batch

@@ -1,21 +1,38 @@
-"""Orbax checkpoints of the train state, and exported models.
+"""Orbax checkpoints of the train state, verified on restore, and exported models.
 
 A checkpoint holds two items: ``state`` (an array pytree: params, batch stats,
-optimizer state with its momentum, step, RNG key) and ``meta`` (JSON: phase,
-position in the data, metrics so far). Orbax's CheckpointManager writes each step
-into a temporary directory and renames it once complete, so a checkpoint is either
-whole or absent; it keeps only the latest ``max_to_keep``.
+optimizer state with its momentum, step, RNG key) and ``meta`` (JSON: the run's
+progress, plus a CRC-32 of every saved array). Orbax's CheckpointManager
+writes each step into a temporary directory and renames it once complete, so a
+checkpoint is either whole or absent, and deletes the oldest beyond
+``max_to_keep`` only after the new one is committed.
+
+Nothing good is ever deleted: a step that is already committed is never
+written again, and ``restore_latest`` restores the newest checkpoint that
+restores *and* matches its checksums; a damaged one (truncated file, empty
+directory, flipped bits) is moved to ``<workdir>/damaged_checkpoints/`` with the
+reason, and the next older one is tried.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
+import shutil
 from typing import Any
+import zlib
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _STATE = "state"
 _META = "meta"
+_CHECKSUMS = "array_checksums"
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir restores; the message is one line."""
 
 
 def has_checkpoint(directory: str) -> bool:
@@ -25,10 +42,27 @@ def has_checkpoint(directory: str) -> bool:
   return any(name.isdigit() for name in os.listdir(directory))
 
 
+def array_checksums(tree: Any) -> dict[str, str]:
+  """{leaf path: "dtype shape crc32"} of every array of ``tree``."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(array.view(np.uint8).reshape(-1) if array.size else b"")
+    out[jax.tree_util.keystr(path)] = f"{array.dtype} {list(array.shape)} {crc:08x}"
+  return out
+
+
+def _one_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
 class Checkpointer:
   """Saves and restores ``(state, meta)`` pairs under ``directory``, one per step."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, log: Callable[[str], None] = print):
+    self._directory = os.path.abspath(directory)
+    self._log = log
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=True,
@@ -37,27 +71,35 @@ class Checkpointer:
       enable_async_checkpointing=False,
     )
     self._manager = ocp.CheckpointManager(
-      os.path.abspath(directory), options=options, item_names=(_STATE, _META)
+      self._directory, options=options, item_names=(_STATE, _META)
     )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Writes the checkpoint of ``step``, replacing an older one of the same step."""
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
+    """Writes the checkpoint of ``step``; False (nothing written) if it is already committed.
+
+    A step is a pure function of the run, so a committed checkpoint of it is
+    never replaced: replacing it would delete it first.
+    """
     if step in self._manager.all_steps():
-      self._manager.delete(step)
+      return False
+    meta = {**meta, _CHECKSUMS: array_checksums(state)}
     args = ocp.args.Composite(
       **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
     )
-    self._manager.save(step, args=args, force=True)
+    self._manager.save(step, args=args)
     self._manager.wait_until_finished()
+    return True
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-    """The JSON ``meta`` of ``step`` (default: the latest)."""
+    """The JSON ``meta`` of ``step`` (default: the latest), checksums removed."""
     step = self.latest_step() if step is None else step
     args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-    return self._manager.restore(step, args=args)[_META]
+    meta = dict(self._manager.restore(step, args=args)[_META])
+    meta.pop(_CHECKSUMS, None)
+    return meta
 
   def restore_state(self, target: Any, step: int | None = None) -> Any:
     """The state of ``step``, with the structure, shapes and dtypes of ``target``."""
@@ -70,6 +112,66 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()})
     return self._manager.restore(step, args=args)[_STATE]
+
+  def _restore_verified(self, step: int, target_for: Callable[[dict], Any]):
+    args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+    meta = dict(self._manager.restore(step, args=args)[_META])
+    expected = meta.pop(_CHECKSUMS, None)
+    if expected is None:
+      raise CheckpointError("its meta holds no array checksums")
+    state = self.restore_state(target_for(meta), step)
+    found = array_checksums(state)
+    bad = [path for path in expected if found.get(path) != expected[path]]
+    if bad or set(found) != set(expected):
+      raise CheckpointError(
+        f"the arrays at {', '.join(bad[:3]) or 'some paths'} fail their checksum"
+      )
+    return meta, state
+
+  def restore_latest(self, target_for: Callable[[dict], Any]) -> tuple[int, dict, Any] | None:
+    """(step, meta, state) of the newest checkpoint that restores and verifies, or None.
+
+    ``target_for(meta)`` gives the restore target (structure, shapes, dtypes)
+    of a checkpoint from its meta. Damaged checkpoints are moved aside to
+    ``damaged_checkpoints/`` beside the checkpoint directory, each with a line
+    saying why.
+
+    Raises:
+      CheckpointError: checkpoints exist but none restores.
+    """
+    skipped = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta, state = self._restore_verified(step, target_for)
+      except Exception as err:  # noqa: BLE001  (any failure means: do not trust it)
+        reason = _one_line(err)
+        moved = self._quarantine(step)
+        self._log(f"checkpoint of step {step} is damaged ({reason}); moved to {moved}")
+        skipped.append(f"step {step}: {reason}")
+        continue
+      return step, meta, state
+    if skipped:
+      raise CheckpointError(
+        f"no checkpoint in {self._directory} restores ({'; '.join(skipped)}); they were "
+        "moved to damaged_checkpoints/ beside it: run the same command again to start "
+        "from the beginning"
+      )
+    return None
+
+  def _quarantine(self, step: int) -> str:
+    """Moves the step's directory to ``damaged_checkpoints/`` and forgets it."""
+    source = os.path.join(self._directory, str(step))
+    target_dir = os.path.join(os.path.dirname(self._directory), "damaged_checkpoints")
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(target_dir, f"{step}.{suffix}")
+      suffix += 1
+    if os.path.exists(source):
+      shutil.move(source, target)
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
     self._manager.close()
@@ -92,3 +194,19 @@ def load_model(path: str, target: Any | None = None) -> Any:
     return checkpointer.restore(os.path.abspath(path), target)
   finally:
     checkpointer.close()
+
+
+def model_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """{leaf path: shape} of a model written by ``save_model``, from its metadata only."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(os.path.abspath(path))
+  finally:
+    checkpointer.close()
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return {
+    jax.tree_util.keystr(p): tuple(leaf.shape)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if hasattr(leaf, "shape")
+  }

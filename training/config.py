@@ -30,6 +30,7 @@ HARMLESS_FIELDS = frozenset(
     "eval_batch_size",
     "log_every_steps",
     "checkpoint_keep",
+    "checkpoint_every_steps",
     "progress_bar",
     "plots",
   }
@@ -63,6 +64,7 @@ _COMMON_FIELDS = (
   "skip_dense",
   "log_every_steps",
   "checkpoint_keep",
+  "checkpoint_every_steps",
   "progress_bar",
   "plots",
   *(f"dense.{name}" for name in SGD_FIELDS),
@@ -157,7 +159,8 @@ def validate_common(
   positive_int = (lambda x: is_int(x) and x > 0), "a positive integer"
   for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_keep"):
     check(config, name, *positive_int)
-  check(config, "seed", lambda x: is_int(x) and x >= 0, "an integer >= 0")
+  for name in ("seed", "checkpoint_every_steps"):
+    check(config, name, lambda x: is_int(x) and x >= 0, "an integer >= 0")
   for name in ("max_train_examples", "max_test_examples"):
     check(config, name, lambda x: x is None or (is_int(x) and x > 0), "None or a positive integer")
   for name in ("download", "skip_dense", "progress_bar", "plots"):
@@ -212,8 +215,14 @@ def read_workdir_config(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as err:
+    raise ConfigError(
+      f"workdir {workdir}: config.json is not valid JSON ({err}); restore it, or use a new "
+      "--workdir"
+    ) from None
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> None:
@@ -223,6 +232,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, has_checkpoin
     ConfigError: one line listing the fields that differ (fields in
       ``HARMLESS_FIELDS`` may differ).
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory")
   if not has_checkpoint:
     return
   stored = read_workdir_config(workdir)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import json
+import math
 import os
 from typing import Any
 
@@ -30,11 +31,27 @@ SCHEMA_VERSION = 1
 _ACCURACY_RESULTS = ("accuracy_before_prune", "accuracy_after_prune")
 
 
+def finite_json(obj: Any) -> Any:
+  """``obj`` with every non-finite float replaced by None: JSON has no NaN or inf."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, Mapping):
+    return {key: finite_json(value) for key, value in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_json(value) for value in obj]
+  return obj
+
+
+def json_line(row: Mapping[str, Any]) -> str:
+  """One line of metrics.jsonl: strict JSON (non-finite numbers as null)."""
+  return json.dumps(finite_json(row), allow_nan=False) + "\n"
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (a temporary file, then a rename)."""
+  """Writes strict JSON atomically (a temporary file, then a rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+    json.dump(finite_json(obj), f, indent=2, allow_nan=False)
     f.write("\n")
   os.replace(tmp, path)
 

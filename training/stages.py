@@ -48,6 +48,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 import gsm_optax
@@ -118,11 +119,55 @@ class Method(NamedTuple):
     stages: ctx -> the stages after the dense phase.
     check: config -> None; raises ``ConfigError`` on the method's own fields.
     prunes: whether the result is pruned to ``config.compression``.
+    check_params: (config, abstract params) -> None; raises ``ConfigError``
+      on targets the model cannot meet (``check_params`` runs it after the
+      global Q >= 1 check), before anything is trained.
   """
 
   stages: Callable[[Context], list[Stage]]
   check: Callable[[ml_collections.ConfigDict], None]
   prunes: bool = True
+  check_params: Callable[[ml_collections.ConfigDict, Any], None] | None = None
+
+
+def check_params(config: ml_collections.ConfigDict, params: Any) -> None:
+  """Checks the pool-dependent values of ``config`` against the model, before training.
+
+  ``params`` may be abstract (``jax.ShapeDtypeStruct`` leaves). Every pruning
+  method needs Q = int(|pool| / C) >= 1; layer-wise variants need it per layer.
+
+  Raises:
+    ConfigError: one line naming the field and the largest value allowed.
+  """
+  method = METHODS[config.method]
+  if not method.prunes:
+    return
+  try:
+    gsm_optax.keep_count(params, float(config.compression))
+  except ValueError as err:
+    raise config_lib.ConfigError(f"config.compression={config.compression:g}: {err}") from None
+  if method.check_params is not None:
+    method.check_params(config, params)
+
+
+def _check_layerwise(field: str) -> Callable[[ml_collections.ConfigDict, Any], None]:
+  """Q_i = int(size_i / C) >= 1 for every pooled leaf when ``config.<field>`` is on."""
+
+  def check(config, params):
+    if not config_lib.get_field(config, field):
+      return
+    pool = gsm_optax.resolve_pool(params, None)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), pooled in zip(flat, jax.tree.leaves(pool)):
+      size = int(np.prod(leaf.shape))
+      if pooled and int(size / float(config.compression)) < 1:
+        raise config_lib.ConfigError(
+          f"config.compression={config.compression:g} keeps no weight of the layer "
+          f"{jax.tree_util.keystr(path)} ({size} weights) with config.{field}=True; use "
+          f"compression <= {size} or a global cut"
+        )
+
+  return check
 
 
 # ----------------------------------------------------------------------------
@@ -272,6 +317,7 @@ def _gsm_stage(ctx: Context, compression: float) -> Stage:
   def epoch_stats(state):
     stats = gsm_optax.gsm_stats(state.opt_state)
     return {
+      "nonfinite_scores": int(stats["num_nonfinite"]),
       "active_weights": int(stats["num_active"]),
       "keep": int(stats["keep"]),
       "threshold": float(stats["threshold"]),
@@ -455,6 +501,15 @@ def admm_stages(ctx: Context) -> list[Stage]:
   ]
 
 
+def check_admm_params(config: ml_collections.ConfigDict, params: Any) -> None:
+  """Explicit per-layer densities must name every pooled layer."""
+  if config.admm.densities:
+    try:
+      baselines.layer_keep_counts_from_density(params, list(config.admm.densities))
+    except (ValueError, TypeError) as err:
+      raise config_lib.ConfigError(f"config.admm.densities: {err}") from None
+
+
 def check_admm(config: ml_collections.ConfigDict) -> None:
   config_lib.check_sgd_section(config, "admm")
   config_lib.check_sgd_section(config, "finetune")
@@ -568,8 +623,10 @@ def check_lottery(config: ml_collections.ConfigDict) -> None:
 METHODS: dict[str, Method] = {
   "gsm": Method(gsm_stages, check_gsm),
   "dense": Method(dense_stages, check_dense, prunes=False),
-  "magnitude": Method(magnitude_stages, check_magnitude),
-  "gmp": Method(gmp_stages, check_gmp),
-  "admm": Method(admm_stages, check_admm),
+  "magnitude": Method(
+    magnitude_stages, check_magnitude, check_params=_check_layerwise("magnitude.layerwise")
+  ),
+  "gmp": Method(gmp_stages, check_gmp, check_params=_check_layerwise("gmp.layerwise")),
+  "admm": Method(admm_stages, check_admm, check_params=check_admm_params),
   "lottery": Method(lottery_stages, check_lottery),
 }

@@ -80,6 +80,13 @@ def init_model(name: str, num_classes: int, seed: int):
   return train_graphdef, eval_graphdef, params, batch_stats
 
 
+def abstract_params(name: str, num_classes: int) -> Any:
+  """The model's params as ``jax.ShapeDtypeStruct`` leaves: shapes without memory or compute."""
+  abstract = nnx.eval_shape(lambda: _build_model(name, num_classes, 0))
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
 def _build_model(name: str, num_classes: int, seed) -> nnx.Module:
   rngs = nnx.Rngs(jax.random.key(seed))  # what nnx.Rngs(seed) does, for a traced seed too
   return models.create_model(name, num_classes=num_classes, rngs=rngs)

@@ -28,13 +28,15 @@ from collections.abc import Callable
 from collections.abc import Iterator
 import contextlib
 import dataclasses
-import json
+import fcntl
+import math
 import os
 import signal
 import threading
 import time
 from typing import Any
 
+import jax
 import ml_collections
 from tqdm import tqdm
 
@@ -48,11 +50,31 @@ from training import steps
 from training.config import ConfigError
 from training.steps import TrainState
 
-__all__ = ["ConfigError", "TrainingInterrupted", "train_and_evaluate", "validate_config"]
+__all__ = [
+  "ConfigError",
+  "TrainingDiverged",
+  "TrainingInterrupted",
+  "train_and_evaluate",
+  "validate_config",
+]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-  """Ctrl-C stopped training after a resumable checkpoint was written."""
+  """SIGINT or SIGTERM stopped the run; the latest checkpoint holds all training.
+
+  ``train.py`` exits with ``128 + signum`` (130 for Ctrl-C, 143 for SIGTERM).
+  """
+
+  def __init__(self, message: str, signum: int = signal.SIGINT):
+    super().__init__(message)
+    self.signum = int(signum)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the GSM scores became non-finite; nothing after the last good checkpoint was saved.
+
+  ``train.py`` exits with code 3.
+  """
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -129,30 +151,62 @@ class Progress:
 # Ctrl-C
 
 
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
 class _StopRequest:
-  """The first Ctrl-C asks the loop to stop at the next batch; a second one aborts."""
+  """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill a job).
+
+  Inside the batch loop the first signal asks the loop to stop after the
+  current step, which is then checkpointed. Anywhere else (restoring, a stage's
+  transition, the final cut and report) nothing is lost by stopping at once:
+  the latest checkpoint already holds all training, so the signal raises
+  ``TrainingInterrupted`` right away. A second signal aborts.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self.in_loop = False
+    self.where = "while starting"
+    self.latest_step: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
 
   def _handle(self, signum, frame):
-    del signum, frame
-    if self.requested:
+    del frame
+    if self.signum is not None:
       raise KeyboardInterrupt
-    self.requested = True
-    tqdm.write("Ctrl-C: saving a checkpoint after this batch (press again to abort)")
+    self.signum = signum
+    if not self.in_loop:
+      raise TrainingInterrupted(self.outside_loop_message(), signum)
+    tqdm.write(
+      f"{_SIGNAL_NAMES.get(signum, signum)}: saving a checkpoint after this step "
+      "(send it again to abort)"
+    )
+
+  def outside_loop_message(self) -> str:
+    if self.latest_step is None:
+      return f"interrupted {self.where}; no checkpoint yet: run the same command again to start"
+    return (
+      f"interrupted {self.where}; nothing is lost: the checkpoint of step {self.latest_step} "
+      "holds all training so far; run the same command again to resume"
+    )
 
   @contextlib.contextmanager
   def installed(self) -> Iterator[_StopRequest]:
     if threading.current_thread() is not threading.main_thread():
       yield self  # Signals only reach the main thread; nothing to install.
       return
-    self._previous = signal.signal(signal.SIGINT, self._handle)
+    for signum in _SIGNAL_NAMES:
+      self._previous[signum] = signal.signal(signum, self._handle)
     try:
       yield self
     finally:
-      signal.signal(signal.SIGINT, self._previous)
+      for signum, previous in self._previous.items():
+        signal.signal(signum, previous)
 
 
 # ----------------------------------------------------------------------------
@@ -187,25 +241,29 @@ class _Run:
     )
 
   def save(self, state: TrainState) -> int:
+    """Checkpoints ``state`` at its step (a step already committed is kept as it is)."""
     step = int(state.step)
     self.checkpointer.save(step, state, self.progress.to_json())
+    self.stop.latest_step = step
     return step
 
   def interrupted(self, state: TrainState) -> TrainingInterrupted:
     step = self.save(state)
     return TrainingInterrupted(
-      f"interrupted: checkpoint of step {step} ({self.progress.position(self.steps_per_epoch)}) saved in "
-      f"{self.workdir}; run the same command again to resume"
+      f"interrupted: checkpoint of step {step} "
+      f"({self.progress.position(self.steps_per_epoch)}) saved in {self.workdir}; "
+      "run the same command again to resume",
+      self.stop.signum,
     )
 
   def write_metrics_file(self) -> None:
     with open(self.metrics_path, "w") as f:
       for row in self.progress.history:
-        f.write(json.dumps(row) + "\n")
+        f.write(report.json_line(row))
 
   def append_metrics(self, row: dict[str, Any]) -> None:
     with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(report.json_line(row))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -238,23 +296,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"config.batch_size={config.batch_size} exceeds the {dataset.num_train} "
       f"training examples of {dataset.name} ({dataset.source})"
     )
+  abstract_params = steps.abstract_params(config.model, dataset.num_classes)
+  stages_lib.check_params(config, abstract_params)
+  _check_dense_checkpoint(config, abstract_params)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   config_lib.check_workdir(config, workdir, checkpoints.has_checkpoint(checkpoint_dir))
-  os.makedirs(workdir, exist_ok=True)
-  report.write_json(os.path.join(workdir, "config.json"), config_lib.config_json(config))
-  _log(
-    "data: %s from %s (%d train, %d test)",
-    dataset.name,
-    dataset.source,
-    dataset.num_train,
-    dataset.num_test,
-  )
-
-  train_graphdef, eval_graphdef, params, batch_stats = steps.init_model(
-    config.model, dataset.num_classes, config.seed
-  )
-  method = stages_lib.METHODS[config.method]
-  with _StopRequest().installed() as stop:
+  with _workdir_lock(workdir), _StopRequest().installed() as stop:
+    report.write_json(os.path.join(workdir, "config.json"), config_lib.config_json(config))
+    _log(
+      "data: %s from %s (%d train, %d test)",
+      dataset.name,
+      dataset.source,
+      dataset.num_train,
+      dataset.num_test,
+    )
+    train_graphdef, eval_graphdef, params, batch_stats = steps.init_model(
+      config.model, dataset.num_classes, config.seed
+    )
+    method = stages_lib.METHODS[config.method]
     run = _Run(
       config=config,
       workdir=workdir,
@@ -262,12 +321,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_graphdef=train_graphdef,
       eval_step=steps.make_eval_step(eval_graphdef),
       stop=stop,
-      checkpointer=checkpoints.Checkpointer(checkpoint_dir, max_to_keep=config.checkpoint_keep),
+      checkpointer=checkpoints.Checkpointer(
+        checkpoint_dir, max_to_keep=config.checkpoint_keep, log=_log
+      ),
     )
     try:
       state = _train(run, method, {"params": params, "batch_stats": batch_stats})
     finally:
       run.checkpointer.close()
+    stop.where = "during the final evaluation and report"
     start = time.perf_counter()
     final = run.evaluate(state)
     wall_time_s = dict(run.progress.wall_time_s)
@@ -285,38 +347,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
 
+@contextlib.contextmanager
+def _workdir_lock(workdir: str) -> Iterator[None]:
+  """Creates the workdir and holds an exclusive lock on it for the whole run.
+
+  ``fcntl.flock`` on ``<workdir>/.lock``: the kernel releases it when the
+  process ends, however it ends, so a killed run never leaves a stale lock.
+
+  Raises:
+    ConfigError: another process holds the lock, or the workdir cannot be
+      created or written.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    handle = open(os.path.join(workdir, ".lock"), "a+")  # noqa: SIM115  (held for the run)
+  except OSError as err:
+    raise ConfigError(f"cannot create or write the workdir {workdir}: {err.strerror}") from None
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    owner = handle.read().strip() or "unknown"
+    handle.close()
+    raise ConfigError(
+      f"workdir {workdir} is in use by another train.py (pid {owner}); wait for it to "
+      "finish, or use another --workdir"
+    ) from None
+  try:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    yield
+  finally:
+    handle.close()
+
+
+def _check_dense_checkpoint(config: ml_collections.ConfigDict, abstract_params: Any) -> None:
+  """Refuses a ``config.dense_checkpoint`` whose variables do not fit the model."""
+  if not config.dense_checkpoint:
+    return
+  path = _dense_model_dir(config.dense_checkpoint)
+  try:
+    shapes = checkpoints.model_shapes(path)
+  except Exception as err:  # noqa: BLE001  (orbax raises many kinds)
+    raise ConfigError(
+      f"config.dense_checkpoint={config.dense_checkpoint!r} holds no model saved by "
+      f"train.py ({type(err).__name__})"
+    ) from None
+  expected = {
+    f"['params']{jax.tree_util.keystr(p)}": tuple(leaf.shape)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  }
+  found = {key: shape for key, shape in shapes.items() if key.startswith("['params']")}
+  if found != expected:
+    differ = sorted(set(found) ^ set(expected)) or [
+      key for key in expected if found.get(key) != expected[key]
+    ]
+    raise ConfigError(
+      f"config.dense_checkpoint={config.dense_checkpoint!r} does not fit the model "
+      f"{config.model} (parameters differ at {', '.join(differ[:3])}); give a dense model of "
+      "the same model and dataset"
+    )
+
+
 def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> TrainState:
-  """The dense phase and the method's stages, from the latest checkpoint if any."""
-  config = run.config
-  latest = run.checkpointer.latest_step()
-  if latest is not None:
-    run.progress = Progress.from_json(run.checkpointer.restore_meta(latest))
-  progress = run.progress
-  context = stages_lib.Context(
-    config=config,
-    workdir=run.workdir,
-    steps_per_epoch=run.steps_per_epoch,
-    graphdef=run.train_graphdef,
-    variables=variables,
-    results=progress.results,
-    evaluate=lambda state, params: run.evaluate(state, params)["accuracy"],
-  )
-  stages = method.stages(context)
-  names = [stage.name for stage in stages]
+  """The dense phase and the method's stages, from the newest good checkpoint if any."""
+  config, stop = run.config, run.stop
   dense = steps.make_phase(
     "dense", steps.sgd, config.dense, run.steps_per_epoch, run.train_graphdef
   )
+  fresh = steps.new_train_state(variables["params"], variables["batch_stats"], config.seed)
 
-  state = steps.new_train_state(variables["params"], variables["batch_stats"], config.seed)
-  if latest is None:
-    state = state._replace(opt_state=dense.tx.init(state.params))
-  else:
-    phase = dense if progress.phase == "dense" else stages[names.index(progress.phase)].phase()
-    state = state._replace(opt_state=phase.tx.init(state.params))
-    state = steps.fresh_arrays(run.checkpointer.restore_state(state, latest))
-    _log(
-      "resumed from the checkpoint of step %d (%s)", latest, progress.position(run.steps_per_epoch)
+  def stages_of(progress: Progress) -> list[stages_lib.Stage]:
+    context = stages_lib.Context(
+      config=config,
+      workdir=run.workdir,
+      steps_per_epoch=run.steps_per_epoch,
+      graphdef=run.train_graphdef,
+      variables=variables,
+      results=progress.results,
+      evaluate=lambda state, params: run.evaluate(state, params)["accuracy"],
     )
+    return method.stages(context)
+
+  def target_for(meta: dict[str, Any]) -> TrainState:
+    progress = Progress.from_json(meta)
+    phase = dense
+    if progress.phase != "dense":
+      phase = {stage.name: stage for stage in stages_of(progress)}[progress.phase].phase()
+    return fresh._replace(opt_state=phase.tx.init(fresh.params))
+
+  stop.where = "while restoring the latest checkpoint"
+  found = run.checkpointer.restore_latest(target_for)
+  if found is None:
+    state = fresh._replace(opt_state=dense.tx.init(fresh.params))
+  else:
+    step, meta, restored = found
+    run.progress = Progress.from_json(meta)
+    state = steps.fresh_arrays(restored)
+    stop.latest_step = step
+    _log(
+      "resumed from the checkpoint of step %d (%s)",
+      step,
+      run.progress.position(run.steps_per_epoch),
+    )
+  progress = run.progress
+  stages = stages_of(progress)
+  names = [stage.name for stage in stages]
   run.write_metrics_file()
 
   if progress.phase == "dense":
@@ -326,6 +464,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
     first = names.index(progress.phase)
   for stage in stages[first:]:
     if progress.phase != stage.name:
+      stop.where = f"while entering the stage {stage.name!r}"
       state = _enter(run, state, stage)
     if stage.phase is not None:
       state = _train_epochs(run, state, stage.phase(), stage.epochs, stage)
@@ -366,6 +505,7 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
   ``initial_model/`` (the lottery-ticket protocol needs them).
   """
   config, progress = run.config, run.progress
+  run.stop.where = "before the dense phase"
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   if config.dense_checkpoint:
     path = _dense_model_dir(config.dense_checkpoint)
@@ -380,6 +520,7 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
       checkpoints.save_model(initial_dir, variables)
     state = _train_epochs(run, state, dense, config.dense.epochs)
     progress.dense_source = "trained"
+  run.stop.where = "while exporting the dense model"
   history = progress.history
   if history and history[-1]["phase"] == "dense":
     progress.dense_accuracy = history[-1]["test_accuracy"]
@@ -400,19 +541,34 @@ def _train_epochs(
   num_epochs: int,
   stage: stages_lib.Stage | None = None,
 ) -> TrainState:
-  """Trains ``phase`` from the position saved in ``run.progress`` to ``num_epochs`` epochs."""
+  """Trains ``phase`` from the position saved in ``run.progress`` to ``num_epochs`` epochs.
+
+  A signal stops it after the current step, which is checkpointed; a
+  non-finite loss (at a logging step or an epoch's end) or non-finite GSM
+  scores stop it with ``TrainingDiverged`` and nothing after the last good
+  checkpoint is saved.
+  """
+  run.stop.in_loop = True
+  try:
+    return _epochs(run, state, phase, num_epochs, stage)
+  finally:
+    run.stop.in_loop = False
+
+
+def _epochs(run, state, phase, num_epochs, stage):
   config, progress = run.config, run.progress
   assert progress.phase == phase.name
   bar_stats = stage.bar_stats if stage else None
   epoch_stats = stage.epoch_stats if stage else None
   num_steps = run.steps_per_epoch
+  every = config.checkpoint_every_steps
   while progress.epoch < num_epochs:
     epoch = progress.epoch
     start = time.perf_counter()
     totals = steps.totals_to_device(progress.partial)
-    done = progress.batch
+    done = progress.batch  # batches applied before an interruption: skipped, not read
     batches = run.dataset.train_batches(
-      config.batch_size, epoch=progress.epoch_offset + epoch, seed=config.seed
+      config.batch_size, epoch=progress.epoch_offset + epoch, seed=config.seed, start=done
     )
     bar = tqdm(
       total=num_steps,
@@ -423,35 +579,38 @@ def _train_epochs(
       leave=True,
     )
 
-    def show(totals, state):
+    def check_and_show(totals, state):
       loss, acc = steps.means(steps.totals_to_host(totals))
+      if not math.isfinite(loss):
+        bar.close()
+        raise _diverged(run, f"the training loss is {loss} after batch {done}")
       postfix = {"loss": f"{loss:.4f}", "acc": f"{acc:.4f}"}
       if bar_stats:
         postfix.update(bar_stats(state))
       bar.set_postfix(postfix, refresh=False)
 
-    # Batches before `done` were applied before an interruption: skip them.
-    for i, batch in enumerate(batches):
-      if i < done:
-        continue
+    for i, batch in enumerate(batches, start=done):
       state, metrics = phase.train_step(state, batch)
       totals = steps.accumulate(totals, metrics)
       done = i + 1
       bar.update(1)
       if done % config.log_every_steps == 0:
-        show(totals, state)
-      if run.stop.requested and done < num_steps:
-        bar.close()
+        check_and_show(totals, state)
+      if done < num_steps and (run.stop.requested or (every and done % every == 0)):
+        check_and_show(totals, state)
         progress.batch, progress.partial = done, steps.totals_to_host(totals)
         progress.wall_time_s[phase.name] += time.perf_counter() - start
-        raise run.interrupted(state)
-    show(totals, state)
+        start = time.perf_counter()
+        if run.stop.requested:
+          bar.close()
+          raise run.interrupted(state)
+        run.save(state)
+    check_and_show(totals, state)
     bar.close()
 
     train_loss, train_acc = steps.means(steps.totals_to_host(totals))
     test = run.evaluate(state)
     phase_step = int(state.step) - progress.phase_start_step
-    progress.wall_time_s[phase.name] += time.perf_counter() - start
     row = {
       "phase": phase.name,
       "epoch": progress.epoch_offset + epoch + 1,
@@ -465,6 +624,10 @@ def _train_epochs(
     }
     stats = epoch_stats(state) if epoch_stats else {}
     row.update(stats)
+    problem = _non_finite(row)
+    if problem:
+      raise _diverged(run, f"{problem} at the end of {phase.name} epoch {epoch + 1}")
+    progress.wall_time_s[phase.name] += time.perf_counter() - start
     row["wall_time_s"] = progress.wall_time_s[phase.name]
     progress.history.append(row)
     progress.epoch, progress.batch, progress.partial = epoch + 1, 0, steps.zero_totals()
@@ -484,6 +647,31 @@ def _train_epochs(
     if run.stop.requested:
       raise run.interrupted(state)
   return state
+
+
+def _non_finite(row: dict[str, Any]) -> str | None:
+  """What makes an epoch's row diverged: a non-finite number, or non-finite GSM scores."""
+  for key, value in row.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      return f"{key} is {value}"
+  if row.get("nonfinite_scores", 0) > 0:
+    return f"{row['nonfinite_scores']} pooled weights have a non-finite Taylor score |g * w|"
+  return None
+
+
+def _diverged(run: _Run, what: str) -> TrainingDiverged:
+  where = run.progress.phase
+  latest = run.stop.latest_step
+  kept = (
+    f"the last good checkpoint, step {latest}, is kept"
+    if latest is not None
+    else "no checkpoint was written"
+  )
+  return TrainingDiverged(
+    f"training diverged in the {where} phase: {what}; stopped without saving ({kept}). "
+    f"Lower config.{where if where in run.config else 'dense'}.learning_rate and use a new "
+    "--workdir"
+  )
 
 
 def _log(fmt: str, *args: Any) -> None:
