@@ -142,12 +142,25 @@ def floor_divide_by_float(size: int, divisor: jax.Array) -> jax.Array:
   return jnp.where(exponent >= 8, 0, jnp.where(exponent >= 0, whole, quotient))
 
 
+def checked_traced_keep(size: int, compression: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(Q, invalid) for an array (e.g. traced) C, which cannot raise under jit.
+
+  Q = floor(|Theta| / C) exactly for C's float32 value
+  (`floor_divide_by_float`), clamped: C < 1 (-inf included) keeps all
+  |Theta| weights, NaN, +inf and C > |Theta| keep one. `invalid` (a bool
+  scalar) says C was not finite, < 1, or kept 0 weights before clamping.
+  """
+  value = jnp.asarray(compression, jnp.float32)
+  floor = floor_divide_by_float(size, jnp.maximum(value, 1.0))
+  invalid = ~jnp.isfinite(value) | (value < 1) | (floor < 1)
+  return jnp.clip(floor, 1, size), invalid
+
+
 def traced_keep(size: int, compression: jax.Array) -> jax.Array:
   """Q = floor(|Theta| / C) for an array (e.g. traced) C, exactly for its
-  float32 value (`floor_divide_by_float`); C < 1 counts as 1 and Q is
-  clipped to [1, |Theta|]. An int32 scalar."""
-  value = jnp.maximum(jnp.asarray(compression, jnp.float32), 1.0)
-  return jnp.clip(floor_divide_by_float(size, value), 1, size)
+  float32 value, clamped to [1, |Theta|] (`checked_traced_keep`). An int32
+  scalar."""
+  return checked_traced_keep(size, compression)[0]
 
 
 def keep_count_for_size(size: int, compression: float) -> int:

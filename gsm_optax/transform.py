@@ -36,6 +36,9 @@ class MaskByGlobalTaylorState(NamedTuple):
     num_active: active (unmasked) pooled weights at the last update.
     num_nonfinite: pooled weights whose score was NaN or inf at the last
       update (NaN scores are never active).
+    num_invalid_compression: updates so far whose compression C (from a
+      schedule or `inject_hyperparams`, which cannot raise under jit) was NaN,
+      inf, < 1, or > |pool| (keeping 0 weights) before it was clamped.
   """
 
   count: jax.Array
@@ -43,6 +46,7 @@ class MaskByGlobalTaylorState(NamedTuple):
   threshold: jax.Array
   num_active: jax.Array
   num_nonfinite: jax.Array
+  num_invalid_compression: jax.Array
 
 
 def _is_concrete(x: Any) -> bool:
@@ -59,13 +63,17 @@ def _check_compression_arg(compression: optax.ScalarOrSchedule) -> None:
     _pool.validate_compression(compression)
 
 
-def _keep_for_step(size: int, compression: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  """Q = int(|pool| / C) for this step: exact for a Python number C (as the
-  reference code computes it), and for a traced float32 C."""
+def _keep_for_step(
+  size: int, compression: optax.ScalarOrSchedule, count: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(Q = int(|pool| / C) for this step, whether C was invalid and clamped):
+  exact for a Python number C (as the reference code computes it, validated
+  when the transform is built), and for a traced float32 C."""
   if isinstance(compression, (int, float)):
-    return jnp.asarray(_pool.keep_count_for_size(size, compression), jnp.int32)
+    keep = _pool.keep_count_for_size(size, compression)
+    return jnp.asarray(keep, jnp.int32), jnp.asarray(False)
   value = compression(count) if callable(compression) else compression
-  return _pool.traced_keep(size, value)
+  return _pool.checked_traced_keep(size, value)
 
 
 def taylor_score(grad: jax.Array, param: jax.Array) -> jax.Array:
@@ -122,6 +130,13 @@ def mask_by_global_taylor(
   active, i.e. plain momentum SGD. NaN scores are never active;
   `num_nonfinite` counts NaN and inf scores. Scores are computed in float32.
 
+  A constant C is checked when the transform is built. A C that is only
+  known at run time (a schedule's value, or a traced C from
+  `optax.inject_hyperparams` under jit) cannot raise: when it is NaN or
+  +inf, or C > |pool| (Q = 0), one weight is kept; when it is below 1 (-inf
+  included), all are. `num_invalid_compression` in the state (and in
+  `gsm_stats`) counts the updates that clamped C this way.
+
   Args:
     compression: C >= 1, a float, a scalar array, or an optax schedule
       ``step -> C`` (gradual GSM).
@@ -142,6 +157,7 @@ def mask_by_global_taylor(
       threshold=jnp.zeros([], jnp.float32),
       num_active=jnp.zeros([], jnp.int32),
       num_nonfinite=jnp.zeros([], jnp.int32),
+      num_invalid_compression=jnp.zeros([], jnp.int32),
     )
 
   def init_fn(params):
@@ -150,7 +166,7 @@ def mask_by_global_taylor(
     if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
       return state_with_keep(0)
     size = _pool.pooled_size(params, _pool.resolve_pool(params, pool))
-    keep = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
+    keep, _ = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
     if not callable(compression) and _is_concrete(compression):
       _pool.keep_count_for_size(size, float(compression))
     return state_with_keep(keep)
@@ -175,7 +191,7 @@ def mask_by_global_taylor(
     weights = [flat_params[i] for i in pooled]
     size = sum(g.size for g in grads)
 
-    keep = _keep_for_step(size, compression, state.count)
+    keep, invalid = _keep_for_step(size, compression, state.count)
     masked, threshold, num_active, num_nonfinite = _mask_pool(grads, weights, keep)
     for i, g in zip(pooled, masked):
       flat_updates[i] = g
@@ -185,6 +201,7 @@ def mask_by_global_taylor(
       threshold=threshold,
       num_active=num_active,
       num_nonfinite=num_nonfinite,
+      num_invalid_compression=state.num_invalid_compression + invalid.astype(jnp.int32),
     )
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
@@ -243,8 +260,9 @@ def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
   Works on any nesting: `optax.chain`, `inject_hyperparams`, `masked`, ...
 
   Returns:
-    A dict with "step", "keep" (Q), "threshold", "num_active" and
-    "num_nonfinite".
+    A dict with "step", "keep" (Q), "threshold", "num_active",
+    "num_nonfinite" and "num_invalid_compression" (the fields of
+    `MaskByGlobalTaylorState`).
 
   Raises:
     ValueError: `opt_state` holds no such state, or more than one.
@@ -262,4 +280,5 @@ def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
     "threshold": state.threshold,
     "num_active": state.num_active,
     "num_nonfinite": state.num_nonfinite,
+    "num_invalid_compression": state.num_invalid_compression,
   }

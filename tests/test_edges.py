@@ -11,9 +11,84 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gsm_optax
+
+
+def _params(rng, params_factory, dtype):
+  return jax.tree.map(jnp.asarray, params_factory(rng, dtype=dtype))
+
+
+def _update(opt, use_jit):
+  return jax.jit(opt.update) if use_jit else opt.update
+
+
+# ----------------------------------------------------------------------------
+# A traced compression that is NaN, inf, < 1 or > |pool|: clamped and counted.
+# ----------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+# C per step, with the clamped Q over the 138-weight pool and whether C is
+# invalid (not finite, < 1, or int(138 / C) = 0).
+COMPRESSIONS = [
+  (60.0, 2, False),
+  (NAN, 1, True),
+  (INF, 1, True),
+  (0.5, 138, True),
+  (1000.0, 1, True),
+  (1.0, 138, False),
+  (-INF, 138, True),
+  (138.0, 1, False),
+  (139.0, 1, True),
+]
+
+
+def test_invalid_traced_compressions_are_clamped_and_counted(use_jit, rng, params_factory):
+  table = jnp.asarray([c for c, _, _ in COMPRESSIONS], jnp.float32)
+  opt = gsm_optax.gsm(0.1, lambda count: table[count])
+  params = _params(rng, params_factory, np.float32)
+  grads = _params(rng, params_factory, np.float32)
+  state, update = opt.init(params), _update(opt, use_jit)
+  assert int(gsm_optax.gsm_stats(state)["num_invalid_compression"]) == 0
+  invalid = 0
+  for step, (_, keep, bad) in enumerate(COMPRESSIONS):
+    _, state = update(grads, state, params)
+    invalid += bad
+    stats = gsm_optax.gsm_stats(state)
+    assert int(stats["keep"]) == keep, step
+    assert int(stats["num_active"]) == keep, step  # continuous scores, no ties
+    assert int(stats["num_invalid_compression"]) == invalid, step
+  assert invalid == 6
+
+
+@pytest.mark.parametrize("value,keep", [(0.5, 138), (NAN, 1), (1000, 1)])
+def test_a_schedule_returning_an_invalid_python_number_is_clamped_and_counted(
+  value, keep, use_jit, rng, params_factory
+):
+  mask = gsm_optax.mask_by_global_taylor(lambda count: value)
+  params = _params(rng, params_factory, np.float32)
+  state, update = mask.init(params), _update(mask, use_jit)
+  for step in range(2):
+    _, state = update(params, state, params)
+  assert int(state.keep) == keep
+  assert int(state.num_invalid_compression) == 2
+
+
+def test_inject_hyperparams_nan_compression_is_counted_under_jit_and_raises_eagerly(
+  rng, params_factory
+):
+  opt = optax.inject_hyperparams(gsm_optax.mask_by_global_taylor)(compression=10.0)
+  params = _params(rng, params_factory, np.float32)
+  state = opt.init(params)
+  state.hyperparams["compression"] = jnp.asarray(NAN)
+  _, new_state = jax.jit(opt.update)(params, state, params)
+  stats = gsm_optax.gsm_stats(new_state)
+  assert (int(stats["keep"]), int(stats["num_invalid_compression"])) == (1, 1)
+  with pytest.raises(ValueError, match="compression must be finite and >= 1"):
+    opt.update(params, state, params)
+
 
 # ----------------------------------------------------------------------------
 # The k of global_kth_largest / global_kth_largest_magnitude.
