@@ -6,8 +6,10 @@ floating leaf with ``ndim >= 2`` (dense and conv kernels), as the reference code
 of Ding et al. (2019) does. Params may be arrays or `jax.ShapeDtypeStruct`s.
 
 Q = floor(|pool| / C), the number of pooled weights kept at compression C, is
-computed here only: `floor_keep` for a Python number C (``int(|pool| / C)``,
-the reference code's rounding), `traced_keep` for an array or traced C.
+computed here only: `floor_keep` for a Python or NumPy float64 number C
+(``int(|pool| / C)`` in float64, the reference code's rounding),
+`traced_keep` for a JAX array or traced C (exactly floor(|pool| / C) for its
+float32 value; see `keep_count` for when the two differ).
 """
 
 from __future__ import annotations
@@ -156,6 +158,19 @@ def checked_traced_keep(size: int, compression: jax.Array) -> tuple[jax.Array, j
   return jnp.clip(floor, 1, size), invalid
 
 
+def checked_number_keep(size: int, compression: float) -> tuple[int, bool]:
+  """(Q, invalid) for a number C known only at run time (a schedule's Python
+  value): Q = int(|Theta| / C) in float64 (`floor_keep`), clamped and flagged
+  as `checked_traced_keep` does."""
+  value = float(compression)
+  if math.isnan(value):
+    return 1, True
+  if value < 1:
+    return size, True
+  keep = floor_keep(size, value)  # 0 for C > |Theta| and C = inf
+  return max(keep, 1), keep < 1
+
+
 def traced_keep(size: int, compression: jax.Array) -> jax.Array:
   """Q = floor(|Theta| / C) for an array (e.g. traced) C, exactly for its
   float32 value, clamped to [1, |Theta|] (`checked_traced_keep`). An int32
@@ -176,5 +191,15 @@ def keep_count_for_size(size: int, compression: float) -> int:
 
 
 def keep_count(params: Any, compression: float, *, pool: Pool = None) -> int:
-  """Q = int(|Theta| / C): how many pooled weights stay non-zero."""
+  """Q = int(|Theta| / C): how many pooled weights stay non-zero.
+
+  C is a number, divided in float64 (Python's ``int(size / C)``, the
+  reference code's rounding). `mask_by_global_taylor` computes the same Q for
+  a Python or NumPy float64 C, also from a schedule; for a JAX array C
+  (float32: a schedule's traced value, `optax.inject_hyperparams`) it takes
+  floor(|Theta| / C) exactly for the float32 value, which is
+  ``keep_count(params, float(np.float32(C)))``. Both agree unless rounding C
+  to float32 crosses |Theta| / q for an integer q: C = 133.1 over 266,200
+  weights keeps 2000 here and 1999 as float32 (133.1000061...).
+  """
   return keep_count_for_size(pool_size(params, pool), compression)

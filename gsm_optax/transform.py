@@ -63,16 +63,25 @@ def _check_compression_arg(compression: optax.ScalarOrSchedule) -> None:
     _pool.validate_compression(compression)
 
 
+def _is_float64_number(x: Any) -> bool:
+  """A Python number or a NumPy float64 / integer value: C exact in float64."""
+  if isinstance(x, jax.Array) or not _checks.is_number(x):
+    return False
+  dtype = np.asarray(x).dtype
+  return dtype == np.float64 or np.issubdtype(dtype, np.integer)
+
+
 def _keep_for_step(
   size: int, compression: optax.ScalarOrSchedule, count: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-  """(Q = int(|pool| / C) for this step, whether C was invalid and clamped):
-  exact for a Python number C (as the reference code computes it, validated
-  when the transform is built), and for a traced float32 C."""
-  if isinstance(compression, (int, float)):
-    keep = _pool.keep_count_for_size(size, compression)
-    return jnp.asarray(keep, jnp.int32), jnp.asarray(False)
+  """(Q for this step, whether C was invalid and clamped): int(|pool| / C) in
+  float64 for a Python or NumPy float64 C (the reference code's rounding), also
+  from a schedule; floor(|pool| / C) exactly for the float32 value of a JAX
+  array C, traced or not."""
   value = compression(count) if callable(compression) else compression
+  if _is_float64_number(value):
+    keep, invalid = _pool.checked_number_keep(size, value)
+    return jnp.asarray(keep, jnp.int32), jnp.asarray(invalid)
   return _pool.checked_traced_keep(size, value)
 
 
@@ -129,6 +138,14 @@ def mask_by_global_taylor(
   kept, instead of the whole pool. With C = 1 (Q = |pool|) every weight is
   active, i.e. plain momentum SGD. NaN scores are never active;
   `num_nonfinite` counts NaN and inf scores. Scores are computed in float32.
+
+  Q for a Python or NumPy float64 C, constant or a schedule's value, is
+  ``int(|pool| / C)`` in float64, as `keep_count` and the reference code
+  compute it. A JAX array C is float32 (a schedule's traced value,
+  `optax.inject_hyperparams`, which stores C as a float32 array): Q =
+  floor(|pool| / C) exactly for that float32 value, which is one less when
+  rounding C to float32 raised it past |pool| / Q: C = 133.1 over 266,200
+  weights keeps 2000 as a Python float and 1999 as float32 (133.1000061...).
 
   A constant C is checked when the transform is built. A C that is only
   known at run time (a schedule's value, or a traced C from

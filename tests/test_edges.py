@@ -172,3 +172,76 @@ def test_sparsity_report_of_an_empty_pool_has_density_0_and_infinite_compression
   assert (as_dict["density"], as_dict["compression"]) == (0.0, float("inf"))
   assert json.loads(json.dumps(as_dict)) == as_dict
   assert gsm_optax.SparsityReport(rows=()).density == 0.0
+
+
+# ----------------------------------------------------------------------------
+# Q for C = 133.1 over LeNet-300-100's 266,200 weights: int(266200 / 133.1) =
+# 2000 in float64; float32(133.1) = 133.10000610... gives floor(...) = 1999.
+# ----------------------------------------------------------------------------
+
+C = 133.1
+C32 = float(np.float32(C))  # 133.10000610351562
+
+
+def _lenet(rng):
+  shapes = {"d1": (784, 300), "d2": (300, 100), "d3": (100, 10)}
+  return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+
+
+def test_keep_count_is_int_of_size_over_c_in_float64(rng):
+  params = _lenet(rng)
+  assert gsm_optax.pool_size(params) == 266_200
+  assert gsm_optax.keep_count(params, C) == int(266_200 / C) == 2000
+  assert gsm_optax.keep_count(params, C32) == 1999
+  assert gsm_optax.keep_count(params, np.float32(C)) == 1999
+
+
+@pytest.mark.parametrize(
+  "compression,keep",
+  [
+    (C, 2000),  # a Python float: float64
+    (np.float64(C), 2000),
+    (np.asarray(C), 2000),  # a 0-d float64 NumPy array
+    (optax.constant_schedule(C), 2000),  # a schedule returning a Python float
+    (lambda count: np.float64(C), 2000),
+    (np.float32(C), 1999),  # float32 values: floor(266200 / 133.10000610...)
+    (jnp.float32(C), 1999),
+    (lambda count: jnp.float32(C), 1999),
+    (optax.linear_schedule(1.0, C, 10), 1999),  # reaches float32(C) at step 10
+  ],
+  ids=[
+    "float",
+    "np.float64",
+    "np.ndarray-float64",
+    "constant_schedule",
+    "schedule-np.float64",
+    "np.float32",
+    "jnp.float32",
+    "schedule-jnp.float32",
+    "linear_schedule",
+  ],
+)
+def test_q_is_float64_for_numpy_and_python_c_and_float32_for_jax_arrays(
+  compression, keep, use_jit, rng
+):
+  params = _lenet(rng)
+  mask = gsm_optax.mask_by_global_taylor(compression)
+  state = mask.init(params)
+  if callable(compression):
+    state = state._replace(count=jnp.asarray(10, jnp.int32))
+  _, state = _update(mask, use_jit)(params, state, params)
+  stats = gsm_optax.gsm_stats(state)
+  assert int(stats["keep"]) == keep
+  assert int(stats["num_active"]) == keep  # continuous scores: exactly Q kept
+  assert int(stats["num_invalid_compression"]) == 0
+
+
+def test_a_traced_or_injected_c_is_float32(rng):
+  params = _lenet(rng)
+  keep_of = jax.jit(lambda c: gsm_optax.mask_by_global_taylor(c).init(params).keep)
+  assert int(keep_of(C)) == 1999
+  injected = optax.inject_hyperparams(gsm_optax.mask_by_global_taylor)(compression=C)
+  state = injected.init(params)
+  assert state.hyperparams["compression"].dtype == jnp.float32
+  assert int(gsm_optax.gsm_stats(state)["keep"]) == 1999
+  assert int(gsm_optax.gsm_stats(jax.jit(injected.init)(params))["keep"]) == 1999
