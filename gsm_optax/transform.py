@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +226,55 @@ def mask_by_global_taylor(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _value_at_step_0(hyperparam: Any) -> float | None:
+  """A number, array or schedule at step 0 as a float; None when it is not
+  concrete (traced: `inject_hyperparams` under jit)."""
+  with jax.ensure_compile_time_eval():  # a schedule at 0 even under jit
+    value = hyperparam(jnp.zeros([], jnp.int32)) if callable(hyperparam) else hyperparam
+  return float(value) if _checks.is_number(value) else None
+
+
+def _passive_decay_per_step(
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: optax.ScalarOrSchedule,
+  momentum: float,
+) -> float | None:
+  """r = alpha * eta / (1 - beta) at step 0, the relative shrink of a passive
+  weight per step (Ding et al. 2019, section 3.2); None when a value is not
+  concrete or beta is not in [0, 1)."""
+  alpha, eta, beta = (_value_at_step_0(x) for x in (learning_rate, weight_decay, momentum))
+  if alpha is None or eta is None or beta is None or not 0.0 <= beta < 1.0:
+    return None
+  return alpha * eta / (1.0 - beta)
+
+
+def _warn_if_decay_underflows(params: Any, pool: _pool.Pool, decay: float | None) -> None:
+  """Warns once per dtype of pooled leaves whose resolution eps / 2 exceeds the
+  per-step relative decay r: w - alpha * z then rounds back to w."""
+  if decay is None or not decay > 0 or not np.isfinite(decay):
+    return  # unknown (traced), or no decay to represent
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  by_dtype: dict[np.dtype, list[str]] = {}
+  for (path, leaf), flag in zip(flat, jax.tree.leaves(_pool.resolve_pool(params, pool))):
+    if flag:
+      by_dtype.setdefault(_checks.leaf_dtype(leaf), []).append(jax.tree_util.keystr(path))
+  for dtype, paths in by_dtype.items():
+    resolution = float(jnp.finfo(dtype).eps) / 2
+    if decay >= resolution:
+      continue
+    leaves = "leaf" if len(paths) == 1 else "leaves"
+    warnings.warn(
+      f"gsm: {len(paths)} pooled {leaves} of dtype {dtype.name} (e.g. {paths[0]}) cannot "
+      "represent the per-step decay of a passive weight: learning_rate * weight_decay / "
+      f"(1 - momentum) = {decay:.2g} (at step 0) is below {dtype.name}'s resolution eps / 2 = "
+      f"{resolution:.2g}, so w - learning_rate * z rounds back to w (or stalls within a factor "
+      "of 2) and GSM prunes nothing. Keep float32 master weights (params and optimizer state "
+      f"in float32) and cast them to {dtype.name} for the forward pass (docs/METHOD.md, "
+      "'Numerics').",
+      stacklevel=3,
+    )
+
+
 def gsm(
   learning_rate: optax.ScalarOrSchedule,
   compression: optax.ScalarOrSchedule,
@@ -241,6 +291,14 @@ def gsm(
   or passive), none to leaves outside the pool. A passive weight shrinks by
   about (1 - alpha * eta / (1 - beta)) per step.
 
+  `init` warns when a pooled leaf's dtype cannot represent that shrink: when
+  r = alpha * eta / (1 - beta) at step 0 is below the dtype's eps / 2 (2^-8
+  for bfloat16, 2^-11 for float16), w - alpha * z rounds back to w: passive
+  weights stall within a factor of 2, and never move when r < eps / 4 (e.g.
+  bfloat16 at alpha = 0.03, eta = 5e-4, beta = 0.99: r = 1.5e-3). Keep
+  float32 params and cast them for the forward pass instead. The check is skipped when a value is traced
+  (`inject_hyperparams` under jit) or r = 0 (e.g. a warm-up from 0).
+
   Args:
     learning_rate: alpha, a float or an optax schedule.
     compression: C >= 1 (Q = int(|pool| / C) weights stay non-zero), a float or
@@ -251,16 +309,25 @@ def gsm(
     pool: prunable leaves, as in `mask_by_global_taylor`.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` (an `optax.chain`); `update`
-    requires `params`.
+    An `optax.GradientTransformationExtraArgs` with the state of an
+    `optax.chain`; `update` requires `params`.
   """
   decay_mask = _pool.default_pool if pool is None else pool
-  return optax.chain(
+  chain = optax.chain(
     mask_by_global_taylor(compression, pool=pool),
     optax.add_decayed_weights(weight_decay, mask=decay_mask),
     optax.trace(decay=momentum, nesterov=nesterov),
     optax.scale_by_learning_rate(learning_rate),
   )
+
+  def init_fn(params):
+    state = chain.init(params)
+    if not _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
+      decay = _passive_decay_per_step(learning_rate, weight_decay, momentum)
+      _warn_if_decay_underflows(params, pool, decay)
+    return state
+
+  return optax.GradientTransformationExtraArgs(init_fn, chain.update)
 
 
 def _find_states(state: Any) -> list[MaskByGlobalTaylorState]:

@@ -7,6 +7,7 @@ Each test states the behaviour exactly (counts, messages, NumPy references).
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,151 @@ def _params(rng, params_factory, dtype):
 
 def _update(opt, use_jit):
   return jax.jit(opt.update) if use_jit else opt.update
+
+
+# ----------------------------------------------------------------------------
+# Low-precision params: the passive decay below the dtype's resolution.
+# ----------------------------------------------------------------------------
+
+# At these settings a passive weight shrinks by r = lr * wd / (1 - beta) =
+# 1.5e-3 per step: below bfloat16's eps / 2 = 2^-8, above float16's 2^-11.
+LR, WD, BETA = 0.03, 5e-4, 0.99
+
+
+def _warnings_of(fn) -> list[str]:
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fn()
+  return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_gsm_warns_with_the_dtype_the_decay_and_the_fix_for_bfloat16_params(rng, params_factory):
+  params = _params(rng, params_factory, jnp.bfloat16)
+  opt = gsm_optax.gsm(LR, 10.0, momentum=BETA, weight_decay=WD)
+  assert _warnings_of(lambda: opt.init(params)) == [
+    "gsm: 3 pooled leaves of dtype bfloat16 (e.g. ['conv']['kernel']) cannot represent the "
+    "per-step decay of a passive weight: learning_rate * weight_decay / (1 - momentum) = "
+    "0.0015 (at step 0) is below bfloat16's resolution eps / 2 = 0.0039, so w - learning_rate "
+    "* z rounds back to w (or stalls within a factor of 2) and GSM prunes nothing. Keep float32 "
+    "master weights (params and optimizer state in float32) and cast them to bfloat16 for the "
+    "forward pass (docs/METHOD.md, 'Numerics')."
+  ]
+
+
+@pytest.mark.parametrize(
+  "dtype,learning_rate,warns",
+  [
+    (jnp.bfloat16, LR, True),
+    (jnp.bfloat16, 0.2, False),  # r = 0.01 >= 2^-8
+    (np.float16, LR, False),  # r = 1.5e-3 >= 2^-11
+    (np.float16, 0.005, True),  # r = 2.5e-4 < 2^-11
+    (np.float32, LR, False),
+    (np.float32, 1e-6, True),  # r = 5e-8 < 2^-24
+  ],
+  ids=["bf16", "bf16-lr0.2", "f16", "f16-lr0.005", "f32", "f32-lr1e-6"],
+)
+def test_gsm_warns_exactly_when_the_decay_is_below_eps_over_2(
+  dtype, learning_rate, warns, rng, params_factory
+):
+  params = _params(rng, params_factory, dtype)
+  opt = gsm_optax.gsm(learning_rate, 10.0, momentum=BETA, weight_decay=WD)
+  got = _warnings_of(lambda: opt.init(params))
+  assert len(got) == int(warns)
+  if warns:
+    name = np.dtype(dtype).name
+    assert got[0].startswith(f"gsm: 3 pooled leaves of dtype {name} ")
+    assert f"cast them to {name} for the forward pass" in got[0]
+  # Abstract params: the same check from the dtypes alone.
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  assert len(_warnings_of(lambda: opt.init(abstract))) == int(warns)
+
+
+def test_gsm_warns_once_per_dtype_of_a_mixed_pool(rng, params_factory):
+  params = _params(rng, params_factory, np.float32)
+  params["conv"]["kernel"] = params["conv"]["kernel"].astype(jnp.bfloat16)
+  params["mlp"]["dense1"]["kernel"] = params["mlp"]["dense1"]["kernel"].astype(np.float16)
+  opt = gsm_optax.gsm(0.005, 10.0, momentum=BETA, weight_decay=WD)  # r = 2.5e-4
+  got = _warnings_of(lambda: opt.init(params))
+  assert [m.split(" (e.g.")[0] for m in got] == [
+    "gsm: 1 pooled leaf of dtype bfloat16",
+    "gsm: 1 pooled leaf of dtype float16",
+  ]
+  assert "(e.g. ['mlp']['dense1']['kernel'])" in got[1]
+
+
+def test_gsm_checks_the_decay_of_schedules_at_step_0_and_skips_traced_values(rng, params_factory):
+  params = _params(rng, params_factory, jnp.bfloat16)
+  # Step 0 of the schedules: r = 1.5e-3 (warns), then r = 0 (a warm-up from 0:
+  # no decay to represent, no warning).
+  decaying = gsm_optax.gsm(
+    optax.linear_schedule(LR, 1.0, 100), 10.0, momentum=BETA, weight_decay=WD
+  )
+  got = _warnings_of(lambda: jax.jit(decaying.init)(params))
+  assert len(got) == 1 and "= 0.0015 (at step 0)" in got[0]
+  warmup = gsm_optax.gsm(optax.linear_schedule(0.0, LR, 100), 10.0, momentum=BETA)
+  assert _warnings_of(lambda: warmup.init(params)) == []
+  # inject_hyperparams: concrete arrays eagerly (checked), tracers under jit
+  # (not checked).
+  injected = optax.inject_hyperparams(gsm_optax.gsm)(
+    learning_rate=LR, compression=10.0, momentum=BETA, weight_decay=WD
+  )
+  assert len(_warnings_of(lambda: injected.init(params))) == 1
+  assert _warnings_of(lambda: jax.jit(injected.init)(params)) == []
+  # The stand-in params of optax.tree_utils.tree_map_params: nothing to check.
+  opt = gsm_optax.gsm(LR, 10.0, momentum=BETA, weight_decay=WD)
+  with pytest.warns(UserWarning, match="of dtype bfloat16"):
+    state = opt.init(params)
+  assert _warnings_of(lambda: optax.tree_utils.tree_map_params(opt, lambda p: p, state)) == []
+
+
+def _run_passive(params, learning_rate, num_steps):
+  """GSM with a zero loss gradient: every pooled weight is passive."""
+  opt = gsm_optax.gsm(learning_rate, 10.0, momentum=BETA, weight_decay=WD)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    state = opt.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+
+  @jax.jit
+  def run(params, state):
+    def step(_, carry):
+      params, state = carry
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.fori_loop(0, num_steps, step, (params, state))
+
+  return run(params, state)[0]
+
+
+def _numpy_passive(w0, learning_rate, num_steps):
+  """z <- beta z + wd w; w <- w - lr z, in float64."""
+  w, z = np.asarray(w0, np.float64), 0.0
+  for _ in range(num_steps):
+    z = BETA * z + WD * w
+    w = w - learning_rate * z
+  return w
+
+
+def test_the_warning_is_right_bfloat16_passive_weights_never_decay(rng, params_factory):
+  num_steps = 400
+  kernels = lambda p: [p["conv"]["kernel"], p["mlp"]["dense1"]["kernel"]]  # noqa: E731
+  # bfloat16, r = 1.5e-3 < 2^-8 (warned): not one bit of any weight changes.
+  w16 = _params(rng, params_factory, jnp.bfloat16)
+  out16 = _run_passive(w16, LR, num_steps)
+  for got, want in zip(jax.tree.leaves(out16), jax.tree.leaves(w16)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # float32, same settings: the weights shrink as the NumPy recursion says.
+  w32 = jax.tree.map(lambda p: p.astype(jnp.float32), w16)
+  out32 = _run_passive(w32, LR, num_steps)
+  for got, w0 in zip(kernels(out32), kernels(w32)):
+    np.testing.assert_allclose(np.asarray(got), _numpy_passive(w0, LR, num_steps), rtol=1e-4)
+    assert np.median(np.abs(np.asarray(got) / np.asarray(w0))) < 0.65
+  # bfloat16 with r = 0.01 >= 2^-8 (no warning): the weights do shrink.
+  out16 = _run_passive(w16, 0.2, num_steps)
+  for got, w0 in zip(kernels(out16), kernels(w16)):
+    ratio = np.abs(np.asarray(got, np.float32) / np.asarray(w0, np.float32))
+    assert np.median(ratio) < 0.2
 
 
 # ----------------------------------------------------------------------------
