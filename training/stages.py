@@ -318,6 +318,7 @@ def _gsm_stage(ctx: Context, compression: float) -> Stage:
     stats = gsm_optax.gsm_stats(state.opt_state)
     return {
       "nonfinite_scores": int(stats["num_nonfinite"]),
+      "invalid_compression_steps": int(stats["num_invalid_compression"]),
       "active_weights": int(stats["num_active"]),
       "keep": int(stats["keep"]),
       "threshold": float(stats["threshold"]),
