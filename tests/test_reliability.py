@@ -512,3 +512,13 @@ def test_gsm_epochs_report_nonfinite_scores(finished_run):
   rows = _rows(finished_run[0])
   assert all(row["nonfinite_scores"] == 0 for row in rows if row["phase"] == "gsm")
   assert np.isfinite([row["train_loss"] for row in rows]).all()
+
+
+def test_a_workdir_that_cannot_be_created_is_one_error_line(data_dir, tmp_path):
+  """Under a file: what a read-only parent does for a non-root user (root ignores modes)."""
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  workdir = str(blocker / "run")
+  with pytest.raises(train_lib.ConfigError) as err:
+    train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert str(err.value) == f"cannot create or write the workdir {workdir}: Not a directory"
