@@ -569,3 +569,48 @@ def test_unknown_dataset_name():
   with pytest.raises(ValueError, match="cifar100") as err:
     data.load_dataset("cifar100")
   assert all(name in str(err.value) for name in data.DATASETS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shards_concatenate_to_the_global_batches(backend, augment, count):
+  ds = make_dataset(backend, augment)
+  full = list(ds.train_batches(8, epoch=1, seed=3, start=2))
+  parts = [
+    list(ds.train_batches(8, epoch=1, seed=3, start=2, shard=(i, count))) for i in range(count)
+  ]
+  for step, (x_full, y_full) in enumerate(full):
+    x = np.concatenate([part[step][0] for part in parts])
+    y = np.concatenate([part[step][1] for part in parts])
+    assert x.tobytes() == x_full.tobytes() and y.tobytes() == y_full.tobytes()
+
+
+def test_a_grain_shard_reads_only_its_own_examples():
+  calls = []
+  ds = grain_dataset(calls=calls)
+  list(ds.train_batches(8, epoch=0, seed=0, shard=(1, 4)))
+  order = []
+  for x, _ in grain_dataset().train_batches(8, epoch=0, seed=0):
+    order.extend(int(v) for v in x[:, 0, 0, 0])
+  own = {order[step * 8 + row] for step in range(6) for row in (2, 3)}
+  assert sorted(int(c[0, 0, 0]) for c in calls) == sorted(own)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_eval_batches_pad_mask_and_shard(count):
+  ds = index_dataset(n_test=23)
+  parts = [list(ds.eval_batches(8, shard=(i, count))) for i in range(count)]
+  full = list(ds.test_batches(8))
+  assert [len(p) for p in parts] == [3] * count
+  for step, (images, labels) in enumerate(full):
+    mask = np.concatenate([p[step][2] for p in parts])
+    y = np.concatenate([p[step][1] for p in parts])
+    assert mask.sum() == len(labels) and mask[: len(labels)].all()
+    np.testing.assert_array_equal(y[mask], labels)
+    assert np.concatenate([p[step][0] for p in parts]).shape[0] == 8
+
+
+def test_a_shard_that_does_not_divide_the_batch_is_refused():
+  with pytest.raises(ValueError, match=r"shard=\(0, 3\) must be \(index, count\)"):
+    next(random_dataset().train_batches(8, epoch=0, seed=0, shard=(0, 3)))

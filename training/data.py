@@ -117,9 +117,22 @@ class Dataset:
     return self.num_train // batch_size
 
   def train_batches(
-    self, batch_size: int, *, epoch: int, seed: int, start: int = 0
+    self,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    start: int = 0,
+    shard: tuple[int, int] = (0, 1),
   ) -> Iterator[Batch]:
     """Shuffled, augmented batches ``start, start + 1, ...`` of one epoch.
+
+    With ``shard = (index, count)`` (one process of ``count``), only this
+    process's contiguous part of every global batch is produced: rows
+    ``[index * L, (index + 1) * L)`` with ``L = batch_size / count``; the
+    in-memory backend gathers only those examples (with augmentation it
+    augments the global batch, then keeps the part, so the draws do not depend
+    on ``count``); the Grain backend reads and transforms only those examples.
 
     A pure function of ``(epoch, seed)``: the result equals
     ``list(train_batches(batch_size, epoch=epoch, seed=seed))[start:]`` bitwise,
@@ -144,12 +157,31 @@ class Dataset:
         f"start must be in [0, {steps}] (the batches per epoch of {self.name} at "
         f"batch_size={batch_size}), got start={start}"
       )
-    return self._backend.train_batches(batch_size, epoch=epoch, seed=seed, start=start)
+    rows = _shard_rows(batch_size, shard)
+    return self._backend.train_batches(batch_size, epoch=epoch, seed=seed, start=start, rows=rows)
 
   def test_batches(self, batch_size: int) -> Iterator[Batch]:
     """Test batches in order, keeping the last partial batch."""
     _check_positive("batch_size", batch_size)
     return self._backend.test_batches(batch_size)
+
+  def eval_batches(
+    self, batch_size: int, *, shard: tuple[int, int] = (0, 1)
+  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(images, labels, mask)``: test batches of one shape, this process's part.
+
+    The last batch is padded with zeros to ``batch_size`` and ``mask`` marks
+    the real examples; with ``shard = (index, count)`` only rows ``[index * L,
+    (index + 1) * L)`` of every batch are produced (``L = batch_size / count``).
+    """
+    rows = _shard_rows(batch_size, shard)
+    for images, labels in self._backend.test_batches(batch_size):
+      mask = np.arange(batch_size) < len(labels)
+      if len(labels) < batch_size:
+        pad = batch_size - len(labels)
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+      yield images[rows], labels[rows], mask[rows]
 
   @classmethod
   def from_arrays(
@@ -183,6 +215,18 @@ class Dataset:
       source=source,
       _backend=backend,
     )
+
+
+def _shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
+  """The rows of a global batch that process ``index`` of ``count`` holds."""
+  index, count = shard
+  if count < 1 or not 0 <= index < count or batch_size % count:
+    raise ValueError(
+      f"shard={shard} must be (index, count) with 0 <= index < count and count dividing "
+      f"batch_size={batch_size}"
+    )
+  size = batch_size // count
+  return slice(index * size, (index + 1) * size)
 
 
 def _check_positive(what: str, value: int) -> None:
@@ -331,16 +375,18 @@ class _ArrayBackend:
   augment: bool
 
   def train_batches(
-    self, batch_size: int, *, epoch: int, seed: int, start: int = 0
+    self, batch_size: int, *, epoch: int, seed: int, start: int = 0, rows: slice = slice(None)
   ) -> Iterator[Batch]:
     """Batches ``start, ...`` of the epoch: an index into the epoch's permutation."""
     order = np.random.default_rng([seed, epoch]).permutation(len(self.train_labels))
     for step in range(start, len(order) // batch_size):
       idx = order[step * batch_size : (step + 1) * batch_size]
-      images = self.train_images[idx]
-      if self.augment:
-        images = cifar_augment(images, np.random.default_rng([seed, epoch, step]))
-      yield normalize(images, self.mean, self.std), self.train_labels[idx]
+      if self.augment:  # the whole batch, so the draws do not depend on the shard
+        images = cifar_augment(self.train_images[idx], np.random.default_rng([seed, epoch, step]))
+        images = images[rows]
+      else:
+        images = self.train_images[idx[rows]]
+      yield normalize(images, self.mean, self.std), self.train_labels[idx[rows]]
 
   def test_batches(self, batch_size: int) -> Iterator[Batch]:
     for start in range(0, len(self.test_labels), batch_size):
@@ -369,27 +415,35 @@ class _GrainBackend:
     )
 
   def train_batches(
-    self, batch_size: int, *, epoch: int, seed: int, start: int = 0
+    self, batch_size: int, *, epoch: int, seed: int, start: int = 0, rows: slice = slice(None)
   ) -> Iterator[Batch]:
-    """Batches ``start, ...`` of the epoch.
+    """Batches ``start, ...`` of the epoch (``rows`` of each: this process's part).
 
-    ``random_map`` seeds each example by its index, so slicing after it keeps
-    every example (and its augmentation) as in the full epoch; the slice also
-    stops before the dropped remainder, which is thus never transformed.
+    ``random_map`` seeds each example by its index, so reading the examples of
+    batches ``start, ...`` (rows ``rows`` of each) by index keeps every example
+    and its augmentation as in the full epoch; the dropped remainder and the
+    other processes' rows are never read or transformed.
     """
     import grain
 
     shuffle_seed, map_seed = np.random.default_rng([seed, epoch]).integers(0, 2**31 - 1, 2)
-    stop = self.num_train // batch_size * batch_size
-    ds = (
+    epoch_ds = (
       grain.MapDataset.source(self.train_source)
       .slice(slice(0, self.num_train))
       .shuffle(seed=int(shuffle_seed))
       .random_map(self.train_transform, seed=int(map_seed))
-      .slice(slice(start * batch_size, stop))
     )
-    ds = ds.to_iter_dataset(self._read_options(batch_size))
-    return iter(ds.batch(batch_size, drop_remainder=True))
+    first, stop, _ = rows.indices(batch_size)
+    local = stop - first
+    steps = self.num_train // batch_size
+
+    def example(j: int) -> Batch:
+      batch, row = divmod(j, local)
+      return epoch_ds[(start + batch) * batch_size + first + row]
+
+    ds = grain.MapDataset.range((steps - start) * local).map(example)
+    ds = ds.to_iter_dataset(self._read_options(local))
+    return iter(ds.batch(local, drop_remainder=True))
 
   def test_batches(self, batch_size: int) -> Iterator[Batch]:
     import grain
