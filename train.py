@@ -23,11 +23,24 @@ from ml_collections import config_flags
 
 from training import checkpoints
 from training import data
+from training import distributed
 from training import train_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and outputs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "jax.distributed.initialize for a multi-process run: auto = when the environment (or the "
+  "flags below) describes one.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, where the environment does not give it."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CONFIG = config_flags.DEFINE_config_file(
   "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py).", lock_config=True
 )
@@ -73,6 +86,16 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  try:
+    distributed.initialize(
+      _DISTRIBUTED.value,
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+  except (ValueError, RuntimeError) as err:
+    print(f"train.py: error: jax.distributed.initialize failed: {err}", file=sys.stderr)
+    return EXIT_ERROR
   return run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -25,11 +25,12 @@ docs/TRAINING.md; in short:
   magnitude, lottery: the fields of those methods.
   dense_checkpoint: load this dense model (a run's ``dense_model/`` or its
     workdir) instead of training one; skip_dense: start from the random init.
+  mesh.fsdp: devices that split the params and optimizer state (1: replicated).
   log_every_steps, checkpoint_keep, checkpoint_every_steps, progress_bar, plots:
     logging and outputs.
 
 data_dir, download, eval_batch_size, log_every_steps, checkpoint_keep,
-checkpoint_every_steps, progress_bar and plots may change when a run is resumed; every other field must
+checkpoint_every_steps, progress_bar, plots and mesh.fsdp may change when a run is resumed; every other field must
 stay as it was (``training.config.HARMLESS_FIELDS``).
 """
 
@@ -89,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lottery = ml_collections.ConfigDict()
   config.lottery.ticket = "magnitude"
   config.lottery.gsm_checkpoint = config_dict.placeholder(str)
+
+  # Devices: the batch is split over all of them; fsdp > 1 also splits the params and
+  # the optimizer state over that many devices (docs/TRAINING.md, "Devices and hosts").
+  config.mesh = ml_collections.ConfigDict(dict(fsdp=1))
 
   config.dense_checkpoint = config_dict.placeholder(str)
   config.skip_dense = False

@@ -320,9 +320,9 @@ def test_resume_jumps_straight_to_the_saved_batch(data_dir, tmp_path, monkeypatc
     dataset = real(*args, **kwargs)
     inner = dataset.train_batches
 
-    def train_batches(batch_size, *, epoch, seed, start=0):
+    def train_batches(batch_size, *, epoch, seed, start=0, shard=(0, 1)):
       calls.append((epoch, start))
-      return inner(batch_size, epoch=epoch, seed=seed, start=start)
+      return inner(batch_size, epoch=epoch, seed=seed, start=start, shard=shard)
 
     monkeypatch.setattr(dataset, "train_batches", train_batches)
     return dataset

@@ -215,8 +215,10 @@ class _CtrlCDataset:
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
-  def train_batches(self, batch_size, *, epoch, seed, start=0):
-    batches = self._inner.train_batches(batch_size, epoch=epoch, seed=seed, start=start)
+  def train_batches(self, batch_size, *, epoch, seed, start=0, shard=(0, 1)):
+    batches = self._inner.train_batches(
+      batch_size, epoch=epoch, seed=seed, start=start, shard=shard
+    )
     for i, batch in enumerate(batches, start=start):
       if (epoch, i) == self._at:
         os.kill(os.getpid(), signal.SIGINT)
@@ -667,6 +669,7 @@ def test_every_summary_field_is_documented(finished_run):
   fields = set(summary) | {f"wall_time_s.{key}" for key in summary["wall_time_s"]}
   fields |= {f"method_results.{key}" for key in summary["method_results"]}
   fields |= {f"layers[].{key}" for key in summary["layers"][0]}
+  fields |= {f"devices.{key}" for key in summary["devices"]}
   for field in sorted(fields):
     assert f"`{field.split('.')[-1].replace('[]', '')}`" in docs, field
 

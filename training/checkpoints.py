@@ -2,7 +2,7 @@
 
 A checkpoint holds two items: ``state`` (an array pytree: params, batch stats,
 optimizer state with its momentum, step, RNG key) and ``meta`` (JSON: the run's
-progress, plus a CRC-32 of every saved array). Orbax's CheckpointManager
+progress, plus a hash of every saved array). Orbax's CheckpointManager
 writes each step into a temporary directory and renames it once complete, so a
 checkpoint is either whole or absent, and deletes the oldest beyond
 ``max_to_keep`` only after the new one is committed.
@@ -20,9 +20,9 @@ from collections.abc import Callable
 import os
 import shutil
 from typing import Any
-import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -42,14 +42,50 @@ def has_checkpoint(directory: str) -> bool:
   return any(name.isdigit() for name in os.listdir(directory))
 
 
-def array_checksums(tree: Any) -> dict[str, str]:
-  """{leaf path: "dtype shape crc32"} of every array of ``tree``."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = np.ascontiguousarray(np.asarray(leaf))
-    crc = zlib.crc32(array.view(np.uint8).reshape(-1) if array.size else b"")
-    out[jax.tree_util.keystr(path)] = f"{array.dtype} {list(array.shape)} {crc:08x}"
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bit pattern of every entry as uint32 (narrower types zero-extended)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = x.dtype.itemsize * 8
+  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major index of every entry (uint32, wrapping), fused rather than stored."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    index = index + iota * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return index
+
+
+@jax.jit
+def _leaf_hashes(leaves: list[jax.Array]) -> list[jax.Array]:
+  """sum_i bits_i * (2654435761 * i | 1) mod 2^32 per leaf.
+
+  Wrapping integer sums do not depend on the order of the additions, so the
+  hash is the same however the array is sharded (a checkpoint restores onto
+  another mesh and still verifies), and it runs on the devices, under SPMD.
+  Each multiplier is odd, so any single flipped bit changes the hash.
+  """
+  out = []
+  for x in leaves:
+    weights = _flat_index(x.shape) * jnp.uint32(2654435761) | jnp.uint32(1)
+    out.append(jnp.sum(_as_uint32(x) * weights, dtype=jnp.uint32))
   return out
+
+
+def array_checksums(tree: Any) -> dict[str, str]:
+  """{leaf path: "dtype shape hash"} of every array of ``tree`` (see ``_leaf_hashes``)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  hashes = _leaf_hashes([jnp.asarray(leaf) for _, leaf in flat])
+  return {
+    jax.tree_util.keystr(path): f"{np.dtype(leaf.dtype)} {list(np.shape(leaf))} {int(h):08x}"
+    for (path, leaf), h in zip(flat, hashes)
+  }
 
 
 def _one_line(err: BaseException) -> str:

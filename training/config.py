@@ -33,6 +33,7 @@ HARMLESS_FIELDS = frozenset(
     "checkpoint_every_steps",
     "progress_bar",
     "plots",
+    "fsdp",  # a checkpoint restores onto any mesh; the global batch is batch_size
   }
 )
 
@@ -67,6 +68,7 @@ _COMMON_FIELDS = (
   "checkpoint_every_steps",
   "progress_bar",
   "plots",
+  "mesh.fsdp",
   *(f"dense.{name}" for name in SGD_FIELDS),
 )
 
@@ -159,6 +161,7 @@ def validate_common(
   positive_int = (lambda x: is_int(x) and x > 0), "a positive integer"
   for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_keep"):
     check(config, name, *positive_int)
+  check(config, "mesh.fsdp", lambda x: is_int(x) and x >= 1, "a positive integer")
   for name in ("seed", "checkpoint_every_steps"):
     check(config, name, lambda x: is_int(x) and x >= 0, "an integer >= 0")
   for name in ("max_train_examples", "max_test_examples"):

@@ -11,8 +11,9 @@ Every method writes the same schema (docs/TRAINING.md lists every field):
 * sparsity of the final model: ``pool_size``, ``keep`` (Q), ``nonzeros``,
   ``compression_reached``, ``layers`` (``gsm_optax.SparsityReport``);
 * ``method_results``: what the method's transitions recorded besides the two
-  accuracies above; ``wall_time_s``: seconds per phase, the final evaluation
-  and this invocation.
+  accuracies above; ``devices``: backend, device kind, number of devices and
+  processes, mesh shape; ``wall_time_s``: seconds per phase, the final
+  evaluation and this invocation.
 """
 
 from __future__ import annotations
@@ -139,8 +140,15 @@ def write_report(
   final: Mapping[str, float],
   prunes: bool,
   wall_time_s: Mapping[str, float],
+  devices: Mapping[str, Any],
+  write: bool = True,
 ) -> dict[str, Any]:
-  """Writes ``final_model/``, ``summary.json`` and the plots, prints the table; the summary."""
+  """Writes ``final_model/``, ``summary.json`` and the plots, prints the table; the summary.
+
+  Every process takes part in saving ``final_model/`` (orbax writes sharded
+  arrays from all hosts); only the process with ``write`` (process 0) writes
+  the JSON and the plots and prints.
+  """
   checkpoints.save_model(
     os.path.join(workdir, "final_model"),
     {"params": state.params, "batch_stats": state.batch_stats},
@@ -153,7 +161,10 @@ def write_report(
     final=final,
     prunes=prunes,
   )
+  summary["devices"] = dict(devices)
   summary["wall_time_s"] = dict(wall_time_s)
+  if not write:
+    return summary
   write_json(os.path.join(workdir, "summary.json"), summary)
   if config.plots:
     target = f", C={config.compression:g}" if prunes else ""

@@ -97,6 +97,10 @@ class Context(NamedTuple):
       stages read back the values they need from it.
     evaluate: (state, params) -> test accuracy of ``params`` with the
       state's batch statistics.
+    mesh: the device mesh the phases compile for (None: one device, no
+      sharding constraints).
+    place: state -> the state with its arrays on the mesh (after a transition
+      that builds new arrays).
   """
 
   config: ml_collections.ConfigDict
@@ -106,10 +110,14 @@ class Context(NamedTuple):
   variables: dict[str, Any]
   results: MutableMapping[str, Any]
   evaluate: Callable[[TrainState, Any], float]
+  mesh: Any = None
+  place: Callable[[Any], Any] = lambda tree: tree
 
   def phase(self, name: str, build: steps.OptimizerBuilder, cfg: Any, *extra: Any):
     """() -> the cached phase of optimizer ``build(cfg, steps_per_epoch, *extra)``."""
-    return lambda: steps.make_phase(name, build, cfg, self.steps_per_epoch, self.graphdef, *extra)
+    return lambda: steps.make_phase(
+      name, build, cfg, self.steps_per_epoch, self.graphdef, *extra, mesh=self.mesh
+    )
 
 
 class Method(NamedTuple):
@@ -484,9 +492,7 @@ def admm_stages(ctx: Context) -> list[Stage]:
     return _counts_from_paths(ctx.results["admm_keep_counts"], template)
 
   def admm_phase():
-    return steps.make_phase(
-      "admm", admm_optimizer, config.admm, ctx.steps_per_epoch, ctx.graphdef, *keep_counts()
-    )
+    return ctx.phase("admm", admm_optimizer, config.admm, *keep_counts())()
 
   def hard_prune(params):
     return baselines.admm_hard_prune(params, keep_count_tree(*keep_counts()))[0]
@@ -568,7 +574,7 @@ def lottery_stages(ctx: Context) -> list[Stage]:
     stages.append(_gsm_stage(ctx, compression))
 
   def load(path):
-    return steps.fresh_arrays(checkpoints.load_model(path, ctx.variables))
+    return ctx.place(checkpoints.load_model(path, ctx.variables))
 
   def enter_ticket(state):
     source, results = state.params, {}
@@ -582,7 +588,7 @@ def lottery_stages(ctx: Context) -> list[Stage]:
     results["source_accuracy_after_cut"] = ctx.evaluate(state, global_cut(source, compression))
     mask = baselines.ticket_mask(source, compression)
     initial = load(initial_model_dir(config, ctx.workdir))
-    params = steps.fresh_arrays(baselines.apply_ticket(initial["params"], mask))
+    params = ctx.place(baselines.apply_ticket(initial["params"], mask))
     state = state._replace(params=params, batch_stats=initial["batch_stats"])
     results["accuracy_after_prune"] = ctx.evaluate(state, params)
     return state, results

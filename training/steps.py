@@ -20,11 +20,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 import gsm_optax
 import models
+from training import distributed
 
 
 class TrainState(NamedTuple):
@@ -99,15 +99,6 @@ def _init_variables(name: str, num_classes: int, seed: jax.Array):
   return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
 
-def fresh_arrays(tree: Any) -> Any:
-  """Restored arrays, copied into uncommitted ones like those training creates.
-
-  Orbax restores arrays committed to a device; the jitted steps, compiled for
-  uncommitted arguments, would otherwise compile a second time.
-  """
-  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
-
-
 # ----------------------------------------------------------------------------
 # Loss and steps
 
@@ -129,8 +120,13 @@ def _batch_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array, mask: 
   return {"loss_sum": loss * count, "correct": correct.astype(jnp.int32), "count": count}
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-  """``train_step(state, batch) -> (state, metrics)``, jitted; ``graphdef`` in train mode."""
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh=None):
+  """``train_step(state, batch) -> (state, metrics)``, jitted; ``graphdef`` in train mode.
+
+  With a ``mesh`` the new state is pinned to ``distributed.state_shardings``
+  (the batch comes in split over the devices; the gradient is its mean over the
+  whole global batch, so every device computes the same update).
+  """
 
   def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array]):
     images, labels = batch
@@ -147,6 +143,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
     new_state = state._replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    new_state = distributed.constrain(new_state, mesh)
     return new_state, _batch_metrics(logits, labels, loss, jnp.ones_like(labels, bool))
 
   return jax.jit(train_step)
@@ -203,17 +200,20 @@ def means(totals: Mapping[str, Any]) -> tuple[float, float]:
   return float(totals["loss_sum"]) / count, int(totals["correct"]) / count
 
 
-def evaluate(eval_step, params, batch_stats, dataset, batch_size: int) -> dict[str, float]:
-  """Test loss and accuracy; the last partial batch is padded (masked) to one shape."""
+def evaluate(
+  eval_step, params, batch_stats, dataset, batch_size: int, topology=None
+) -> dict[str, float]:
+  """Test loss and accuracy; the last partial batch is padded (masked) to one shape.
+
+  With a ``topology`` every process reads its part of each batch and the
+  batch is one global array split over the devices.
+  """
   totals = totals_to_device(zero_totals())
-  for images, labels in dataset.test_batches(batch_size):
-    n = len(labels)
-    mask = np.arange(batch_size) < n
-    if n < batch_size:
-      pad = batch_size - n
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-    totals = accumulate(totals, eval_step(params, batch_stats, (images, labels, mask)))
+  shard = (0, 1) if topology is None else (topology.process_index, topology.process_count)
+  for batch in dataset.eval_batches(batch_size, shard=shard):
+    if topology is not None:
+      batch = distributed.global_batch(batch, topology)
+    totals = accumulate(totals, eval_step(params, batch_stats, batch))
   loss, accuracy = means(totals_to_host(totals))
   return {"loss": loss, "accuracy": accuracy}
 
@@ -306,19 +306,20 @@ def make_phase(
   steps_per_epoch: int,
   graphdef: nnx.GraphDef,
   *extra: Any,
+  mesh=None,
 ) -> Phase:
   """The phase ``name`` with the optimizer ``build(cfg, steps_per_epoch, *extra)``.
 
   ``build`` is a module-level function; ``extra`` holds hashable arguments.
-  Built once per (builder, hyperparameters, steps per epoch, model graph);
-  ``cfg.epochs`` does not enter the optimizer.
+  Built once per (builder, hyperparameters, steps per epoch, model graph,
+  mesh); ``cfg.epochs`` does not enter the optimizer.
   """
   frozen = tuple(item for item in freeze(cfg) if item[0] != "epochs")
-  return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, extra)
+  return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, mesh, extra)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_phase(name, build, frozen_cfg, steps_per_epoch, graphdef, extra) -> Phase:
+def _cached_phase(name, build, frozen_cfg, steps_per_epoch, graphdef, mesh, extra) -> Phase:
   cfg = ml_collections.ConfigDict(dict(frozen_cfg))
   tx, lr = build(cfg, steps_per_epoch, *extra)
-  return Phase(name, tx, make_train_step(graphdef, tx), jax.jit(lr))
+  return Phase(name, tx, make_train_step(graphdef, tx, mesh), jax.jit(lr))

@@ -44,9 +44,11 @@ import models
 from training import checkpoints
 from training import config as config_lib
 from training import data
+from training import distributed
 from training import report
 from training import stages as stages_lib
 from training import steps
+from training import tensorboard
 from training.config import ConfigError
 from training.steps import TrainState
 
@@ -224,7 +226,23 @@ class _Run:
   eval_step: Callable
   stop: _StopRequest
   checkpointer: checkpoints.Checkpointer
+  topology: distributed.Topology
+  writer: tensorboard.MetricsWriter
   progress: Progress = dataclasses.field(default_factory=Progress)
+
+  @property
+  def eval_batch_size(self) -> int:
+    """``config.eval_batch_size`` rounded up to a multiple of the devices (padding is masked)."""
+    devices = self.topology.num_devices
+    return -(-self.config.eval_batch_size // devices) * devices
+
+  @property
+  def shard(self) -> tuple[int, int]:
+    return (self.topology.process_index, self.topology.process_count)
+
+  def place(self, tree: Any) -> Any:
+    """``tree`` on the mesh with the state's shardings."""
+    return distributed.place(tree, self.topology.mesh)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -237,7 +255,7 @@ class _Run:
   def evaluate(self, state: TrainState, params: Any = None) -> dict[str, float]:
     params = state.params if params is None else params
     return steps.evaluate(
-      self.eval_step, params, state.batch_stats, self.dataset, self.config.eval_batch_size
+      self.eval_step, params, state.batch_stats, self.dataset, self.eval_batch_size, self.topology
     )
 
   def save(self, state: TrainState) -> int:
@@ -257,13 +275,32 @@ class _Run:
     )
 
   def write_metrics_file(self) -> None:
+    if not self.topology.is_main:
+      return
     with open(self.metrics_path, "w") as f:
       for row in self.progress.history:
         f.write(report.json_line(row))
 
   def append_metrics(self, row: dict[str, Any]) -> None:
+    """metrics.jsonl and TensorBoard (process 0 only)."""
+    if not self.topology.is_main:
+      return
     with open(self.metrics_path, "a") as f:
       f.write(report.json_line(row))
+    step = row["step"]
+    self.writer.scalars(step, {"accuracy": row["test_accuracy"], "loss": row["test_loss"]}, "eval")
+    extra = {k: v for k, v in row.items() if k in _GSM_TENSORBOARD}
+    if extra:
+      self.writer.scalars(step, {_GSM_TENSORBOARD[k]: v for k, v in extra.items()}, "gsm")
+    self.writer.flush()
+
+
+_GSM_TENSORBOARD = {
+  "active_weights": "active",
+  "keep": "keep",
+  "threshold": "threshold",
+  "largest_passive_abs_weight": "largest_passive_abs_weight",
+}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -284,6 +321,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   run_start = time.perf_counter()
   validate_config(config)
+  topology = distributed.make_topology(config)
+  _log(
+    "devices: %d %s (%s) in %d process(es), mesh %s",
+    topology.num_devices,
+    topology.describe()["device_kind"],
+    jax.default_backend(),
+    topology.process_count,
+    dict(topology.mesh.shape),
+  )
   dataset = data.load_dataset(
     config.dataset,
     data_dir=config.data_dir,
@@ -301,8 +347,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _check_dense_checkpoint(config, abstract_params)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   config_lib.check_workdir(config, workdir, checkpoints.has_checkpoint(checkpoint_dir))
-  with _workdir_lock(workdir), _StopRequest().installed() as stop:
-    report.write_json(os.path.join(workdir, "config.json"), config_lib.config_json(config))
+  lock = _workdir_lock(workdir) if topology.is_main else contextlib.nullcontext()
+  with lock, _StopRequest().installed() as stop:
+    if topology.is_main:
+      report.write_json(os.path.join(workdir, "config.json"), config_lib.config_json(config))
     _log(
       "data: %s from %s (%d train, %d test)",
       dataset.name,
@@ -314,6 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.model, dataset.num_classes, config.seed
     )
     method = stages_lib.METHODS[config.method]
+    writer = tensorboard.MetricsWriter(
+      os.path.join(workdir, "tensorboard"), enabled=topology.is_main
+    )
     run = _Run(
       config=config,
       workdir=workdir,
@@ -324,27 +375,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer=checkpoints.Checkpointer(
         checkpoint_dir, max_to_keep=config.checkpoint_keep, log=_log
       ),
+      topology=topology,
+      writer=writer,
     )
-    try:
-      state = _train(run, method, {"params": params, "batch_stats": batch_stats})
-    finally:
-      run.checkpointer.close()
-    stop.where = "during the final evaluation and report"
-    start = time.perf_counter()
-    final = run.evaluate(state)
-    wall_time_s = dict(run.progress.wall_time_s)
-    wall_time_s["final_evaluation"] = time.perf_counter() - start
-    wall_time_s["this_invocation"] = time.perf_counter() - run_start
-    return report.write_report(
-      config=config,
-      dataset=dataset,
-      workdir=workdir,
-      progress=run.progress,
-      state=state,
-      final=final,
-      prunes=method.prunes,
-      wall_time_s=wall_time_s,
-    )
+    with writer:
+      try:
+        variables = run.place({"params": params, "batch_stats": batch_stats})
+        state = _train(run, method, variables)
+      finally:
+        run.checkpointer.close()
+      stop.where = "during the final evaluation and report"
+      start = time.perf_counter()
+      final = run.evaluate(state)
+      wall_time_s = dict(run.progress.wall_time_s)
+      wall_time_s["final_evaluation"] = time.perf_counter() - start
+      wall_time_s["this_invocation"] = time.perf_counter() - run_start
+      summary = report.write_report(
+        config=config,
+        dataset=dataset,
+        workdir=workdir,
+        progress=run.progress,
+        state=state,
+        final=final,
+        prunes=method.prunes,
+        wall_time_s=wall_time_s,
+        devices=topology.describe(),
+        write=topology.is_main,
+      )
+      if topology.is_main:
+        writer.layer_densities(int(state.step), summary["layers"])
+        writer.scalars(int(state.step), {"accuracy": final["accuracy"]}, "final")
+    return summary
 
 
 @contextlib.contextmanager
@@ -415,9 +476,16 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
   """The dense phase and the method's stages, from the newest good checkpoint if any."""
   config, stop = run.config, run.stop
   dense = steps.make_phase(
-    "dense", steps.sgd, config.dense, run.steps_per_epoch, run.train_graphdef
+    "dense",
+    steps.sgd,
+    config.dense,
+    run.steps_per_epoch,
+    run.train_graphdef,
+    mesh=run.topology.mesh,
   )
-  fresh = steps.new_train_state(variables["params"], variables["batch_stats"], config.seed)
+  fresh = run.place(
+    steps.new_train_state(variables["params"], variables["batch_stats"], config.seed)
+  )
 
   def stages_of(progress: Progress) -> list[stages_lib.Stage]:
     context = stages_lib.Context(
@@ -428,6 +496,8 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
       variables=variables,
       results=progress.results,
       evaluate=lambda state, params: run.evaluate(state, params)["accuracy"],
+      mesh=run.topology.mesh,
+      place=run.place,
     )
     return method.stages(context)
 
@@ -436,16 +506,16 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
     phase = dense
     if progress.phase != "dense":
       phase = {stage.name: stage for stage in stages_of(progress)}[progress.phase].phase()
-    return fresh._replace(opt_state=phase.tx.init(fresh.params))
+    return run.place(fresh._replace(opt_state=phase.tx.init(fresh.params)))
 
   stop.where = "while restoring the latest checkpoint"
   found = run.checkpointer.restore_latest(target_for)
   if found is None:
-    state = fresh._replace(opt_state=dense.tx.init(fresh.params))
+    state = run.place(fresh._replace(opt_state=dense.tx.init(fresh.params)))
   else:
-    step, meta, restored = found
+    step, meta, restored = found  # restored onto this run's mesh, whatever mesh saved it
     run.progress = Progress.from_json(meta)
-    state = steps.fresh_arrays(restored)
+    state = run.place(restored)
     stop.latest_step = step
     _log(
       "resumed from the checkpoint of step %d (%s)",
@@ -481,8 +551,9 @@ def _enter(run: _Run, state: TrainState, stage: stages_lib.Stage) -> TrainState:
   progress.results.update(results)
   progress.start_phase(stage.name, int(state.step))
   progress.wall_time_s[stage.name] += time.perf_counter() - start
+  state = run.place(state)
   if stage.phase is not None:
-    state = state._replace(opt_state=stage.phase().tx.init(state.params))
+    state = run.place(state._replace(opt_state=stage.phase().tx.init(state.params)))
   if "accuracy_after_prune" in results:
     _log(
       "%s: accuracy after pruning, before training %.4f",
@@ -509,7 +580,7 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   if config.dense_checkpoint:
     path = _dense_model_dir(config.dense_checkpoint)
-    variables = steps.fresh_arrays(checkpoints.load_model(path, variables))
+    variables = run.place(checkpoints.load_model(path, variables))
     state = state._replace(params=variables["params"], batch_stats=variables["batch_stats"])
     progress.dense_source = f"checkpoint:{os.path.abspath(path)}"
   elif config.skip_dense:
@@ -568,13 +639,17 @@ def _epochs(run, state, phase, num_epochs, stage):
     totals = steps.totals_to_device(progress.partial)
     done = progress.batch  # batches applied before an interruption: skipped, not read
     batches = run.dataset.train_batches(
-      config.batch_size, epoch=progress.epoch_offset + epoch, seed=config.seed, start=done
+      config.batch_size,
+      epoch=progress.epoch_offset + epoch,
+      seed=config.seed,
+      start=done,
+      shard=run.shard,
     )
     bar = tqdm(
       total=num_steps,
       initial=done,
       desc=f"{phase.name} {epoch + 1}/{num_epochs}",
-      disable=not config.progress_bar,
+      disable=not (config.progress_bar and run.topology.is_main),
       dynamic_ncols=True,
       leave=True,
     )
@@ -585,12 +660,17 @@ def _epochs(run, state, phase, num_epochs, stage):
         bar.close()
         raise _diverged(run, f"the training loss is {loss} after batch {done}")
       postfix = {"loss": f"{loss:.4f}", "acc": f"{acc:.4f}"}
+      run.writer.scalars(
+        int(state.step),
+        {"loss": loss, "accuracy": acc, "learning_rate": _learning_rate(phase, state, progress)},
+        "train",
+      )
       if bar_stats:
         postfix.update(bar_stats(state))
       bar.set_postfix(postfix, refresh=False)
 
     for i, batch in enumerate(batches, start=done):
-      state, metrics = phase.train_step(state, batch)
+      state, metrics = phase.train_step(state, distributed.global_batch(batch, run.topology))
       totals = steps.accumulate(totals, metrics)
       done = i + 1
       bar.update(1)
@@ -649,6 +729,11 @@ def _epochs(run, state, phase, num_epochs, stage):
   return state
 
 
+def _learning_rate(phase: steps.Phase, state: TrainState, progress: Progress) -> float:
+  """The rate of the phase's last step (the schedule counts the phase's own steps)."""
+  return float(phase.learning_rate(max(int(state.step) - progress.phase_start_step - 1, 0)))
+
+
 def _non_finite(row: dict[str, Any]) -> str | None:
   """What makes an epoch's row diverged: a non-finite number, or non-finite GSM scores."""
   for key, value in row.items():
@@ -675,5 +760,6 @@ def _diverged(run: _Run, what: str) -> TrainingDiverged:
 
 
 def _log(fmt: str, *args: Any) -> None:
-  """One progress line on stdout, without breaking the tqdm bars on stderr."""
-  tqdm.write(fmt % args if args else fmt)
+  """One progress line on stdout (process 0), without breaking the tqdm bars on stderr."""
+  if jax.process_index() == 0:
+    tqdm.write(fmt % args if args else fmt)
