@@ -26,8 +26,8 @@ import numpy as np
 
 from gsm_optax import _checks
 
-_SIGN_BIT = jnp.uint32(1 << 31)
-_INF_BITS = jnp.uint32(0x7F800000)
+_SIGN_BIT = np.uint32(1 << 31)  # NumPy: importing the library must not start a backend
+_INF_BITS = np.uint32(0x7F800000)
 _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 # Digit widths of the radix select, from the most significant: two passes over
 # the data (65,536-bin histograms, scanned in two levels) measured faster on

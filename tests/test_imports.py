@@ -92,3 +92,26 @@ def test_the_cycle_check_finds_a_cycle_through_a_function_local_import(tmp_path)
   graph = {name: _imports(path, name, modules) for name, path in modules.items()}
   assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
   assert find_cycle({"x": {"y"}, "y": set()}) is None
+
+
+def test_importing_the_program_starts_no_backend():
+  """jax.distributed.initialize must come before any backend: importing gsm_optax and
+  train.py (models, training) may not create arrays (a module-level jnp constant did)."""
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  code = (
+    "import gsm_optax, train, jax\n"
+    "jax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
+    f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=1, process_id=0)\n"
+    "print(jax.process_count())\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "1"

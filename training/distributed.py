@@ -131,7 +131,12 @@ def make_topology(config: Any) -> Topology:
       f"config.batch_size={config.batch_size} does not divide over the {count} devices of "
       f"this run: use a multiple of {count} (the batch size is global)"
     )
-  mesh = jax.make_mesh((count // fsdp, fsdp), AXES, devices=devices)
+  mesh = jax.make_mesh(
+    (count // fsdp, fsdp),
+    AXES,
+    devices=devices,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),  # shardings by annotation
+  )
   return Topology(mesh, jax.process_index(), jax.process_count())
 
 

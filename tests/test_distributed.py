@@ -1,0 +1,187 @@
+"""train.py on many devices and many processes, for real: forced CPU devices, gloo collectives.
+
+Every run is a subprocess (the device count is fixed when JAX starts) training
+LeNet-300-100 on the synthetic IDX data of ``test_train.py``. Runs on different
+meshes are equal to float rounding, not bit for bit: splitting the batch over
+devices changes the order in which the per-example gradients are summed, so the
+weights differ in their last bits and the tiny test set's accuracy by a few
+examples; the number of weights kept is exact.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from test_train import BATCH  # noqa: E402
+from test_train import DENSE_EPOCHS  # noqa: E402
+from test_train import GSM_EPOCHS  # noqa: E402
+from test_train import KEEP  # noqa: E402
+from test_train import ROOT  # noqa: E402
+from test_train import data_dir  # noqa: E402, F401  (the fixture)
+
+ACCURACY_TOLERANCE = 0.03  # 6 of the 200 synthetic test examples
+
+
+def _command(data_dir, workdir, *extra):
+  return [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    f"--config.batch_size={BATCH}",
+    "--config.eval_batch_size=128",
+    "--config.progress_bar=False",
+    "--config.plots=False",
+    "--config.log_every_steps=4",
+    f"--config.dense.epochs={DENSE_EPOCHS}",
+    "--config.dense.learning_rate=0.05",
+    "--config.dense.boundaries=(1,)",
+    "--config.dense.warmup_epochs=0.5",
+    f"--config.gsm.epochs={GSM_EPOCHS}",
+    "--config.gsm.learning_rate=0.05",
+    "--config.gsm.boundaries=(2,)",
+    "--config.compression=10.0",
+    *extra,
+  ]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _train(data_dir, workdir, devices, *extra):
+  result = subprocess.run(
+    _command(data_dir, workdir, *extra),
+    cwd=ROOT,
+    env=_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f), result.stdout
+
+
+def _assert_close(summary, reference):
+  for key in ("dense_accuracy", "accuracy_before_prune", "accuracy_final"):
+    assert abs(summary[key] - reference[key]) <= ACCURACY_TOLERANCE, (key, summary, reference)
+  assert summary["nonzeros"] == reference["nonzeros"] == summary["keep"] == KEEP
+
+
+@pytest.fixture(scope="module")
+def one_device(data_dir, tmp_path_factory):
+  return _train(data_dir, tmp_path_factory.mktemp("one") / "w", 1)[0]
+
+
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_eight_devices_give_the_one_device_result(one_device, data_dir, tmp_path, fsdp):
+  summary, stdout = _train(data_dir, tmp_path / "w", 8, f"--config.mesh.fsdp={fsdp}")
+  assert stdout.splitlines()[0] == (
+    f"devices: 8 cpu (cpu) in 1 process(es), mesh {{'data': {8 // fsdp}, 'fsdp': {fsdp}}}"
+  )
+  assert summary["devices"] == {
+    "backend": "cpu",
+    "device_kind": "cpu",
+    "num_devices": 8,
+    "num_processes": 1,
+    "mesh_shape": {"data": 8 // fsdp, "fsdp": fsdp},
+  }
+  assert one_device["devices"]["num_devices"] == 1
+  _assert_close(summary, one_device)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_give_the_eight_device_result(data_dir, tmp_path):
+  reference, _ = _train(data_dir, tmp_path / "eight", 8)
+  workdir = tmp_path / "two_hosts"
+  port = _free_port()
+  processes = [
+    subprocess.Popen(
+      _command(
+        data_dir,
+        workdir,
+        "--distributed=on",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      cwd=ROOT,
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  ours = [line for line in outputs[1][0].splitlines() if line and "[Gloo]" not in line]
+  assert ours == []  # only process 0 logs (gloo itself prints its connections)
+  with open(workdir / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["devices"]["num_processes"] == 2 and summary["devices"]["num_devices"] == 8
+  _assert_close(summary, reference)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(rows) == DENSE_EPOCHS + GSM_EPOCHS  # one writer
+
+
+def _steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _run_until(data_dir, workdir, devices, step, *extra):
+  """Starts train.py, waits for a checkpoint past ``step``, sends SIGTERM (exit 143)."""
+  process = subprocess.Popen(
+    _command(data_dir, workdir, "--config.checkpoint_every_steps=1", *extra),
+    cwd=ROOT,
+    env=_env(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.monotonic() + 300
+  while not (_steps(workdir) and _steps(workdir)[-1] > step):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 143, stderr[-3000:]
+  return stdout
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_onto_other_meshes_and_training_goes_on(
+  one_device, data_dir, tmp_path
+):
+  """8 devices (fsdp 2) -> 1 device -> 4 devices (fsdp 4): each restore is
+  verified bit for bit by the checkpoint's layout-independent hashes."""
+  workdir = tmp_path / "meshes"
+  _run_until(data_dir, workdir, 8, 5, "--config.mesh.fsdp=2")
+  stdout = _run_until(data_dir, workdir, 1, 20)
+  assert "resumed from the checkpoint of step" in stdout and "damaged" not in stdout
+  summary, stdout = _train(
+    data_dir, workdir, 4, "--config.checkpoint_every_steps=1", "--config.mesh.fsdp=4"
+  )
+  assert "resumed from the checkpoint of step" in stdout and "damaged" not in stdout
+  assert summary["devices"]["mesh_shape"] == {"data": 1, "fsdp": 4}
+  _assert_close(summary, one_device)
