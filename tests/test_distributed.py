@@ -105,10 +105,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_of_four_devices_give_the_eight_device_result(data_dir, tmp_path):
-  reference, _ = _train(data_dir, tmp_path / "eight", 8)
-  workdir = tmp_path / "two_hosts"
+def _two_processes(data_dir, workdir):
+  """train.py as 2 processes x 4 CPU devices on localhost (gloo); their stdouts."""
   port = _free_port()
   processes = [
     subprocess.Popen(
@@ -131,7 +129,15 @@ def test_two_processes_of_four_devices_give_the_eight_device_result(data_dir, tm
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (_, stderr) in zip(processes, outputs):
     assert p.returncode == 0, stderr[-3000:]
-  ours = [line for line in outputs[1][0].splitlines() if line and "[Gloo]" not in line]
+  return [stdout for stdout, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_give_the_eight_device_result(data_dir, tmp_path):
+  reference, _ = _train(data_dir, tmp_path / "eight", 8)
+  workdir = tmp_path / "two_hosts"
+  stdouts = _two_processes(data_dir, workdir)
+  ours = [line for line in stdouts[1].splitlines() if line and "[Gloo]" not in line]
   assert ours == []  # only process 0 logs (gloo itself prints its connections)
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
@@ -139,6 +145,13 @@ def test_two_processes_of_four_devices_give_the_eight_device_result(data_dir, tm
   _assert_close(summary, reference)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert len(rows) == DENSE_EPOCHS + GSM_EPOCHS  # one writer
+  # Both processes restore the multi-process checkpoint and reproduce the result.
+  stdouts = _two_processes(data_dir, workdir)
+  assert "resumed from the checkpoint of step" in stdouts[0]
+  with open(workdir / "summary.json") as f:
+    again = json.load(f)
+  for key in ("accuracy_before_prune", "accuracy_final", "layers"):
+    assert again[key] == summary[key], key
 
 
 def _steps(workdir):
@@ -185,3 +198,67 @@ def test_a_checkpoint_restores_onto_other_meshes_and_training_goes_on(
   assert "resumed from the checkpoint of step" in stdout and "damaged" not in stdout
   assert summary["devices"]["mesh_shape"] == {"data": 1, "fsdp": 4}
   _assert_close(summary, one_device)
+
+
+_MESH_CHECK = r"""
+import json
+import numpy as np, jax
+import gsm_optax
+from configs import default
+from training import config as config_lib, distributed, stages, steps
+
+def error(fsdp, batch):
+  config = default.get_config()
+  config.mesh.fsdp, config.batch_size = fsdp, batch
+  try:
+    distributed.make_topology(config)
+  except config_lib.ConfigError as err:
+    return str(err)
+
+errors = [error(16, 64), error(3, 64), error(1, 60)]
+config = default.get_config()
+config.batch_size = 64
+topology = distributed.make_topology(config)
+train_graphdef, _, params, batch_stats = steps.init_model("lenet_300_100", 10, 0)
+phase = steps.make_phase(
+  "gsm", stages.gsm_optimizer, config.gsm, 10, train_graphdef, 10.0, mesh=topology.mesh)
+state = steps.new_train_state(params, batch_stats, 0)
+state = distributed.place(state._replace(opt_state=phase.tx.init(state.params)), topology.mesh)
+rng = np.random.default_rng(0)
+for _ in range(3):
+  images = rng.standard_normal((64, 28, 28, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, 64).astype(np.int32)
+  state, _ = phase.train_step(state, distributed.global_batch((images, labels), topology))
+replicas_equal = all(
+  all(np.asarray(s.data).tobytes() == np.asarray(leaf.addressable_shards[0].data).tobytes()
+      for s in leaf.addressable_shards)
+  for leaf in jax.tree.leaves(state))
+copies = min(len(leaf.addressable_shards) for leaf in jax.tree.leaves(state))
+stats = gsm_optax.gsm_stats(state.opt_state)
+print(json.dumps(dict(errors=errors, replicas_equal=replicas_equal, copies=copies,
+                      active=int(stats["num_active"]), keep=int(stats["keep"]))))
+"""
+
+
+def test_gsm_state_is_identical_on_every_device_and_bad_meshes_are_refused():
+  """The batch is split over 8 devices; the mask comes from the all-reduced
+  gradient, so after GSM steps every device holds bitwise the same params,
+  momentum and GSM state (a different mask anywhere would make them differ)."""
+  result = subprocess.run(
+    [sys.executable, "-c", _MESH_CHECK],
+    cwd=ROOT,
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["replicas_equal"] and report["copies"] == 8
+  assert report["active"] >= report["keep"] == int(266200 / 10.0)
+  assert report["errors"] == [
+    "config.mesh.fsdp=16 must divide the 8 devices of this run (cpu)",
+    "config.mesh.fsdp=3 must divide the 8 devices of this run (cpu)",
+    "config.batch_size=60 does not divide over the 8 devices of this run: use a multiple of "
+    "8 (the batch size is global)",
+  ]

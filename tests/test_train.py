@@ -678,3 +678,28 @@ def test_progress_survives_the_checkpoint_round_trip(finished_run):
   _, meta = _final_state(finished_run[0])
   progress = train_lib.Progress.from_json(meta)
   assert progress.to_json() == meta
+
+
+def test_tensorboard_has_the_run_s_curves_gsm_stats_and_densities(finished_run):
+  import pathlib
+
+  from test_tensorboard import _event_files
+  from test_tensorboard import _scalars
+
+  logdir = pathlib.Path(finished_run[0]) / "tensorboard"
+  values = [value for path in _event_files(logdir) for value in _scalars(path)]
+  tags = {tag for _, tag, _ in values}
+  expected = {"train/loss", "train/accuracy", "train/learning_rate", "eval/accuracy", "eval/loss"}
+  expected |= {"gsm/active", "gsm/keep", "gsm/threshold", "gsm/largest_passive_abs_weight"}
+  expected |= {"final/accuracy", "density/fc1/kernel", "density/fc2/kernel", "density/fc3/kernel"}
+  assert tags == expected
+  rows = _rows(finished_run[0])
+  eval_accuracy = sorted((step, v) for step, tag, v in values if tag == "eval/accuracy")
+  assert eval_accuracy == [
+    (row["step"], pytest.approx(row["test_accuracy"], rel=1e-6)) for row in rows
+  ]
+  keep = [v for _, tag, v in values if tag == "gsm/keep"]
+  assert keep == [KEEP] * GSM_EPOCHS
+  densities = {tag: v for _, tag, v in values if tag.startswith("density/")}
+  summary_layers = {layer["path"]: layer["density"] for layer in finished_run[1]["layers"]}
+  assert densities["density/fc1/kernel"] == pytest.approx(summary_layers["['fc1']['kernel']"])
