@@ -262,3 +262,26 @@ def test_gsm_state_is_identical_on_every_device_and_bad_meshes_are_refused():
     "config.batch_size=60 does not divide over the 8 devices of this run: use a multiple of "
     "8 (the batch size is global)",
   ]
+
+
+@pytest.mark.parametrize(
+  "env, expected",
+  [
+    ({}, False),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({"SLURM_STEP_NUM_TASKS": "1"}, False),
+    ({"SLURM_STEP_NUM_TASKS": "4"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "w-0,w-1"}, True),
+  ],
+)
+def test_auto_distributed_follows_the_environment(monkeypatch, env, expected):
+  from training import distributed
+
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_STEP_NUM_TASKS", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.cluster_detected() is expected
+  if not expected:
+    assert distributed.initialize("auto") is False  # a single-process run: nothing to do
