@@ -17,37 +17,18 @@ import sys
 import time
 
 import pytest
-from test_train import BATCH  # noqa: E402
 from test_train import DENSE_EPOCHS  # noqa: E402
 from test_train import GSM_EPOCHS  # noqa: E402
 from test_train import KEEP  # noqa: E402
 from test_train import ROOT  # noqa: E402
 from test_train import data_dir  # noqa: E402, F401  (the fixture)
+from test_train import tiny_command  # noqa: E402
 
 ACCURACY_TOLERANCE = 0.03  # 6 of the 200 synthetic test examples
 
 
 def _command(data_dir, workdir, *extra):
-  return [
-    sys.executable,
-    os.path.join(ROOT, "train.py"),
-    f"--workdir={workdir}",
-    f"--config.data_dir={data_dir}",
-    f"--config.batch_size={BATCH}",
-    "--config.eval_batch_size=128",
-    "--config.progress_bar=False",
-    "--config.plots=False",
-    "--config.log_every_steps=4",
-    f"--config.dense.epochs={DENSE_EPOCHS}",
-    "--config.dense.learning_rate=0.05",
-    "--config.dense.boundaries=(1,)",
-    "--config.dense.warmup_epochs=0.5",
-    f"--config.gsm.epochs={GSM_EPOCHS}",
-    "--config.gsm.learning_rate=0.05",
-    "--config.gsm.boundaries=(2,)",
-    "--config.compression=10.0",
-    *extra,
-  ]
+  return tiny_command(data_dir, workdir, "--config.plots=False", *extra)
 
 
 def _env(devices):

@@ -11,12 +11,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from test_train import BATCH  # noqa: E402
 from test_train import DENSE_EPOCHS  # noqa: E402
 from test_train import GSM_EPOCHS  # noqa: E402
 from test_train import ROOT  # noqa: E402
@@ -27,6 +25,7 @@ from test_train import _load_with_ctrl_c  # noqa: E402
 from test_train import _rows  # noqa: E402
 from test_train import data_dir  # noqa: E402, F401  (the fixture)
 from test_train import finished_run  # noqa: E402, F401  (the fixture)
+from test_train import tiny_command  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 import train  # noqa: E402
@@ -164,31 +163,9 @@ def test_when_every_checkpoint_is_damaged_the_error_says_what_to_do(finished_run
 # --------------------------------------------------------------------------- #
 
 
-def _cli_args(data_dir, workdir, *extra):
-  return [
-    sys.executable,
-    os.path.join(ROOT, "train.py"),
-    f"--workdir={workdir}",
-    f"--config.data_dir={data_dir}",
-    f"--config.batch_size={BATCH}",
-    "--config.eval_batch_size=128",
-    "--config.progress_bar=False",
-    "--config.log_every_steps=4",
-    f"--config.dense.epochs={DENSE_EPOCHS}",
-    "--config.dense.learning_rate=0.05",
-    "--config.dense.boundaries=(1,)",
-    "--config.dense.warmup_epochs=0.5",
-    f"--config.gsm.epochs={GSM_EPOCHS}",
-    "--config.gsm.learning_rate=0.05",
-    "--config.gsm.boundaries=(2,)",
-    "--config.compression=10.0",
-    *extra,
-  ]
-
-
 def _start(data_dir, workdir, *extra):
   return subprocess.Popen(
-    _cli_args(data_dir, workdir, *extra),
+    tiny_command(data_dir, workdir, *extra),
     cwd=ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
@@ -236,7 +213,7 @@ def test_a_preempted_process_resumes_to_the_uninterrupted_result(
     assert process.returncode == -signal.SIGKILL
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   result = subprocess.run(
-    _cli_args(data_dir, workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=300
+    tiny_command(data_dir, workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "resumed from the checkpoint of step" in result.stdout
@@ -250,7 +227,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(data_dir, tmp_path):
   first = _start(data_dir, workdir, "--config.dense.epochs=200")
   _wait_for(lambda: _checkpoint_count(workdir) >= 1, first)
   second = subprocess.run(
-    _cli_args(data_dir, workdir, "--config.dense.epochs=200"),
+    tiny_command(data_dir, workdir, "--config.dense.epochs=200"),
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -275,7 +252,7 @@ def test_a_killed_run_leaves_no_stale_lock(data_dir, tmp_path):
   first.kill()
   first.communicate()
   result = subprocess.run(
-    _cli_args(data_dir, workdir), cwd=ROOT, capture_output=True, text=True, timeout=300
+    tiny_command(data_dir, workdir), cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0, result.stderr[-2000:]
 
@@ -402,7 +379,7 @@ def test_pool_dependent_values_are_checked_before_anything_is_written(
 def test_a_diverged_run_stops_with_exit_3_keeping_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = tmp_path / "diverged"
   result = subprocess.run(
-    _cli_args(data_dir, workdir, "--config.gsm.learning_rate=1e4"),
+    tiny_command(data_dir, workdir, "--config.gsm.learning_rate=1e4"),
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -436,7 +413,7 @@ def test_a_file_as_workdir_is_one_error_line(data_dir, tmp_path):
   path = tmp_path / "a_file"
   path.write_text("x")
   result = subprocess.run(
-    _cli_args(data_dir, path), cwd=ROOT, capture_output=True, text=True, timeout=120
+    tiny_command(data_dir, path), cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 1
   assert _one_error_line(result.stderr) == (
@@ -449,7 +426,7 @@ def test_a_corrupt_config_json_is_one_error_line(finished_run, data_dir, tmp_pat
   shutil.copytree(finished_run[0], workdir)
   (workdir / "config.json").write_text('{"model": ')
   result = subprocess.run(
-    _cli_args(data_dir, workdir), cwd=ROOT, capture_output=True, text=True, timeout=120
+    tiny_command(data_dir, workdir), cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 1
   assert _one_error_line(result.stderr).startswith(
@@ -500,7 +477,7 @@ def test_corrupt_data_is_one_error_line(data_dir, tmp_path):
   images = broken / "train-images-idx3-ubyte"
   images.write_bytes(images.read_bytes()[:1000])  # truncated
   result = subprocess.run(
-    _cli_args(broken, tmp_path / "w"), cwd=ROOT, capture_output=True, text=True, timeout=120
+    tiny_command(broken, tmp_path / "w"), cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 1
   line = _one_error_line(result.stderr)

@@ -440,6 +440,29 @@ def _train_py(*args, cwd):
   )
 
 
+def tiny_command(data_dir, workdir, *extra):
+  """train.py with tiny_config's settings as flags (for subprocess runs)."""
+  return [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    f"--config.batch_size={BATCH}",
+    "--config.eval_batch_size=128",
+    "--config.progress_bar=False",
+    "--config.log_every_steps=4",
+    f"--config.dense.epochs={DENSE_EPOCHS}",
+    "--config.dense.learning_rate=0.05",
+    "--config.dense.boundaries=(1,)",
+    "--config.dense.warmup_epochs=0.5",
+    f"--config.gsm.epochs={GSM_EPOCHS}",
+    "--config.gsm.learning_rate=0.05",
+    "--config.gsm.boundaries=(2,)",
+    f"--config.compression={COMPRESSION}",
+    *extra,
+  ]
+
+
 def test_cli_trains_with_config_overrides(data_dir, tmp_path):
   workdir = tmp_path / "cli"
   result = _train_py(
