@@ -162,6 +162,17 @@ def time_interleaved(
   return {name: 1e3 * statistics.median(t) for name, t in times.items()}, states
 
 
+def chained_times(steps, states, repeats: int) -> dict[str, float]:
+  """sgd and gsm timed chained (CHAIN steps, one block), from the given states."""
+  fast = {label: steps[label] for label in ("sgd_momentum", "gsm")}
+  chained, _ = time_interleaved(
+    fast, {label: states[label] for label in fast}, {label: repeats for label in fast}, CHAIN
+  )
+  result = {f"{label}_chained_ms": ms for label, ms in chained.items()}
+  result["gsm_chained_ratio"] = chained["gsm"] / chained["sgd_momentum"]
+  return result
+
+
 def bench_pool(name: str, repeats: int, naive_repeats: int) -> dict[str, Any]:
   make_shapes, compression = POOLS[name]
   shapes = make_shapes()
@@ -191,13 +202,7 @@ def bench_pool(name: str, repeats: int, naive_repeats: int) -> dict[str, Any]:
   times, states = time_interleaved(steps, states, counts)
   for label, ms in times.items():
     result[f"{label}_ms"] = ms
-  fast = {label: steps[label] for label in ("sgd_momentum", "gsm")}
-  chained, _ = time_interleaved(
-    fast, {label: states[label] for label in fast}, {label: repeats for label in fast}, CHAIN
-  )
-  for label, ms in chained.items():
-    result[f"{label}_chained_ms"] = ms
-  result["gsm_chained_ratio"] = chained["gsm"] / chained["sgd_momentum"]
+  result.update(chained_times(steps, states, repeats))
   stats = gsm_optax.gsm_stats(states["gsm"][0])
   result["gsm_num_active"] = int(stats["num_active"])
   result["gsm_keep"] = int(stats["keep"])
@@ -265,13 +270,7 @@ def bench_lenet_train_step(repeats: int) -> dict[str, Any]:
   times, states = time_interleaved(steps, states, {label: repeats for label in steps})
   for label, ms in times.items():
     result[f"{label}_ms"] = ms
-  fast = {label: steps[label] for label in ("sgd_momentum", "gsm")}
-  chained, _ = time_interleaved(
-    fast, {label: states[label] for label in fast}, {label: repeats for label in fast}, CHAIN
-  )
-  for label, ms in chained.items():
-    result[f"{label}_chained_ms"] = ms
-  result["gsm_chained_ratio"] = chained["gsm"] / chained["sgd_momentum"]
+  result.update(chained_times(steps, states, repeats))
   result["gsm_ratio"] = result["gsm_ms"] / result["sgd_momentum_ms"]
   result["naive_ratio"] = result["naive_topk_gsm_ms"] / result["sgd_momentum_ms"]
   return result

@@ -129,13 +129,14 @@ class Checkpointer:
     self._manager.wait_until_finished()
     return True
 
-  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-    """The JSON ``meta`` of ``step`` (default: the latest), checksums removed."""
-    step = self.latest_step() if step is None else step
+  def _meta_and_checksums(self, step: int) -> tuple[dict[str, Any], dict[str, str] | None]:
     args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
     meta = dict(self._manager.restore(step, args=args)[_META])
-    meta.pop(_CHECKSUMS, None)
-    return meta
+    return meta, meta.pop(_CHECKSUMS, None)
+
+  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON ``meta`` of ``step`` (default: the latest), checksums removed."""
+    return self._meta_and_checksums(self.latest_step() if step is None else step)[0]
 
   def restore_state(self, target: Any, step: int | None = None) -> Any:
     """The state of ``step``, with the structure, shapes and dtypes of ``target``."""
@@ -150,9 +151,7 @@ class Checkpointer:
     return self._manager.restore(step, args=args)[_STATE]
 
   def _restore_verified(self, step: int, target_for: Callable[[dict], Any]):
-    args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-    meta = dict(self._manager.restore(step, args=args)[_META])
-    expected = meta.pop(_CHECKSUMS, None)
+    meta, expected = self._meta_and_checksums(step)
     if expected is None:
       raise CheckpointError("its meta holds no array checksums")
     state = self.restore_state(target_for(meta), step)

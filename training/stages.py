@@ -242,10 +242,6 @@ def admm_optimizer(cfg: Any, steps_per_epoch: int, treedef: Any, counts: tuple):
 # Transitions
 
 
-def _with_params(state: TrainState, params: Any) -> TrainState:
-  return state._replace(params=params)
-
-
 @jax.jit
 def _apply_mask(params, mask):
   return gsm_optax.apply_mask(params, mask)
@@ -286,7 +282,7 @@ def _pruning(
     results = extra(state.params) if extra else {}
     pruned = prune(state.params)
     results.update(accuracy_before_prune=before, accuracy_after_prune=ctx.evaluate(state, pruned))
-    return _with_params(state, pruned), results
+    return state._replace(params=pruned), results
 
   return enter
 

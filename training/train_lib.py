@@ -654,20 +654,27 @@ def _epochs(run, state, phase, num_epochs, stage):
       leave=True,
     )
 
-    def check_and_show(totals, state):
-      loss, acc = steps.means(steps.totals_to_host(totals))
+    def finite_totals(totals):
+      """The totals on the host; a non-finite loss stops the run (nothing more is saved)."""
+      host = steps.totals_to_host(totals)
+      loss, _ = steps.means(host)
       if not math.isfinite(loss):
         bar.close()
         raise _diverged(run, f"the training loss is {loss} after batch {done}")
-      postfix = {"loss": f"{loss:.4f}", "acc": f"{acc:.4f}"}
+      return host
+
+    def show(host, state):
+      loss, acc = steps.means(host)
       run.writer.scalars(
         int(state.step),
         {"loss": loss, "accuracy": acc, "learning_rate": _learning_rate(phase, state, progress)},
         "train",
       )
+      postfix = {"loss": f"{loss:.4f}", "acc": f"{acc:.4f}"}
       if bar_stats:
         postfix.update(bar_stats(state))
       bar.set_postfix(postfix, refresh=False)
+      return loss, acc
 
     for i, batch in enumerate(batches, start=done):
       state, metrics = phase.train_step(state, distributed.global_batch(batch, run.topology))
@@ -675,28 +682,25 @@ def _epochs(run, state, phase, num_epochs, stage):
       done = i + 1
       bar.update(1)
       if done % config.log_every_steps == 0:
-        check_and_show(totals, state)
+        show(finite_totals(totals), state)
       if done < num_steps and (run.stop.requested or (every and done % every == 0)):
-        check_and_show(totals, state)
-        progress.batch, progress.partial = done, steps.totals_to_host(totals)
+        progress.batch, progress.partial = done, finite_totals(totals)
         progress.wall_time_s[phase.name] += time.perf_counter() - start
         start = time.perf_counter()
         if run.stop.requested:
           bar.close()
           raise run.interrupted(state)
         run.save(state)
-    check_and_show(totals, state)
+    train_loss, train_acc = show(finite_totals(totals), state)
     bar.close()
 
-    train_loss, train_acc = steps.means(steps.totals_to_host(totals))
     test = run.evaluate(state)
-    phase_step = int(state.step) - progress.phase_start_step
     row = {
       "phase": phase.name,
       "epoch": progress.epoch_offset + epoch + 1,
       "phase_epoch": epoch + 1,
       "step": int(state.step),
-      "learning_rate": float(phase.learning_rate(max(phase_step - 1, 0))),
+      "learning_rate": _learning_rate(phase, state, progress),
       "train_loss": train_loss,
       "train_accuracy": train_acc,
       "test_loss": test["loss"],
