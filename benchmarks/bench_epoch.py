@@ -157,7 +157,8 @@ class Parts:
     """The steps drawing their batches from the training set on the device."""
     state, totals = self.state, steps.totals_to_device(steps.zero_totals())
     for _ in range(self.num_steps):
-      state, totals = self.draw(state, totals, self.train_set, self.order)
+      state, metrics = self.draw(state, self.train_set, self.order)
+      totals = steps.accumulate(totals, metrics)
     jax.block_until_ready((state, totals))
 
   def evaluate(self) -> None:
@@ -232,7 +233,7 @@ DESCRIPTIONS = {
   "accumulate": "a separate `accumulate` call per step",
   "progress_bar": "tqdm: one `update` per step",
   "host_fed_steps": "steps fed host batches (numpy + device_put + step)",
-  "device_fed_steps": "steps drawing batches from the training set on the device",
+  "device_fed_steps": "steps drawing batches from the training set on the device, + accumulate",
   "checkpoint": "one checkpoint (once per epoch, outside wall_time_s)",
 }
 

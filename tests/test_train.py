@@ -9,6 +9,7 @@ import glob
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,6 +283,37 @@ def test_ctrl_c_then_resume_ends_bitwise_equal_to_uninterrupted_run(
   assert without_times(_rows(workdir)) == without_times(_rows(reference_dir))
   for key in ("dense_accuracy", "accuracy_before_prune", "accuracy_final", "layers"):
     assert summary[key] == reference_summary[key], key
+
+
+def test_ctrl_c_with_batches_drawn_on_the_device_resumes_on_the_same_batch(
+  finished_run, data_dir, tmp_path, monkeypatch
+):
+  # The finished run without its last checkpoint: it resumes at the end of GSM epoch 2.
+  # The dataset is not wrapped, so the batches are drawn on the device; SIGINT arrives
+  # as the step of batch 2 of GSM epoch 3 is called, and that step is the last one saved.
+  workdir = str(tmp_path / "on_device")
+  shutil.copytree(finished_run[0], workdir)
+  final_step = STEPS_PER_EPOCH * (DENSE_EPOCHS + GSM_EPOCHS)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(final_step)))
+  real, calls = train_lib.device_data.drawing, []
+
+  def drawing(train_step, mesh):
+    draw = real(train_step, mesh)
+
+    def step(*args, **kwargs):
+      calls.append(len(calls))
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+      return draw(*args, **kwargs)
+
+    return step
+
+  monkeypatch.setattr(train_lib.device_data, "drawing", drawing)
+  with pytest.raises(train_lib.TrainingInterrupted, match="gsm epoch 3, batch 3/8"):
+    train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+  monkeypatch.undo()
+  train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+  _assert_trees_equal(_final_state(workdir)[0], _final_state(finished_run[0])[0])
 
 
 def test_rerunning_a_finished_workdir_reproduces_its_summary(finished_run, data_dir):

@@ -19,7 +19,11 @@ Where the data comes from:
 ``(epoch, seed)``: the shuffle is drawn from ``np.random.default_rng([seed,
 epoch])`` and batch k's augmentation from its own ``default_rng([seed, epoch,
 k])``, so a run resumed mid-epoch jumps straight to batch ``start`` and sees
-exactly the batches of an uninterrupted run.
+exactly the batches of an uninterrupted run. For in-memory datasets without
+augmentation, ``train_order`` gives each epoch's batches as training-set
+indices and ``train_arrays`` the whole set with its normalisation, so the same
+batches can be drawn elsewhere, bit for bit (on the device:
+``training/device_data.py``).
 
 Errors a caller should catch (every message is one line naming the file or
 directory and what to do):
@@ -143,14 +147,7 @@ class Dataset:
     other augmentation draws since (once); the shuffle, ``default_rng([seed,
     epoch])``, and so every non-augmented batch, is unchanged.
     """
-    _check_positive("batch_size", batch_size)
-    if epoch < 0 or seed < 0:
-      raise ValueError(f"epoch and seed must be >= 0, got epoch={epoch}, seed={seed}")
-    if batch_size > self.num_train:
-      raise ValueError(
-        f"batch_size={batch_size} exceeds the {self.num_train} training examples "
-        f"of {self.name}; no full batch can be formed"
-      )
+    self._check_epoch(batch_size, epoch, seed)
     steps = self.steps_per_epoch(batch_size)
     if not 0 <= start <= steps:
       raise ValueError(
@@ -159,6 +156,44 @@ class Dataset:
       )
     rows = _shard_rows(batch_size, shard)
     return self._backend.train_batches(batch_size, epoch=epoch, seed=seed, start=start, rows=rows)
+
+  @property
+  def in_memory_unaugmented(self) -> bool:
+    """Whether every training batch is rows of ``train_arrays()``: held in memory, no augmentation."""
+    return isinstance(self._backend, _ArrayBackend) and not self._backend.augment
+
+  def train_arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The whole training set as held: uint8 NHWC images, int32 labels, ``(scale, shift)``.
+
+    Only for ``in_memory_unaugmented`` datasets: batch ``k`` of an epoch is
+    ``images[rows] * scale - shift`` (``normalize``), ``labels[rows]``, with
+    ``rows = train_order(...)[k]``.
+    """
+    if not self.in_memory_unaugmented:
+      raise ValueError(f"{self.name} ({self.source}) is augmented or streamed, not gatherable")
+    backend = self._backend
+    return backend.train_images, backend.train_labels, scale_and_shift(backend.mean, backend.std)
+
+  def train_order(self, batch_size: int, *, epoch: int, seed: int) -> np.ndarray:
+    """The epoch's batches as training-set indices: ``(steps_per_epoch, batch_size)`` int32.
+
+    The order ``train_batches`` reads (in-memory datasets): a pure function of
+    ``(epoch, seed)``, drawn from ``np.random.default_rng([seed, epoch])``.
+    """
+    self._check_epoch(batch_size, epoch, seed)
+    if not isinstance(self._backend, _ArrayBackend):
+      raise ValueError(f"{self.name} ({self.source}) is streamed: its order is Grain's")
+    return epoch_order(self.num_train, batch_size, epoch=epoch, seed=seed).astype(np.int32)
+
+  def _check_epoch(self, batch_size: int, epoch: int, seed: int) -> None:
+    _check_positive("batch_size", batch_size)
+    if epoch < 0 or seed < 0:
+      raise ValueError(f"epoch and seed must be >= 0, got epoch={epoch}, seed={seed}")
+    if batch_size > self.num_train:
+      raise ValueError(
+        f"batch_size={batch_size} exceeds the {self.num_train} training examples "
+        f"of {self.name}; no full batch can be formed"
+      )
 
   def test_batches(self, batch_size: int) -> Iterator[Batch]:
     """Test batches in order, keeping the last partial batch."""
@@ -217,6 +252,13 @@ class Dataset:
     )
 
 
+def epoch_order(num_train: int, batch_size: int, *, epoch: int, seed: int) -> np.ndarray:
+  """The shuffle of epoch ``epoch`` cut into full batches: ``(num_train // batch_size, batch_size)``."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_train)
+  steps = num_train // batch_size
+  return order[: steps * batch_size].reshape(steps, batch_size)
+
+
 def _shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
   """The rows of a global batch that process ``index`` of ``count`` holds."""
   index, count = shard
@@ -246,9 +288,15 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 [0, 255] images -> float32 ``(x / 255 - mean) / std`` per channel."""
+  scale, shift = scale_and_shift(mean, std)
+  return images.astype(np.float32) * scale - shift
+
+
+def scale_and_shift(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """float32 ``(1 / (255 std), mean / std)``: ``normalize`` is ``x * scale - shift``, two roundings."""
   scale = 1.0 / (255.0 * np.asarray(std, np.float32))
   shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-  return images.astype(np.float32) * scale - shift
+  return scale, shift
 
 
 def cifar_augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4) -> np.ndarray:
@@ -377,10 +425,10 @@ class _ArrayBackend:
   def train_batches(
     self, batch_size: int, *, epoch: int, seed: int, start: int = 0, rows: slice = slice(None)
   ) -> Iterator[Batch]:
-    """Batches ``start, ...`` of the epoch: an index into the epoch's permutation."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(self.train_labels))
-    for step in range(start, len(order) // batch_size):
-      idx = order[step * batch_size : (step + 1) * batch_size]
+    """Batches ``start, ...`` of the epoch: rows of ``epoch_order``."""
+    order = epoch_order(len(self.train_labels), batch_size, epoch=epoch, seed=seed)
+    for step in range(start, len(order)):
+      idx = order[step]
       if self.augment:  # the whole batch, so the draws do not depend on the shard
         images = cifar_augment(self.train_images[idx], np.random.default_rng([seed, epoch, step]))
         images = images[rows]

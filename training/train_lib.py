@@ -29,6 +29,8 @@ from collections.abc import Iterator
 import contextlib
 import dataclasses
 import fcntl
+import functools
+import itertools
 import math
 import os
 import signal
@@ -44,6 +46,7 @@ import models
 from training import checkpoints
 from training import config as config_lib
 from training import data
+from training import device_data
 from training import distributed
 from training import report
 from training import stages as stages_lib
@@ -229,6 +232,7 @@ class _Run:
   topology: distributed.Topology
   writer: tensorboard.MetricsWriter
   progress: Progress = dataclasses.field(default_factory=Progress)
+  train_set: device_data.TrainSet | None = None
 
   @property
   def eval_batch_size(self) -> int:
@@ -247,6 +251,43 @@ class _Run:
   @property
   def steps_per_epoch(self) -> int:
     return self.dataset.steps_per_epoch(self.config.batch_size)
+
+  def upload_train_set(self) -> None:
+    """Puts the training set on the devices once, if its batches can be drawn there."""
+    if self.train_set is None and device_data.can_draw(self.dataset):
+      self.train_set = device_data.upload(self.dataset, self.topology)
+
+  def batch_steps(
+    self, phase: steps.Phase, epoch: int, start: int, state: TrainState
+  ) -> Iterator[Callable]:
+    """``step(state) -> (state, metrics)`` for batches ``start, ...`` of data epoch ``epoch``.
+
+    Drawn on the device once ``upload_train_set`` has put the training set
+    there, else numpy batches read on the host and put on the mesh one at a time.
+    """
+    if self.train_set is None:
+      return self._host_batch_steps(phase, epoch, start)
+    order = device_data.epoch_order(
+      self.dataset,
+      self.config.batch_size,
+      epoch=epoch,
+      seed=self.config.seed,
+      start=start,
+      step=int(state.step),
+      topology=self.topology,
+    )
+    draw = device_data.drawing(phase.train_step, self.topology.mesh)
+    step = functools.partial(draw, train_set=self.train_set, order=order)
+    return itertools.repeat(step, self.steps_per_epoch - start)
+
+  def _host_batch_steps(self, phase: steps.Phase, epoch: int, start: int) -> Iterator[Callable]:
+    config = self.config
+    for batch in self.dataset.train_batches(
+      config.batch_size, epoch=epoch, seed=config.seed, start=start, shard=self.shard
+    ):
+      yield functools.partial(
+        phase.train_step, batch=distributed.global_batch(batch, self.topology)
+      )
 
   @property
   def metrics_path(self) -> str:
@@ -619,6 +660,7 @@ def _train_epochs(
   scores stop it with ``TrainingDiverged`` and nothing after the last good
   checkpoint is saved.
   """
+  run.upload_train_set()
   run.stop.in_loop = True
   try:
     return _epochs(run, state, phase, num_epochs, stage)
@@ -638,13 +680,7 @@ def _epochs(run, state, phase, num_epochs, stage):
     start = time.perf_counter()
     totals = steps.totals_to_device(progress.partial)
     done = progress.batch  # batches applied before an interruption: skipped, not read
-    batches = run.dataset.train_batches(
-      config.batch_size,
-      epoch=progress.epoch_offset + epoch,
-      seed=config.seed,
-      start=done,
-      shard=run.shard,
-    )
+    batch_steps = run.batch_steps(phase, progress.epoch_offset + epoch, done, state)
     bar = tqdm(
       total=num_steps,
       initial=done,
@@ -676,9 +712,9 @@ def _epochs(run, state, phase, num_epochs, stage):
       bar.set_postfix(postfix, refresh=False)
       return loss, acc
 
-    for i, batch in enumerate(batches, start=done):
-      state, metrics = phase.train_step(state, distributed.global_batch(batch, run.topology))
-      totals = steps.accumulate(totals, metrics)
+    for i, step in enumerate(batch_steps, start=done):
+      state, metrics = step(state)
+      totals = steps.accumulate(totals, metrics)  # on the device; read at logging steps
       done = i + 1
       bar.update(1)
       if done % config.log_every_steps == 0:
