@@ -323,7 +323,8 @@ def main() -> None:
   repeats = args.repeats or (5 if args.quick else 20)
   pools = ["lenet_300_100", "lenet5"] if args.quick else list(POOLS)
   results: dict[str, Any] = dict(
-    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}"
+    f" ({jax.devices()[0].device_kind})",
     jax=jax.__version__,
     optax=optax.__version__,
     repeats=repeats,
