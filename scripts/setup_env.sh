@@ -3,7 +3,8 @@
 #   * a virtual environment in .venv (unless one is already active),
 #   * gsm_optax installed in editable mode with the given extras,
 #   * Debian's Fashion-MNIST (dataset-fashion-mnist) where apt is available.
-# Usage: source scripts/setup_env.sh EXTRAS   (EXTRAS: train or test)
+# Usage: source scripts/setup_env.sh EXTRAS   (EXTRAS: train, test, or bench: train +
+# PyTorch for benchmarks/bench_torch.py; `bash scripts/setup_env.sh bench` installs it)
 set -euo pipefail
 extras="${1:-train}"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -108,7 +108,7 @@ def test_wheel_metadata_license_version_and_requirements(wheel):
     if "extra ==" not in requirement
   }
   assert unconditional == {"jax", "optax", "numpy"}
-  assert set(metadata.get_all("Provides-Extra")) == {"train", "test"}
+  assert set(metadata.get_all("Provides-Extra")) == {"train", "test", "bench"}
 
 
 def _imported_modules(source: str) -> set[str]:
