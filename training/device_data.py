@@ -62,10 +62,13 @@ def _replicated(host: np.ndarray, topology: distributed.Topology) -> jax.Array:
 
 
 def upload(dataset: data.Dataset, topology: distributed.Topology) -> TrainSet:
-  """``dataset.train_arrays()`` on every device, normalised (every process holds the whole set)."""
+  """``dataset.train_arrays()`` on every device, normalised (every process holds the whole set).
+
+  Returns once the set is there: a run's setup, not its first step, pays for it.
+  """
   images, labels, (scale, shift) = dataset.train_arrays()
   images = _subtract(_scale(_replicated(images, topology), scale), shift)
-  return TrainSet(images, _replicated(labels, topology))
+  return jax.block_until_ready(TrainSet(images, _replicated(labels, topology)))
 
 
 # ``data.normalize`` on the device, bit for bit: the product is rounded before the
