@@ -300,7 +300,8 @@ def main() -> None:
     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     repeats=args.repeats,
     command="python benchmarks/bench_epoch.py"
-    + ("" if args.repeats == 9 else f" --repeats {args.repeats}"),
+    + ("" if args.repeats == 9 else f" --repeats {args.repeats}")
+    + ("" if args.data_dir is None else f" --data_dir {args.data_dir}"),
   )
   results["epoch"] = measure(epoch_config(args.data_dir), args.repeats)
   table = markdown(results)
