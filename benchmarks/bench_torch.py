@@ -95,20 +95,28 @@ def torch_gsm_step(model, optimizer, pool, keep: int, images, labels) -> torch.T
   return loss
 
 
-def torch_step(name: str, compression: float, batches):
-  """(step(state, i), pool size, Q) for the PyTorch way."""
+def torch_step(name: str, compression: float, batches, device: str = "cpu"):
+  """(step(state, i), pool size, Q) for the PyTorch way, on the torch `device`.
+
+  On a GPU the last step of each chain synchronizes (CUDA launches are
+  asynchronous), as ``jax.block_until_ready`` does for JAX.
+  """
   torch.manual_seed(0)
-  model = TorchLeNet5() if name == "lenet5" else TorchLeNet300100()
+  model = (TorchLeNet5() if name == "lenet5" else TorchLeNet300100()).to(device)
   optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
   pool = [w for w in model.parameters() if w.ndim in (2, 4)]  # the reference code's pool
   size = sum(w.numel() for w in pool)
   keep = int(size / compression)
   tensors = [
-    (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)) for x, y in batches
+    (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device), torch.from_numpy(y).to(device))
+    for x, y in batches
   ]
 
   def step(state, i):
-    return torch_gsm_step(model, optimizer, pool, keep, *tensors[i % len(tensors)]).detach()
+    loss = torch_gsm_step(model, optimizer, pool, keep, *tensors[i % len(tensors)]).detach()
+    if device != "cpu" and i % CHAIN == CHAIN - 1:
+      torch.cuda.synchronize()
+    return loss
 
   return step, size, keep
 
@@ -128,7 +136,7 @@ def jax_step(name: str, compression: float, batches):
   return step, state
 
 
-def bench_model(name: str, repeats: int) -> dict[str, Any]:
+def bench_model(name: str, repeats: int, torch_device: str = "cpu") -> dict[str, Any]:
   compression = MODELS[name]
   rng = np.random.default_rng(0)
   batches = [
@@ -139,7 +147,7 @@ def bench_model(name: str, repeats: int) -> dict[str, Any]:
     for _ in range(4)
   ]
   ours, state = jax_step(name, compression, batches)
-  theirs, pool_size, keep = torch_step(name, compression, batches)
+  theirs, pool_size, keep = torch_step(name, compression, batches, torch_device)
   times, _ = time_interleaved(
     {"jax": ours, "torch": theirs},
     {"jax": state, "torch": None},
@@ -192,21 +200,26 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=15, help="timed samples per model and side")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument(
+    "--torch_device", default="cpu", help="cpu, or cuda on a GPU machine (JAX uses its default)"
+  )
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   results: dict[str, Any] = dict(
     machine=f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores,"
-    f" jax backend {jax.devices()[0].platform}",
+    f" jax backend {jax.devices()[0].platform} ({jax.devices()[0].device_kind}),"
+    f" torch device {args.torch_device}",
     torch_threads=torch.get_num_threads(),
     jax=jax.__version__,
     torch=torch.__version__,
     repeats=args.repeats,
     command="python benchmarks/bench_torch.py"
-    + (f" --repeats {args.repeats}" if args.repeats != 15 else ""),
+    + (f" --repeats {args.repeats}" if args.repeats != 15 else "")
+    + (f" --torch_device {args.torch_device}" if args.torch_device != "cpu" else ""),
     models=[],
   )
   for name in MODELS:
-    results["models"].append(bench_model(name, args.repeats))
+    results["models"].append(bench_model(name, args.repeats, args.torch_device))
     print(json.dumps(results["models"][-1]), flush=True)
   table = markdown(results)
   os.makedirs(args.out, exist_ok=True)
