@@ -59,7 +59,8 @@ class LeNet5(nnx.Module):
   and checkpoints are those of ``nnx.Conv``), applied by ``conv_valid`` and
   pooled by ``max_pool_2x2``: the same outputs and gradients as ``nnx.Conv``
   and ``nnx.max_pool`` up to float32 rounding, with backward passes that are
-  faster on XLA:CPU (benchmarks/bench_torch.py).
+  faster on XLA:CPU (benchmarks/bench_torch.py). On other backends (GPU, TPU)
+  the model calls ``nnx.Conv`` and ``nnx.max_pool`` themselves.
 
   Parameters on 28x28x1 inputs (spatial 28 -> 24 -> 12 -> 8 -> 4, so the
   flattened feature has 4*4*50 = 800 entries):
@@ -97,8 +98,12 @@ class LeNet5(nnx.Module):
     self.fc2 = dense(500, num_classes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = max_pool_2x2(nnx.relu(conv_valid(x, self.conv1.kernel[...]) + self.conv1.bias[...]))
-    x = max_pool_2x2(nnx.relu(conv_valid(x, self.conv2.kernel[...]) + self.conv2.bias[...]))
+    if jax.default_backend() == "cpu":  # the same values, faster gradients on XLA:CPU
+      x = max_pool_2x2(nnx.relu(conv_valid(x, self.conv1.kernel[...]) + self.conv1.bias[...]))
+      x = max_pool_2x2(nnx.relu(conv_valid(x, self.conv2.kernel[...]) + self.conv2.bias[...]))
+    else:  # GPU/TPU: their own convolution and pooling kernels
+      x = nnx.max_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))
+      x = nnx.max_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nnx.relu(self.fc1(x))
     return self.fc2(x)

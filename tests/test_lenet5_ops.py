@@ -85,3 +85,11 @@ def test_max_pool_2x2_routes_ties_to_the_same_input_as_nnx_max_pool(shape, use_j
   np.testing.assert_array_equal(lenet.max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
   np.testing.assert_array_equal(grad, want_grad)
+
+
+def test_lenet5_on_other_backends_is_the_nnx_conv_definition(monkeypatch):
+  # GPU and TPU run nnx.Conv and nnx.max_pool themselves: the same ops as the reference.
+  model = lenet.LeNet5(rngs=nnx.Rngs(RBG_KEY))
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)), jnp.float32)
+  monkeypatch.setattr(lenet.jax, "default_backend", lambda: "gpu")
+  np.testing.assert_array_equal(model(x), reference_lenet5(model, x))
