@@ -192,7 +192,12 @@ def _checkpoint_count(workdir):
     return 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(
+  "sig",
+  # SIGKILL is slow-marked: the default suite keeps SIGTERM, the same resume path.
+  [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
+  ids=["SIGTERM", "SIGKILL"],
+)
 def test_a_preempted_process_resumes_to_the_uninterrupted_result(
   finished_run, data_dir, tmp_path, sig
 ):
