@@ -14,6 +14,8 @@ docs/TRAINING.md; in short:
   model, dataset: names from ``models.MODELS`` and ``training.data.DATASETS``.
   data_dir, download, max_train_examples, max_test_examples: where the data
     come from and how much of it (None: all).
+  validation_examples: training examples held out (a fixed draw, the same for
+    every seed) and evaluated as a validation set; 0: none.
   seed, batch_size, eval_batch_size.
   method: "gsm", "dense", "magnitude", "gmp", "admm" or "lottery"
     (``training/stages.py``); compression: C, the target of every method
@@ -64,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.download = False
   config.max_train_examples = config_dict.placeholder(int)
   config.max_test_examples = config_dict.placeholder(int)
+  config.validation_examples = 0  # training examples held out for validation (0: none)
   config.seed = 0
   config.batch_size = 256
   config.eval_batch_size = 1000

@@ -56,6 +56,7 @@ _COMMON_FIELDS = (
   "download",
   "max_train_examples",
   "max_test_examples",
+  "validation_examples",
   "seed",
   "batch_size",
   "eval_batch_size",
@@ -166,6 +167,13 @@ def validate_common(
     check(config, name, lambda x: is_int(x) and x >= 0, "an integer >= 0")
   for name in ("max_train_examples", "max_test_examples"):
     check(config, name, lambda x: x is None or (is_int(x) and x > 0), "None or a positive integer")
+  check(config, "validation_examples", lambda x: is_int(x) and x >= 0, "an integer >= 0")
+  limit = config.max_train_examples
+  if limit is not None and config.validation_examples >= limit:
+    raise ConfigError(
+      f"config.validation_examples={config.validation_examples} leaves no training examples "
+      f"of config.max_train_examples={limit}"
+    )
   for name in ("download", "skip_dense", "progress_bar", "plots"):
     check(config, name, lambda x: isinstance(x, bool), "True or False")
   check_sgd_section(config, "dense")
@@ -202,9 +210,14 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
+# Fields added since workdirs were first written, with the value that means "as before":
+# a config.json without them resumes as if it held that value.
+ADDED_FIELDS = {"validation_examples": 0}
+
+
 def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """The fields (outside ``HARMLESS_FIELDS``) where a stored config.json differs."""
-  stored_flat = flatten_config(stored)
+  stored_flat = {**ADDED_FIELDS, **flatten_config(stored)}
   current = flatten_config(config_json(config))
   return [
     f"{key}: {stored_flat.get(key, '<absent>')!r} there, {current.get(key, '<absent>')!r} here"

@@ -19,8 +19,10 @@ Where the data comes from:
 ``(epoch, seed)``: the shuffle is drawn from ``np.random.default_rng([seed,
 epoch])`` and batch k's augmentation from its own ``default_rng([seed, epoch,
 k])``, so a run resumed mid-epoch jumps straight to batch ``start`` and sees
-exactly the batches of an uninterrupted run. For in-memory datasets without
-augmentation, ``train_order`` gives each epoch's batches as training-set
+exactly the batches of an uninterrupted run. ``split_validation(n)`` holds out
+``n`` training examples (a fixed draw, the same for every seed) as a validation
+set and leaves the rest, in their order, as the training set. For in-memory
+datasets without augmentation, ``train_order`` gives each epoch's batches as training-set
 indices and ``train_arrays`` the whole set with its normalisation, so the same
 batches can be drawn elsewhere, bit for bit (on the device:
 ``training/device_data.py``).
@@ -54,6 +56,7 @@ import numpy as np
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012")
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+VALIDATION_SPLIT_SEED = 13  # the held-out examples are the same for every config.seed
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -185,6 +188,35 @@ class Dataset:
       raise ValueError(f"{self.name} ({self.source}) is streamed: its order is Grain's")
     return epoch_order(self.num_train, batch_size, epoch=epoch, seed=seed).astype(np.int32)
 
+  def split_validation(self, num_validation: int) -> tuple[Dataset, Dataset]:
+    """(training set without the held-out examples, the held-out examples as a test split).
+
+    The held-out examples are ``validation_indices(num_train, num_validation)``:
+    the same for every seed and method; the rest keep their order.
+    """
+    if not isinstance(self._backend, _ArrayBackend):
+      raise ValueError(f"{self.name} ({self.source}) is streamed: no validation split")
+    if not 0 < num_validation < self.num_train:
+      raise ValueError(
+        f"num_validation must be in [1, {self.num_train - 1}] (the training examples of "
+        f"{self.name} minus one), got {num_validation}"
+      )
+    backend = self._backend
+    held = validation_indices(self.num_train, num_validation)
+    kept = np.setdiff1d(np.arange(self.num_train), held)
+    images, labels = backend.train_images[held], backend.train_labels[held]
+    train = dataclasses.replace(
+      backend, train_images=backend.train_images[kept], train_labels=backend.train_labels[kept]
+    )
+    validation = dataclasses.replace(
+      backend, train_images=images, train_labels=labels, test_images=images, test_labels=labels
+    )
+    source = f"{self.source}, {num_validation} training examples held out for validation"
+    return (
+      dataclasses.replace(self, num_train=len(kept), source=source, _backend=train),
+      dataclasses.replace(self, num_train=len(held), num_test=len(held), _backend=validation),
+    )
+
   def _check_epoch(self, batch_size: int, epoch: int, seed: int) -> None:
     _check_positive("batch_size", batch_size)
     if epoch < 0 or seed < 0:
@@ -250,6 +282,12 @@ class Dataset:
       source=source,
       _backend=backend,
     )
+
+
+def validation_indices(num_train: int, num_validation: int) -> np.ndarray:
+  """The training examples held out for validation, sorted: a fixed draw, not the run's seed."""
+  order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(num_train)
+  return np.sort(order[:num_validation])
 
 
 def epoch_order(num_train: int, batch_size: int, *, epoch: int, seed: int) -> np.ndarray:

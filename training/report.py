@@ -8,6 +8,9 @@ Every method writes the same schema (docs/TRAINING.md lists every field):
 * accuracies: ``dense_accuracy``, ``accuracy_before_prune`` and
   ``accuracy_after_prune`` (around the last pruning step, before any
   fine-tuning), ``accuracy_final`` and ``loss_final`` (the final model);
+* validation (``config.validation_examples`` held-out training examples, else
+  0 and None): ``num_validation``, ``dense_validation_accuracy``,
+  ``validation_accuracy_before_prune``, ``validation_accuracy_final``;
 * sparsity of the final model: ``pool_size``, ``keep`` (Q), ``nonzeros``,
   ``compression_reached``, ``layers`` (``gsm_optax.SparsityReport``);
 * ``method_results``: what the method's transitions recorded besides the two
@@ -93,6 +96,10 @@ def build_summary(
     "accuracy_before_prune": results.pop("accuracy_before_prune", None),
     "accuracy_after_prune": results.pop("accuracy_after_prune", None),
     "accuracy_final": final["accuracy"],
+    "num_validation": int(config.validation_examples),
+    "dense_validation_accuracy": progress.dense_validation_accuracy,
+    "validation_accuracy_before_prune": results.pop("validation_accuracy_before_prune", None),
+    "validation_accuracy_final": final.get("validation_accuracy"),
     "loss_final": final["loss"],
     "pool_size": int(sparsity.total_size),
     "keep": gsm_optax.keep_count(params, compression) if prunes else int(sparsity.total_size),

@@ -97,6 +97,8 @@ class Context(NamedTuple):
       stages read back the values they need from it.
     evaluate: (state, params) -> test accuracy of ``params`` with the
       state's batch statistics.
+    validate: (state, params) -> their accuracy on the held-out training
+      examples (``config.validation_examples``); None without them.
     mesh: the device mesh the phases compile for (None: one device, no
       sharding constraints).
     place: state -> the state with its arrays on the mesh (after a transition
@@ -110,6 +112,7 @@ class Context(NamedTuple):
   variables: dict[str, Any]
   results: MutableMapping[str, Any]
   evaluate: Callable[[TrainState, Any], float]
+  validate: Callable[[TrainState, Any], float | None] = lambda state, params: None
   mesh: Any = None
   place: Callable[[Any], Any] = lambda tree: tree
 
@@ -280,6 +283,7 @@ def _pruning(
   def enter(state):
     before = ctx.evaluate(state, state.params)
     results = extra(state.params) if extra else {}
+    results["validation_accuracy_before_prune"] = ctx.validate(state, state.params)
     pruned = prune(state.params)
     results.update(accuracy_before_prune=before, accuracy_after_prune=ctx.evaluate(state, pruned))
     return state._replace(params=pruned), results

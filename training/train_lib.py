@@ -114,6 +114,7 @@ class Progress:
     wall_time_s: seconds spent per phase.
     dense_source: "trained", "checkpoint:<path>" or "skipped".
     dense_accuracy: test accuracy of the dense model.
+    dense_validation_accuracy: its validation accuracy (None without a validation split).
     results: what the stages' transitions recorded.
   """
 
@@ -127,6 +128,7 @@ class Progress:
   wall_time_s: dict[str, float] = dataclasses.field(default_factory=lambda: {"dense": 0.0})
   dense_source: str | None = None
   dense_accuracy: float | None = None
+  dense_validation_accuracy: float | None = None
   results: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
@@ -233,6 +235,7 @@ class _Run:
   writer: tensorboard.MetricsWriter
   progress: Progress = dataclasses.field(default_factory=Progress)
   train_set: device_data.TrainSet | None = None
+  validation: data.Dataset | None = None
 
   @property
   def eval_batch_size(self) -> int:
@@ -298,6 +301,20 @@ class _Run:
     return steps.evaluate(
       self.eval_step, params, state.batch_stats, self.dataset, self.eval_batch_size, self.topology
     )
+
+  def validate(self, state: TrainState, params: Any = None) -> float | None:
+    """Accuracy on the held-out training examples; None without a validation split."""
+    if self.validation is None:
+      return None
+    params = state.params if params is None else params
+    return steps.evaluate(
+      self.eval_step,
+      params,
+      state.batch_stats,
+      self.validation,
+      self.eval_batch_size,
+      self.topology,
+    )["accuracy"]
 
   def save(self, state: TrainState) -> int:
     """Checkpoints ``state`` at its step (a step already committed is kept as it is)."""
@@ -378,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     max_test_examples=config.max_test_examples,
     download=config.download,
   )
+  dataset, validation = _split_validation(config, dataset)
   if dataset.steps_per_epoch(config.batch_size) < 1:
     raise ConfigError(
       f"config.batch_size={config.batch_size} exceeds the {dataset.num_train} "
@@ -418,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ),
       topology=topology,
       writer=writer,
+      validation=validation,
     )
     with writer:
       try:
@@ -428,6 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stop.where = "during the final evaluation and report"
       start = time.perf_counter()
       final = run.evaluate(state)
+      final["validation_accuracy"] = run.validate(state)
       wall_time_s = dict(run.progress.wall_time_s)
       wall_time_s["final_evaluation"] = time.perf_counter() - start
       wall_time_s["this_invocation"] = time.perf_counter() - run_start
@@ -447,6 +467,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.layer_densities(int(state.step), summary["layers"])
         writer.scalars(int(state.step), {"accuracy": final["accuracy"]}, "final")
     return summary
+
+
+def _split_validation(
+  config: ml_collections.ConfigDict, dataset: data.Dataset
+) -> tuple[data.Dataset, data.Dataset | None]:
+  """(training set, validation set): ``config.validation_examples`` held out, or (dataset, None)."""
+  n = config.validation_examples
+  if not n:
+    return dataset, None
+  if n >= dataset.num_train:
+    raise ConfigError(
+      f"config.validation_examples={n} leaves none of the {dataset.num_train} training "
+      f"examples of {dataset.name} ({dataset.source})"
+    )
+  try:
+    return dataset.split_validation(n)
+  except ValueError as err:  # a streamed dataset
+    raise ConfigError(f"config.validation_examples={n}: {err}; use 0") from None
 
 
 @contextlib.contextmanager
@@ -537,6 +575,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
       variables=variables,
       results=progress.results,
       evaluate=lambda state, params: run.evaluate(state, params)["accuracy"],
+      validate=run.validate,
       mesh=run.topology.mesh,
       place=run.place,
     )
@@ -638,6 +677,7 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
     progress.dense_accuracy = history[-1]["test_accuracy"]
   else:
     progress.dense_accuracy = run.evaluate(state)["accuracy"]
+  progress.dense_validation_accuracy = run.validate(state)
   checkpoints.save_model(
     os.path.join(run.workdir, "dense_model"),
     {"params": state.params, "batch_stats": state.batch_stats},
