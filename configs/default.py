@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dense = sgd_section(epochs=30, boundaries=(15, 23), warmup_epochs=2.0)
   config.gsm = sgd_section(epochs=60, momentum=0.99, nesterov=True, boundaries=(48,))
+  config.gsm.ramp_epochs = 0.0  # gradual GSM: C ramps from 1 over these epochs (0: constant C)
 
   # Baselines: SGD like the dense phase, masked where pruned.
   config.finetune = sgd_section(epochs=60, boundaries=(48,))

@@ -212,13 +212,13 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 # Fields added since workdirs were first written, with the value that means "as before":
 # a config.json without them resumes as if it held that value.
-ADDED_FIELDS = {"validation_examples": 0}
+ADDED_FIELDS = {"validation_examples": 0, "gsm.ramp_epochs": 0.0}
 
 
 def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """The fields (outside ``HARMLESS_FIELDS``) where a stored config.json differs."""
   stored_flat = {**ADDED_FIELDS, **flatten_config(stored)}
-  current = flatten_config(config_json(config))
+  current = {**ADDED_FIELDS, **flatten_config(config_json(config))}
   return [
     f"{key}: {stored_flat.get(key, '<absent>')!r} there, {current.get(key, '<absent>')!r} here"
     for key in sorted(set(stored_flat) | set(current))

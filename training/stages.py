@@ -185,12 +185,31 @@ def _check_layerwise(field: str) -> Callable[[ml_collections.ConfigDict, Any], N
 # Optimizers (module-level builders: the phase cache keys on them)
 
 
+def gsm_compression(compression: float, ramp_steps: int) -> optax.ScalarOrSchedule:
+  """C, or gradual GSM: C_t = 1 / d_t, d_t = 1/C + (1 - 1/C) (1 - t / T)^3, exactly C from t = T.
+
+  The kept fraction d_t falls from 1 to 1/C along Zhu & Gupta's (2017) cubic
+  over ``T = ramp_steps`` steps of the GSM phase.
+  """
+  if ramp_steps <= 0:
+    return compression
+  final = 1.0 / compression
+
+  def schedule(count: jax.Array) -> jax.Array:
+    t = jnp.minimum(count / ramp_steps, 1.0)
+    density = final + (1.0 - final) * (1.0 - t) ** 3
+    return jnp.where(count >= ramp_steps, jnp.float32(compression), 1.0 / density)
+
+  return schedule
+
+
 def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float):
-  """``gsm_optax.gsm`` with the section's piecewise-constant learning rate."""
+  """``gsm_optax.gsm`` with the section's piecewise-constant learning rate (and C ramp)."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
+  ramp_steps = round(cfg.get("ramp_epochs", 0.0) * steps_per_epoch)
   tx = gsm_optax.gsm(
     lr,
-    compression,
+    gsm_compression(compression, ramp_steps),
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
@@ -344,6 +363,13 @@ def _gsm_stage(ctx: Context, compression: float) -> Stage:
 
 def check_gsm(config: ml_collections.ConfigDict) -> None:
   config_lib.check_sgd_section(config, "gsm")
+  if "ramp_epochs" in config.gsm:  # sections built by sgd_section alone have none: 0
+    config_lib.check(
+      config,
+      "gsm.ramp_epochs",
+      lambda x: config_lib.is_number(x) and 0 <= x <= config.gsm.epochs,
+      f"a number in [0, gsm.epochs={config.gsm.epochs}]",
+    )
 
 
 def dense_stages(ctx: Context) -> list[Stage]:
