@@ -3,6 +3,8 @@
 Usage:
   python benchmarks/evidence.py --plan                  # the cells left and their CPU time
   python benchmarks/evidence.py                         # the sweep, then the grid (hours)
+  nohup .venv/bin/python benchmarks/evidence.py --lock /tmp/cpu.lock \
+      > /work/evidence_runs.log 2>&1 &                    # the same, in the background
   python benchmarks/evidence.py --only method=gsm,budget=60 --seeds 0
   python benchmarks/evidence.py --max_examples 2000 --epochs 1 --dense_epochs 1 \\
       --workdir_root /tmp/smoke --out /tmp/smoke      # a smoke run
@@ -44,7 +46,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -233,14 +237,18 @@ def _flag(value: Any) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def run_cell(argv: list[str], workdir: str) -> int:
+def run_cell(argv: list[str], workdir: str, lock: str | None = None) -> int:
   """train.py as a subprocess, its output appended to ``workdir/train.log``; its exit code.
 
-  Ctrl-C reaches the child too (same process group): the runner waits while
-  it checkpoints, then stops.
+  With ``lock`` the run holds ``flock(lock)`` (others sharing the CPUs wait for
+  the cell, not the whole experiment). Ctrl-C reaches the child too (same
+  process group): the runner waits while it checkpoints, then stops.
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "train.log"), "a") as log:
+  with contextlib.ExitStack() as stack:
+    log = stack.enter_context(open(os.path.join(workdir, "train.log"), "a"))
+    if lock:
+      fcntl.flock(stack.enter_context(open(lock, "a")), fcntl.LOCK_EX)
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     while True:
       try:
@@ -442,6 +450,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--epochs", type=int, default=None, help="smoke runs: every budget")
   p.add_argument("--dense_epochs", type=int, default=30)
   p.add_argument("--learning_rate", type=float, default=None, help="smoke runs: skip the sweep")
+  p.add_argument("--lock", default=None, help="a file each cell holds flock on (shared CPUs)")
   p.add_argument("--epoch_seconds", type=float, default=EPOCH_SECONDS)
   return p.parse_args(argv)
 
@@ -473,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_ = command(cell, cell_fields(cell, lr, args), workdir)
     if not os.path.exists(os.path.join(workdir, "summary.json")):
       print(f"{time.strftime('%H:%M:%S')} {cell.name}", flush=True)
-      code = run_cell(argv_, workdir)
+      code = run_cell(argv_, workdir, args.lock)
       if code in (130, 143):
         print(f"stopped by a signal in {cell.name}; run the same command again to resume")
         return code
