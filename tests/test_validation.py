@@ -8,8 +8,10 @@ held out.
 
 import json
 import os
+import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,8 +81,8 @@ def test_validation_accuracy_is_the_model_s_accuracy_on_the_seed_free_held_out_s
 ):
   config = tiny_config(data_dir)
   config.update(seed=1, max_train_examples=448, validation_examples=128, plots=False)
-  config.method, config.dense.epochs, config.finetune.epochs = "magnitude", 1, 0  # cut, no training
-  summary = train_lib.train_and_evaluate(config, str(tmp_path))
+  config.method, config.dense.epochs, config.finetune.epochs = "magnitude", 2, 0  # cut, no training
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   held = np.sort(np.random.default_rng(HELD_OUT_SEED).permutation(448)[:128])
   images = _read_idx(os.path.join(data_dir, "train-images-idx3-ubyte"))[held]
   labels = _read_idx(os.path.join(data_dir, "train-labels-idx1-ubyte"))[held]
@@ -88,13 +90,25 @@ def test_validation_accuracy_is_the_model_s_accuracy_on_the_seed_free_held_out_s
     ("dense_validation_accuracy", "dense"),
     ("validation_accuracy_final", "final"),
   ):
-    params = checkpoints.load_model(str(tmp_path / f"{model}_model"))["params"]
+    params = checkpoints.load_model(str(tmp_path / "run" / f"{model}_model"))["params"]
     # float32 in another order: at most one example may fall on the other side of a tie
     assert summary[key] == pytest.approx(_numpy_accuracy(params, images, labels), abs=1.01 / 128)
   assert summary["validation_accuracy_before_prune"] is not None
   assert (summary["num_train"], summary["num_validation"]) == (320, 128)
-  with open(tmp_path / "summary.json") as f:
+  with open(tmp_path / "run" / "summary.json") as f:
     assert json.load(f)["validation_accuracy_final"] == summary["validation_accuracy_final"]
+
+  # Resumed from the end of dense epoch 1: the same held-out set, the same model, bit for bit.
+  shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(2 * (320 // 64)))
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  for key in ("dense_validation_accuracy", "validation_accuracy_before_prune", "accuracy_final"):
+    assert resumed[key] == summary[key], key
+  for model in ("dense", "final"):
+    a, b = (
+      checkpoints.load_model(str(tmp_path / d / f"{model}_model")) for d in ("run", "resumed")
+    )
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.parametrize(
