@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "benchmarks")):
-  if path not in sys.path:
-    sys.path.insert(0, path)
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
-import evidence  # noqa: E402
 from test_train import data_dir  # noqa: E402, F401  (the fixture)
+
+from benchmarks import evidence  # noqa: E402
 
 
 def _tiny_grid(data_dir, tmp_path):  # noqa: F811
