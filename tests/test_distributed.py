@@ -10,6 +10,7 @@ examples; the number of weights kept is exact.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -130,7 +131,8 @@ def test_two_processes_of_four_devices_give_the_eight_device_result(data_dir, tm
   stdouts = _two_processes(data_dir, workdir)
   # Only process 0 logs. Gloo prints its connections from parallel threads, and
   # their lines can be split mid-word, so what is left must be pieces of that message.
-  ours = [t for t in stdouts[1].replace("[Gloo]", " ").split() if not _gloo_piece(t)]
+  text = re.sub(r"\d+", "1", stdouts[1].replace("[Gloo]", " "))  # rank and peer counts vary
+  ours = [t for t in text.split() if not _gloo_piece(t)]
   assert ours == []
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
