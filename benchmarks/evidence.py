@@ -31,6 +31,9 @@ split per method as issue 13 says:
 * ``admm``: B // 2 epochs of ADMM W-steps (one Z/U update per epoch; per-layer
   targets of the global magnitude cut), then B - B // 2 epochs of masked
   retraining (Zhang et al. 2018: ADMM, hard prune, retrain), x0.1 at 0.8 of it.
+* ``gsm_gradual`` (a GSM variant beyond the paper, train.py's ``gsm`` method):
+  as ``gsm``, but C rises from 1 over the first B / 4 epochs (``gsm.ramp_epochs``,
+  Zhu & Gupta's cubic), leaving 3/4 of the budget for the passive weights to decay.
 
 The sweep comes first: every method, the same ``SWEEP_RATES``, at C = 60,
 B = 60, the first seed; each method's rate with the best validation accuracy
@@ -65,7 +68,9 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 CONFIG = os.path.join(ROOT, "configs", "evidence_lenet300.py")
-METHODS = ("gsm", "magnitude", "gmp", "admm")
+METHODS = ("gsm", "gsm_gradual", "magnitude", "gmp", "admm")
+TRAIN_METHOD = {"gsm_gradual": "gsm"}  # the runner's variants: train.py's method
+GRADUAL_RAMP = 0.25  # gsm_gradual: C reaches its target after this fraction of the budget
 SWEEP_RATES = (0.01, 0.03, 0.1)
 SWEEP_COMPRESSION, SWEEP_BUDGET = 60.0, 60
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST
@@ -172,7 +177,7 @@ def _sgd(section: str, epochs: int, lr: float, decay: bool = True) -> dict[str, 
 
 def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[str, Any]:
   """The fields ``cell`` sets on top of ``configs/evidence_lenet300.py``."""
-  fields: dict[str, Any] = {"seed": cell.seed, "method": cell.method}
+  fields: dict[str, Any] = {"seed": cell.seed, "method": TRAIN_METHOD.get(cell.method, cell.method)}
   fields.update(data_fields(args))
   d = args.dense_epochs
   fields.update({"dense.epochs": d, "dense.boundaries": tuple(b for b in (0.5 * d, 0.77 * d) if b)})
@@ -183,9 +188,11 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
   fields["compression"] = cell.compression
   fields["dense_checkpoint"] = os.path.join(args.workdir_root, dense_name(cell))
   steps = max(1, (args.max_examples or TRAIN_EXAMPLES) - fields["validation_examples"]) // 256
-  if cell.method == "gsm":
+  if cell.method in ("gsm", "gsm_gradual"):
     fields.update(_sgd("gsm", b, lr))
     fields["gsm.warmup_epochs"] = min(5.0, b / 4)
+    if cell.method == "gsm_gradual":
+      fields["gsm.ramp_epochs"] = GRADUAL_RAMP * b
   elif cell.method == "magnitude":
     fields.update(_sgd("finetune", b, lr))
   else:
