@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks import bench_update  # noqa: E402
 from configs import default  # noqa: E402
 from training import checkpoints  # noqa: E402
 from training import data  # noqa: E402
@@ -304,13 +305,7 @@ def main() -> None:
     + ("" if args.data_dir is None else f" --data_dir {args.data_dir}"),
   )
   results["epoch"] = measure(epoch_config(args.data_dir), args.repeats)
-  table = markdown(results)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_epoch.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(args.out, "bench_epoch.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  bench_update.write_results(args.out, "bench_epoch", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.bench_update import CHAIN  # noqa: E402
 from benchmarks.bench_update import time_interleaved  # noqa: E402
+from benchmarks.bench_update import write_results  # noqa: E402
 import gsm_optax  # noqa: E402
 from training import steps as steps_lib  # noqa: E402
 
@@ -221,13 +222,7 @@ def main() -> None:
   for name in MODELS:
     results["models"].append(bench_model(name, args.repeats, args.torch_device))
     print(json.dumps(results["models"][-1]), flush=True)
-  table = markdown(results)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_torch.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(args.out, "bench_torch.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  write_results(args.out, "bench_torch", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -314,6 +314,16 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def write_results(out: str, stem: str, results: dict[str, Any], table: str) -> None:
+  """Writes ``out/stem.json`` and ``out/stem.md`` (the table), and prints the table."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small pools only, few repeats")
@@ -336,14 +346,9 @@ def main() -> None:
     results["updates"].append(bench_pool(name, repeats, naive_repeats))
     print(json.dumps(results["updates"][-1]), flush=True)
   results["lenet_300_100_train_step"] = bench_lenet_train_step(repeats * 5)
-  table = markdown(results)
-  os.makedirs(args.out, exist_ok=True)
-  suffix = "_quick" if args.quick else ""
-  with open(os.path.join(args.out, f"bench_update{suffix}.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(args.out, f"bench_update{suffix}.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  write_results(
+    args.out, "bench_update" + ("_quick" if args.quick else ""), results, markdown(results)
+  )
 
 
 if __name__ == "__main__":
