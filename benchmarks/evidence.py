@@ -35,6 +35,31 @@ split per method as issue 13 says:
   as ``gsm``, but C rises from 1 over the first B / 4 epochs (``gsm.ramp_epochs``,
   Zhu & Gupta's cubic), leaving 3/4 of the budget for the passive weights to decay.
 
+The other GSM variants (``VARIANTS``, all train.py's ``gsm`` method) are not
+swept: they take gsm's chosen rate (``RATE_OF``), so none is tuned more than
+the paper's rule. Their hyperparameters are fixed before any run:
+
+* ``gsm_ema``: the mask from an exponential average of the score,
+  ``gsm.score_ema = 0.9`` (snip_momentum's default in Intel Neural Compressor).
+* ``gsm_age``: weights passive for a whole epoch decay 5x as fast
+  (``gsm.passive_decay_growth = 4``, ``gsm.passive_decay_horizon_epochs = 1``).
+* ``gsm_ft``: GSM for B - B // 6 epochs, the cut, then B // 6 epochs of masked
+  fine-tuning (``gsm.finetune``) at magnitude's chosen fine-tuning rate. It is
+  no longer "no retraining".
+
+``--model lenet5`` runs LeNet-5 (``configs/evidence_lenet5.py``) at 125x and
+300x with B = 60 for every method and variant. ``--rates_from`` takes the chosen
+rates of an earlier sweep (the LeNet-300-100 one: issue 13 sweeps once) instead
+of sweeping. The ticket stage (``--stage ticket``, after the grid) retrains
+theta_0 * mask with the dense schedule (the lottery-ticket protocol of the
+paper's Table 4): the mask of the dense model's magnitudes
+(``ticket_magnitude``) or of the grid's ``gsm`` cell at B = 60 (``ticket_gsm``).
+
+``--jobs N`` runs N cells at a time (an accelerator machine with many cores;
+cells wait for the dense models, the sweep and the grid cells they start from);
+``--deadline S`` starts no cell after S seconds, so a time-limited run returns
+its finished cells. ``--tag`` names the outputs (``<tag>_raw.json``, ...).
+
 The sweep comes first: every method, the same ``SWEEP_RATES``, at C = 60,
 B = 60, the first seed; each method's rate with the best validation accuracy
 (``config.validation_examples`` held-out training examples, never the test
@@ -49,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from concurrent import futures
 import contextlib
 import dataclasses
 import fcntl
@@ -67,10 +93,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-CONFIG = os.path.join(ROOT, "configs", "evidence_lenet300.py")
-METHODS = ("gsm", "gsm_gradual", "magnitude", "gmp", "admm")
-TRAIN_METHOD = {"gsm_gradual": "gsm"}  # the runner's variants: train.py's method
+CONFIGS = {
+  "lenet_300_100": os.path.join(ROOT, "configs", "evidence_lenet300.py"),
+  "lenet5": os.path.join(ROOT, "configs", "evidence_lenet5.py"),
+}
+METHODS = ("gsm", "gsm_gradual", "magnitude", "gmp", "admm")  # swept
+VARIANTS = ("gsm_ema", "gsm_age", "gsm_ft")  # GSM variants, not swept: gsm's rate
+TICKETS = ("ticket_magnitude", "ticket_gsm")
+RATE_OF = {v: "gsm" for v in VARIANTS}
+TRAIN_METHOD = {m: "gsm" for m in ("gsm_gradual", *VARIANTS)} | dict.fromkeys(TICKETS, "lottery")
 GRADUAL_RAMP = 0.25  # gsm_gradual: C reaches its target after this fraction of the budget
+SCORE_EMA = 0.9  # gsm_ema
+PASSIVE_GROWTH, PASSIVE_HORIZON_EPOCHS = 4.0, 1.0  # gsm_age
+FINETUNE_SHARE = 6  # gsm_ft: the last B // 6 epochs fine-tune
+TICKET_COMPRESSIONS = {"lenet_300_100": (60.0,), "lenet5": (125.0, 300.0)}
+TICKET_SOURCE_BUDGET = 60  # the gsm grid cell whose final model gives the GSM ticket
 SWEEP_RATES = (0.01, 0.03, 0.1, 0.3)  # 0.3: three methods chose 0.1, the edge of the first sweep
 SWEEP_COMPRESSION, SWEEP_BUDGET = 60.0, 60
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST
@@ -86,7 +123,7 @@ EXIT_DIVERGED = 3
 class Cell:
   """One train.py run: a dense model, a sweep point or a grid cell."""
 
-  stage: str  # "dense", "sweep" or "grid"
+  stage: str  # "dense", "sweep", "grid" or "ticket"
   method: str
   compression: float
   budget: int  # epochs after the dense model (dense: the dense epochs)
@@ -100,6 +137,8 @@ class Cell:
     if self.stage == "dense":
       return f"{self.model}/dense/seed{self.seed}"
     cell = f"{self.method}_c{self.compression:g}_e{self.budget}"
+    if self.stage == "ticket":
+      cell = f"{self.method}_c{self.compression:g}"
     if self.stage == "sweep":
       cell += f"_lr{self.learning_rate:g}"
     return f"{self.model}/{self.stage}/{cell}/seed{self.seed}"
@@ -115,38 +154,72 @@ class Cell:
 # --------------------------------------------------------------------------- #
 
 
-def grid_groups() -> list[tuple[str, float, int]]:
-  """(method, C, B) of issue 13: 4 C at B = 60, 2 C at B = 120, a budget curve at 60x."""
+def grid_groups(model: str = "lenet_300_100") -> list[tuple[str, float, int]]:
+  """(method, C, B) of issue 13.
+
+  LeNet-300-100: 4 C at B = 60, 2 C at B = 120, a budget curve at 60x, then the
+  variants at 60x and 120x, B = 60. LeNet-5: every method and variant at 125x
+  and 300x, B = 60.
+  """
+  if model == "lenet5":
+    return [(m, c, 60) for c in (125.0, 300.0) for m in METHODS + VARIANTS]
   groups = [(m, c, 60) for c in (10.0, 30.0, 60.0, 120.0) for m in METHODS]
   groups += [(m, c, 120) for c in (60.0, 120.0) for m in METHODS]
   groups += [(m, 60.0, b) for b in (15, 30) for m in ("gsm", "gmp")]
+  groups += [(m, c, 60) for c in (60.0, 120.0) for m in VARIANTS]
   return groups
 
 
-def all_cells(seeds: Sequence[int], dense_epochs: int, epochs: int | None) -> list[Cell]:
-  """The dense cells, the sweep (first seed) and the grid, in the order they run."""
+def all_cells(
+  seeds: Sequence[int],
+  dense_epochs: int,
+  epochs: int | None,
+  model: str = "lenet_300_100",
+  sweep: bool = True,
+) -> list[Cell]:
+  """The dense cells, the sweep (first seed), the grid and the tickets, in the order they run."""
   budget = lambda b: b if epochs is None else epochs  # noqa: E731
-  cells = [Cell("dense", "dense", 1.0, dense_epochs, s) for s in seeds]
+  cells = [Cell("dense", "dense", 1.0, dense_epochs, s, model=model) for s in seeds]
+  if sweep:
+    cells += [
+      Cell("sweep", m, SWEEP_COMPRESSION, budget(SWEEP_BUDGET), seeds[0], lr, model)
+      for m in METHODS
+      for lr in SWEEP_RATES
+    ]
+  groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model))
+  cells += [Cell("grid", m, c, b, s, model=model) for (m, c, b) in groups for s in seeds]
   cells += [
-    Cell("sweep", m, SWEEP_COMPRESSION, budget(SWEEP_BUDGET), seeds[0], lr)
-    for m in METHODS
-    for lr in SWEEP_RATES
+    Cell("ticket", t, c, dense_epochs, s, model=model)
+    for c in TICKET_COMPRESSIONS[model]
+    for t in TICKETS
+    for s in seeds
   ]
-  groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups())
-  cells += [Cell("grid", m, c, b, s) for (m, c, b) in groups for s in seeds]
   return cells
 
 
+def ticket_source(cell: Cell, epochs: int | None) -> Cell:
+  """The grid cell whose final model gives a GSM ticket its mask."""
+  budget = TICKET_SOURCE_BUDGET if epochs is None else epochs
+  return Cell("grid", "gsm", cell.compression, budget, cell.seed, model=cell.model)
+
+
+def rate_for(method: str, chosen: dict[str, float]) -> float | None:
+  """A grid cell's learning rate: its method's chosen rate (a variant: gsm's)."""
+  return chosen.get(RATE_OF.get(method, method))
+
+
 def matches(cell: Cell, only: dict[str, str]) -> bool:
-  """Whether every ``field=value`` of ``--only`` holds (numbers compared as numbers)."""
-  for key, value in only.items():
-    field = getattr(cell, key)
-    if isinstance(field, (int, float)) and not isinstance(field, bool):
-      if field is None or not math.isclose(float(field), float(value)):
-        return False
-    elif str(field) != value:
-      return False
-  return True
+  """Whether every ``field=value`` of ``--only`` holds (``a|b``: either; numbers as numbers)."""
+  return all(
+    any(_equal(getattr(cell, key), value) for value in values.split("|"))
+    for key, values in only.items()
+  )
+
+
+def _equal(field: Any, value: str) -> bool:
+  if isinstance(field, (int, float)) and not isinstance(field, bool):
+    return math.isclose(float(field), float(value))
+  return str(field) == value
 
 
 def select(cells: list[Cell], only: dict[str, str], stage: str) -> list[Cell]:
@@ -178,6 +251,8 @@ def _sgd(section: str, epochs: int, lr: float, decay: bool = True) -> dict[str, 
 def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[str, Any]:
   """The fields ``cell`` sets on top of ``configs/evidence_lenet300.py``."""
   fields: dict[str, Any] = {"seed": cell.seed, "method": TRAIN_METHOD.get(cell.method, cell.method)}
+  if cell.model not in CONFIGS:
+    raise ValueError(f"model {cell.model!r}: one of {', '.join(CONFIGS)}")
   fields.update(data_fields(args))
   d = args.dense_epochs
   fields.update({"dense.epochs": d, "dense.boundaries": tuple(b for b in (0.5 * d, 0.77 * d) if b)})
@@ -188,11 +263,28 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
   fields["compression"] = cell.compression
   fields["dense_checkpoint"] = os.path.join(args.workdir_root, dense_name(cell))
   steps = max(1, (args.max_examples or TRAIN_EXAMPLES) - fields["validation_examples"]) // 256
-  if cell.method in ("gsm", "gsm_gradual"):
+  if cell.stage == "ticket":
+    fields["lottery.ticket"] = cell.method.removeprefix("ticket_")
+    if cell.method == "ticket_gsm":
+      source = ticket_source(cell, args.epochs)
+      fields["lottery.gsm_checkpoint"] = os.path.join(args.workdir_root, source.name)
+    return fields
+  if cell.method == "gsm_ft":
+    tune = max(1, b // FINETUNE_SHARE)
+    fields.update(_sgd("gsm", b - tune, lr))
+    fields["gsm.warmup_epochs"] = min(5.0, (b - tune) / 4)
+    fields.update(_sgd("finetune", tune, args.finetune_rate))
+    fields["gsm.finetune"] = True
+  elif TRAIN_METHOD.get(cell.method, cell.method) == "gsm":
     fields.update(_sgd("gsm", b, lr))
     fields["gsm.warmup_epochs"] = min(5.0, b / 4)
     if cell.method == "gsm_gradual":
       fields["gsm.ramp_epochs"] = GRADUAL_RAMP * b
+    elif cell.method == "gsm_ema":
+      fields["gsm.score_ema"] = SCORE_EMA
+    elif cell.method == "gsm_age":
+      fields["gsm.passive_decay_growth"] = PASSIVE_GROWTH
+      fields["gsm.passive_decay_horizon_epochs"] = PASSIVE_HORIZON_EPOCHS
   elif cell.method == "magnitude":
     fields.update(_sgd("finetune", b, lr))
   else:
@@ -227,7 +319,7 @@ def command(cell: Cell, fields: dict[str, Any], workdir: str) -> list[str]:
   return [
     sys.executable,
     os.path.join(ROOT, "train.py"),
-    f"--config={CONFIG}",
+    f"--config={CONFIGS[cell.model]}",
     f"--workdir={workdir}",
     *flags,
   ]
@@ -244,7 +336,9 @@ def _flag(value: Any) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def run_cell(argv: list[str], workdir: str, lock: str | None = None) -> int:
+def run_cell(
+  argv: list[str], workdir: str, lock: str | None = None, env: dict[str, str] | None = None
+) -> int:
   """train.py as a subprocess, its output appended to ``workdir/train.log``; its exit code.
 
   With ``lock`` the run holds ``flock(lock)`` (others sharing the CPUs wait for
@@ -256,7 +350,7 @@ def run_cell(argv: list[str], workdir: str, lock: str | None = None) -> int:
     log = stack.enter_context(open(os.path.join(workdir, "train.log"), "a"))
     if lock:
       fcntl.flock(stack.enter_context(open(lock, "a")), fcntl.LOCK_EX)
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     while True:
       try:
         return process.wait()
@@ -267,7 +361,7 @@ def run_cell(argv: list[str], workdir: str, lock: str | None = None) -> int:
 def record(cell: Cell, lr: float | None, argv: list[str], workdir: str, status: str) -> dict:
   """One raw record: the cell, its command, its status and the summary's accuracies."""
   rec = dataclasses.asdict(cell) | {"name": cell.name, "learning_rate": lr, "status": status}
-  config = f"--config={os.path.relpath(CONFIG, ROOT)}"  # from the repository root
+  config = f"--config={os.path.relpath(CONFIGS[cell.model], ROOT)}"  # from the repository root
   rec["command"] = shlex.join(["python", "train.py", config, *argv[3:]])
   path = os.path.join(workdir, "summary.json")
   if status == "done":
@@ -289,7 +383,7 @@ def record(cell: Cell, lr: float | None, argv: list[str], workdir: str, status: 
       "epochs",
       "wall_time_s",
     )
-    rec.update({key: summary[key] for key in keys})
+    rec.update({key: summary.get(key) for key in keys})
   return rec
 
 
@@ -331,11 +425,13 @@ def aggregate(records: list[dict]) -> list[dict[str, Any]]:
   """Per (model, method, C, B): seeds, mean and sample std (ddof 1; 0 for one seed)."""
   groups: dict[tuple, list[dict]] = {}
   for r in records:
-    if r["stage"] == "grid" and r["status"] == "done":
-      groups.setdefault((r["model"], r["method"], r["compression"], r["budget"]), []).append(r)
+    if r["stage"] in ("grid", "ticket") and r["status"] == "done":
+      key = (r["stage"], r["model"], r["method"], r["compression"], r["budget"])
+      groups.setdefault(key, []).append(r)
   rows = []
-  for (model, method, c, b), rs in sorted(groups.items()):
-    row = {"model": model, "method": method, "compression": c, "budget": b, "seeds": len(rs)}
+  for (stage, model, method, c, b), rs in sorted(groups.items()):
+    row = {"stage": stage, "model": model, "method": method, "compression": c, "budget": b}
+    row["seeds"] = len(rs)
     row["learning_rate"] = rs[0]["learning_rate"]
     for key in ("accuracy_final", "validation_accuracy_final", "dense_accuracy"):
       values = np.array([r[key] for r in rs], np.float64)
@@ -344,14 +440,19 @@ def aggregate(records: list[dict]) -> list[dict[str, Any]]:
   return rows
 
 
-def markdown(rows: list[dict[str, Any]], rates: dict[str, float]) -> str:
+def markdown(
+  rows: list[dict[str, Any]], rates: dict[str, float], tag: str = "evidence", machine: str = ""
+) -> str:
   """The aggregate table (accuracies in %, mean +- std over seeds)."""
   lines = [
     "# Issue 13 evidence: equal post-dense budgets, mean +- std over seeds",
     "",
     "Generated by `python benchmarks/evidence.py`; raw per-seed records with their "
-    "commands: `evidence_raw.json`; learning rates chosen on the validation split: "
-    f"{', '.join(f'{m} {lr:g}' for m, lr in rates.items()) or 'none yet'}.",
+    f"commands: `{tag}_raw.json`; learning rates chosen on the validation split: "
+    f"{', '.join(f'{m} {lr:g}' for m, lr in rates.items()) or 'none yet'} "
+    f"(variants: gsm's rate; gsm_ft's fine-tuning: magnitude's). {machine}".rstrip(),
+    "",
+    "Tickets (`ticket_*`): theta_0 * mask retrained for the dense epochs (the epochs column).",
     "",
     "| model | C | epochs | method | lr | seeds | test accuracy % | validation accuracy % "
     "| dense test accuracy % |",
@@ -361,9 +462,13 @@ def markdown(rows: list[dict[str, Any]], rates: dict[str, float]) -> str:
     cells = [f"{100 * r[k][0]:.2f} ± {100 * r[k][1]:.2f}" for k in _ACCURACIES]
     lines.append(
       f"| {r['model']} | {r['compression']:g} | {r['budget']} | {r['method']} | "
-      f"{r['learning_rate']:g} | {r['seeds']} | {' | '.join(cells)} |"
+      f"{_rate(r['learning_rate'])} | {r['seeds']} | {' | '.join(cells)} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _rate(lr: float | None) -> str:
+  return "-" if lr is None else f"{lr:g}"
 
 
 _ACCURACIES = ("accuracy_final", "validation_accuracy_final", "dense_accuracy")
@@ -376,6 +481,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  rows = [r for r in rows if r["stage"] == "grid"]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, x, line in ((axes[0], "compression", "budget"), (axes[1], "budget", "compression")):
     keys = sorted({(r["method"], r[line]) for r in rows})
@@ -404,14 +510,16 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   plt.close(fig)
 
 
-def write_outputs(out: str, records: list[dict], rates: dict[str, float]) -> None:
-  """evidence_raw.json, evidence.md and evidence.png from the records so far."""
-  write_json(os.path.join(out, "evidence_raw.json"), {"records": records})
+def write_outputs(
+  out: str, records: list[dict], rates: dict[str, float], tag: str = "evidence", machine: str = ""
+) -> None:
+  """<tag>_raw.json, <tag>.md and <tag>.png from the records so far."""
+  write_json(os.path.join(out, f"{tag}_raw.json"), {"records": records})
   rows = aggregate(records)
-  with open(os.path.join(out, "evidence.md"), "w") as f:
-    f.write(markdown(rows, rates))
+  with open(os.path.join(out, f"{tag}.md"), "w") as f:
+    f.write(markdown(rows, rates, tag, machine))
   if rows:
-    plot(rows, os.path.join(out, "evidence.png"))
+    plot(rows, os.path.join(out, f"{tag}.png"))
 
 
 # --------------------------------------------------------------------------- #
@@ -445,12 +553,16 @@ def print_plan(cells: list[Cell], args: argparse.Namespace, known: dict[str, dic
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", choices=tuple(CONFIGS), default="lenet_300_100")
   p.add_argument("--workdir_root", default="/work/evidence_runs")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-  p.add_argument("--stage", choices=("all", "sweep", "grid"), default="all")
+  p.add_argument("--tag", default="evidence", help="output names: <tag>_raw.json, <tag>.md, ...")
+  p.add_argument("--machine", default="", help="a line on the hardware, for the table")
+  p.add_argument("--stage", choices=("all", "sweep", "grid", "ticket"), default="all")
   p.add_argument("--only", default="", help="field=value,... over the cell fields")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--plan", action="store_true", help="print the cells left and the time")
+  p.add_argument("--rates_from", default=None, help="an evidence_lr.json: its rates, no sweep")
   p.add_argument("--data_dir", default=None, help="config.data_dir (None: the default places)")
   p.add_argument("--max_examples", type=int, default=None, help="smoke runs: a data subset")
   p.add_argument("--validation_examples", type=int, default=None)
@@ -458,60 +570,141 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dense_epochs", type=int, default=30)
   p.add_argument("--learning_rate", type=float, default=None, help="smoke runs: skip the sweep")
   p.add_argument("--lock", default=None, help="a file each cell holds flock on (shared CPUs)")
+  p.add_argument("--jobs", type=int, default=1, help="cells run at a time")
+  p.add_argument("--deadline", type=float, default=None, help="start no cell after S seconds")
   p.add_argument("--epoch_seconds", type=float, default=EPOCH_SECONDS)
   return p.parse_args(argv)
+
+
+class Runner:
+  """Runs the cells in order, ``--jobs`` at a time, each once its inputs exist."""
+
+  def __init__(self, args: argparse.Namespace, cells: list[Cell]):
+    self.args, self.cells = args, cells
+    out = args.out
+    self.raw_path = os.path.join(out, f"{args.tag}_raw.json")
+    self.lr_path = os.path.join(
+      out, "evidence_lr.json" if args.tag == "evidence" else f"{args.tag}_lr.json"
+    )
+    self.records = read_json(self.raw_path, {"records": []})["records"]
+    if args.rates_from:
+      self.sweep = {"records": [], "chosen": read_json(args.rates_from, {})["chosen"]}
+    else:
+      self.sweep = read_json(self.lr_path, {"records": [], "chosen": {}}) | {
+        "rates": list(SWEEP_RATES)
+      }
+      self.sweep["chosen"] = chosen_rates(self.sweep["records"])  # the rates may have grown
+    self.known = {r["name"]: r for r in self.records + self.sweep["records"]}
+    self.env = None
+    if args.jobs > 1:  # several JAX processes share one accelerator: no preallocation
+      self.env = os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+  def workdir(self, cell: Cell) -> str:
+    return os.path.join(self.args.workdir_root, cell.name)
+
+  def finished(self, cell: Cell) -> bool:
+    return is_done(cell, self.args, self.known)
+
+  def learning_rate(self, cell: Cell) -> float | None:
+    if cell.stage in ("sweep", "dense"):
+      return cell.learning_rate
+    if cell.stage == "ticket":
+      return None
+    return self.args.learning_rate or rate_for(cell.method, self.sweep["chosen"])
+
+  def ready(self, cell: Cell) -> bool:
+    """Whether the cells ``cell`` starts from are finished (and its rate chosen)."""
+    if cell.stage == "dense":
+      return True
+    dense = Cell("dense", "dense", 1.0, 0, cell.seed, model=cell.model)
+    if not os.path.exists(os.path.join(self.args.workdir_root, dense.name, "summary.json")):
+      return False
+    if cell.stage == "grid" and self.learning_rate(cell) is None:
+      return False
+    if cell.method == "gsm_ft" and not (
+      self.args.learning_rate or "magnitude" in self.sweep["chosen"]
+    ):
+      return False
+    if cell.method == "ticket_gsm":
+      return self.finished(ticket_source(cell, self.args.epochs))
+    return True
+
+  def argv(self, cell: Cell) -> list[str]:
+    self.args.finetune_rate = self.args.learning_rate or self.sweep["chosen"].get("magnitude")
+    fields = cell_fields(cell, self.learning_rate(cell), self.args)
+    return command(cell, fields, self.workdir(cell))
+
+  def finish(self, cell: Cell) -> None:
+    """Records a finished cell and rewrites the outputs."""
+    workdir = self.workdir(cell)
+    status = "done" if os.path.exists(os.path.join(workdir, "summary.json")) else "diverged"
+    rec = record(cell, self.learning_rate(cell), self.argv(cell), workdir, status)
+    self.known[cell.name] = rec
+    if cell.stage == "sweep":
+      self.sweep["records"] = _replace(self.sweep["records"], rec)
+      self.sweep["chosen"] = chosen_rates(self.sweep["records"])
+      write_json(self.lr_path, self.sweep)
+    else:
+      self.records = _replace(self.records, rec)
+    write_outputs(
+      self.args.out, self.records, self.sweep["chosen"], self.args.tag, self.args.machine
+    )
+
+  def run(self) -> int:
+    for cell in self.cells:  # finished in an earlier run but not recorded
+      if self.finished(cell) and cell.name not in self.known:
+        self.finish(cell)
+    pending = [c for c in self.cells if not self.finished(c)]
+    start, code = time.monotonic(), 0
+    with futures.ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
+      running: dict[futures.Future, Cell] = {}
+      while pending or running:
+        late = self.args.deadline is not None and time.monotonic() - start > self.args.deadline
+        for cell in [c for c in pending if self.ready(c)] if not (late or code) else []:
+          if len(running) >= max(1, self.args.jobs):
+            break
+          pending.remove(cell)
+          print(f"{time.strftime('%H:%M:%S')} {cell.name}", flush=True)
+          job = pool.submit(run_cell, self.argv(cell), self.workdir(cell), self.args.lock, self.env)
+          running[job] = cell
+        if not running:
+          break
+        done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+        for job in done:
+          cell, exit_code = running.pop(job), job.result()
+          if exit_code in (130, 143):
+            print(f"stopped by a signal in {cell.name}; run the same command again to resume")
+            code = exit_code
+          elif exit_code not in (0, EXIT_DIVERGED):
+            print(f"{cell.name}: train.py exited {exit_code}; see {self.workdir(cell)}/train.log")
+          else:
+            self.finish(cell)
+    for cell in pending:
+      why = "the deadline passed" if self.args.deadline else "its inputs are missing"
+      if not self.learning_rate(cell) and cell.stage == "grid":
+        why = f"no learning rate chosen for {cell.method} yet: run the sweep first"
+      print(f"{cell.name}: not run ({why})")
+    return code
+
+
+def _replace(records: list[dict], rec: dict) -> list[dict]:
+  return sorted([r for r in records if r["name"] != rec["name"]] + [rec], key=lambda r: r["name"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   args.workdir_root = os.path.abspath(args.workdir_root)
+  args.finetune_rate = None  # magnitude's chosen rate, set by the runner
   only = dict(item.split("=", 1) for item in args.only.split(",") if item)
   seeds = [int(s) for s in args.seeds.split(",")]
-  cells = select(all_cells(seeds, args.dense_epochs, args.epochs), only, args.stage)
+  cells = all_cells(seeds, args.dense_epochs, args.epochs, args.model, not args.rates_from)
+  cells = select(cells, only, args.stage)
   os.makedirs(args.out, exist_ok=True)
-  raw_path, lr_path = (os.path.join(args.out, f) for f in ("evidence_raw.json", "evidence_lr.json"))
-  records = read_json(raw_path, {"records": []})["records"]
-  sweep = read_json(lr_path, {"records": [], "chosen": {}}) | {"rates": list(SWEEP_RATES)}
-  sweep["chosen"] = chosen_rates(sweep["records"])  # the rates may have grown since
-  known = {r["name"]: r for r in records + sweep["records"]}
+  runner = Runner(args, cells)
   if args.plan:
-    print_plan(cells, args, known)
+    print_plan(cells, args, runner.known)
     return 0
-  for cell in cells:
-    if is_done(cell, args, known) and cell.name in known:
-      continue
-    lr = cell.learning_rate
-    if cell.stage == "grid":
-      lr = args.learning_rate or sweep["chosen"].get(cell.method)
-      if lr is None:
-        print(f"{cell.name}: no learning rate chosen for {cell.method} yet: run the sweep first")
-        continue
-    workdir = os.path.join(args.workdir_root, cell.name)
-    argv_ = command(cell, cell_fields(cell, lr, args), workdir)
-    if not os.path.exists(os.path.join(workdir, "summary.json")):
-      print(f"{time.strftime('%H:%M:%S')} {cell.name}", flush=True)
-      code = run_cell(argv_, workdir, args.lock)
-      if code in (130, 143):
-        print(f"stopped by a signal in {cell.name}; run the same command again to resume")
-        return code
-      if code not in (0, EXIT_DIVERGED):
-        print(f"{cell.name}: train.py exited {code}; see {workdir}/train.log")
-        continue
-    status = "diverged" if not os.path.exists(os.path.join(workdir, "summary.json")) else "done"
-    rec = record(cell, lr, argv_, workdir, status)
-    known[cell.name] = rec
-    if cell.stage == "sweep":
-      sweep["records"] = sorted(
-        [r for r in sweep["records"] if r["name"] != cell.name] + [rec], key=lambda r: r["name"]
-      )
-      sweep["chosen"] = chosen_rates(sweep["records"])
-      write_json(lr_path, sweep)
-    else:
-      records = sorted(
-        [r for r in records if r["name"] != cell.name] + [rec], key=lambda r: r["name"]
-      )
-    write_outputs(args.out, records, sweep["chosen"])
-  return 0
+  return runner.run()
 
 
 if __name__ == "__main__":

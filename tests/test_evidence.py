@@ -73,3 +73,83 @@ def test_tiny_grid_runs_once_resumes_as_a_no_op_and_aggregates_the_raw_records(
   table = (tmp_path / "out" / "evidence.md").read_text()
   assert expected in table.splitlines()
   assert (tmp_path / "out" / "evidence.png").stat().st_size > 0
+
+
+def _fake_train(started: list[str]):
+  """A run_cell that writes a summary.json from its flags instead of training."""
+
+  def run_cell(argv, workdir, lock=None, env=None):
+    flags = dict(a[2:].split("=", 1) for a in argv[2:])
+    dense = flags.get("config.dense_checkpoint")
+    if dense is not None:  # the dense model it starts from exists already
+      assert os.path.exists(os.path.join(dense, "summary.json")), (workdir, dense)
+    source = flags.get("config.lottery.gsm_checkpoint")
+    if source is not None:
+      assert os.path.exists(os.path.join(source, "summary.json")), (workdir, source)
+    started.append(os.path.relpath(workdir, os.path.dirname(os.path.dirname(dense or workdir))))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"accuracy_final": float(flags["config.seed"]) / 10, "flags": flags}, f)
+    return 0
+
+  return run_cell
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_cells_wait_for_the_cells_they_start_from_and_variants_get_their_fields(
+  tmp_path, monkeypatch, jobs
+):
+  rates = tmp_path / "lr.json"
+  rates.write_text(json.dumps({"chosen": {"gsm": 0.03, "magnitude": 0.1, "gmp": 0.1}}))
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
+  args = [
+    "--model=lenet5",
+    "--only=method=gsm|gsm_ema|gsm_age|gsm_ft|gmp|ticket_gsm|ticket_magnitude,compression=125",
+    "--seeds=0,1",
+    f"--rates_from={rates}",
+    f"--jobs={jobs}",
+    f"--workdir_root={tmp_path / 'runs'}",
+    f"--out={tmp_path / 'out'}",
+    "--tag=t",
+  ]
+  assert evidence.main(args) == 0
+  assert len(started) == 2 + 2 * 5 + 2 * 2 and len(set(started)) == len(started)
+  with open(tmp_path / "out" / "t_raw.json") as f:
+    records = {r["name"]: r for r in json.load(f)["records"]}
+  assert len(records) == 16 and all(r["status"] == "done" for r in records.values())
+
+  def flags(name):
+    with open(tmp_path / "runs" / name / "summary.json") as f:
+      return json.load(f)["flags"]
+
+  ft = flags("lenet5/grid/gsm_ft_c125_e60/seed1")
+  assert ft["config.method"] == "gsm" and ft["config.gsm.finetune"] == "True"
+  assert (ft["config.gsm.epochs"], ft["config.finetune.epochs"]) == ("50", "10")
+  assert (ft["config.gsm.learning_rate"], ft["config.finetune.learning_rate"]) == ("0.03", "0.1")
+  ema = flags("lenet5/grid/gsm_ema_c125_e60/seed0")
+  assert ema["config.gsm.score_ema"] == "0.9" and ema["config.gsm.learning_rate"] == "0.03"
+  age = flags("lenet5/grid/gsm_age_c125_e60/seed0")
+  assert age["config.gsm.passive_decay_growth"] == "4.0"
+  ticket = flags("lenet5/ticket/ticket_gsm_c125/seed1")
+  assert ticket["config.method"] == "lottery" and ticket["config.lottery.ticket"] == "gsm"
+  source = str(tmp_path / "runs" / "lenet5/grid/gsm_c125_e60/seed1")
+  assert ticket["config.lottery.gsm_checkpoint"] == source
+  assert ticket["config.dense.epochs"] == "30" and "config.gsm.epochs" not in ticket
+  assert records["lenet5/ticket/ticket_gsm_c125/seed1"]["command"].startswith(
+    "python train.py --config=configs/evidence_lenet5.py"
+  )
+  table = (tmp_path / "out" / "t.md").read_text()
+  assert "| lenet5 | 125 | 30 | ticket_gsm | - | 2 | 5.00 ± 7.07 |" in table
+
+
+def test_a_deadline_starts_no_cell_and_reports_what_was_not_run(tmp_path, monkeypatch, capsys):
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
+  args = ["--only=method=gsm,compression=60,budget=60", "--learning_rate=0.03"]
+  args += [f"--workdir_root={tmp_path}", f"--out={tmp_path}", "--deadline=-1", "--seeds=0"]
+  assert evidence.main(args) == 0
+  assert started == []
+  assert (
+    "lenet_300_100/grid/gsm_c60_e60/seed0: not run (the deadline passed)" in capsys.readouterr().out
+  )
