@@ -639,6 +639,8 @@ class Runner:
     workdir = self.workdir(cell)
     status = "done" if os.path.exists(os.path.join(workdir, "summary.json")) else "diverged"
     rec = record(cell, self.learning_rate(cell), self.argv(cell), workdir, status)
+    if self.args.machine:
+      rec["machine"] = self.args.machine
     self.known[cell.name] = rec
     if cell.stage == "sweep":
       self.sweep["records"] = _replace(self.sweep["records"], rec)

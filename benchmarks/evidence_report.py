@@ -1,0 +1,205 @@
+"""Issue 13's evidence as the top of docs/RESULTS.md: tables by C, verdicts, budgets, tickets.
+
+Usage:
+  python benchmarks/evidence_report.py       # rewrites the part of docs/RESULTS.md between
+                                             # <!-- BEGIN EVIDENCE --> and <!-- END EVIDENCE -->
+
+It reads the raw per-seed records that ``benchmarks/evidence.py`` wrote (one
+file per run of it, ``SOURCES``) and trains nothing. A difference between two
+methods is called clear when it exceeds twice its standard error over seeds,
+2 * sqrt(s1^2 / n1 + s2^2 / n2) (s the sample std, n the seeds); otherwise it
+is within the seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+import math
+import os
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from benchmarks import evidence  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BEGIN, END = "<!-- BEGIN EVIDENCE -->", "<!-- END EVIDENCE -->"
+# (raw records, title, the command that produced them)
+SOURCES = (
+  (
+    "evidence_raw.json",
+    "LeNet-300-100, 2 CPU cores",
+    "python benchmarks/evidence.py --lock /tmp/cpu.lock",
+  ),
+  (
+    "evidence_variants_raw.json",
+    "LeNet-300-100, the GSM variants, one H200 GPU",
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S  (its second runner)",
+  ),
+  (
+    "evidence_lenet5_raw.json",
+    "LeNet-5, full Fashion-MNIST, one H200 GPU",
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S  (its first runner)",
+  ),
+)
+ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS
+
+
+def pct(stat: tuple[float, float], seeds: int) -> str:
+  mean, std = stat
+  return f"{100 * mean:.2f} ± {100 * std:.2f}" + ("" if seeds >= 3 else f" (n={seeds})")
+
+
+def clear(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, bool | None]:
+  """(a - b in points, whether |a - b| > 2 standard errors; None with one seed)."""
+  (ma, sa), (mb, sb) = a["accuracy_final"], b["accuracy_final"]
+  diff = 100 * (ma - mb)
+  if min(a["seeds"], b["seeds"]) < 2:
+    return diff, None
+  se = 100 * math.sqrt(sa**2 / a["seeds"] + sb**2 / b["seeds"])
+  return diff, abs(diff) > 2 * se
+
+
+def by_compression(rows: list[dict[str, Any]], model: str, budget: int) -> list[str]:
+  """One table: a row per method, a column per C (test accuracy %, mean ± std)."""
+  mine = [r for r in rows if r["model"] == model and r["budget"] == budget and r["stage"] == "grid"]
+  cs = sorted({r["compression"] for r in mine})
+  methods = [m for m in ORDER if any(r["method"] == m for r in mine)]
+  if not mine:
+    return []
+  lines = [
+    f"**{model}, {budget} epochs after the dense model** (test accuracy %, mean ± std over seeds)",
+    "",
+    "| method | lr | " + " | ".join(f"{c:g}x" for c in cs) + " |",
+    "|---|---|" + "---|" * len(cs),
+  ]
+  dense = [r for r in mine if r["method"] in ("gsm", "magnitude")]
+  for m in methods:
+    cells = []
+    for c in cs:
+      row = next((r for r in mine if r["method"] == m and r["compression"] == c), None)
+      cells.append(pct(row["accuracy_final"], row["seeds"]) if row else "")
+    lr = next(r["learning_rate"] for r in mine if r["method"] == m)
+    lines.append(f"| {m} | {evidence._rate(lr)} | " + " | ".join(cells) + " |")
+  if dense:
+    lines.append(
+      "| *dense model* | | "
+      + " | ".join(
+        pct(
+          next(r for r in dense if r["compression"] == c)["dense_accuracy"],
+          next(r for r in dense if r["compression"] == c)["seeds"],
+        )
+        if any(r["compression"] == c for r in dense)
+        else ""
+        for c in cs
+      )
+      + " |"
+    )
+  return lines + [""]
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+  """Per (model, C, budget): the winner, and every other method against it."""
+  lines = []
+  cells = sorted(
+    {(r["model"], r["compression"], r["budget"]) for r in rows if r["stage"] == "grid"}
+  )
+  for model, c, b in cells:
+    mine = [
+      r
+      for r in rows
+      if (r["model"], r["compression"], r["budget"], r["stage"]) == (model, c, b, "grid")
+    ]
+    if len(mine) < 2:
+      continue
+    mine.sort(key=lambda r: -r["accuracy_final"][0])
+    best = mine[0]
+    others = []
+    for r in mine[1:]:
+      diff, is_clear = clear(r, best)
+      label = {True: "clear", False: "within the spread", None: "one seed"}[is_clear]
+      others.append(f"{r['method']} {diff:+.2f} ({label})")
+    lines.append(
+      f"- {model}, {c:g}x, {b} epochs: **{best['method']}** "
+      f"{pct(best['accuracy_final'], best['seeds'])}; " + "; ".join(others) + "."
+    )
+  return lines
+
+
+def tickets(rows: list[dict[str, Any]]) -> list[str]:
+  mine = [r for r in rows if r["stage"] == "ticket"]
+  if not mine:
+    return []
+  lines = [
+    "| model | C | magnitude ticket | GSM ticket | GSM - magnitude |",
+    "|---|---|---|---|---|",
+  ]
+  for model, c in sorted({(r["model"], r["compression"]) for r in mine}):
+    pair = {r["method"]: r for r in mine if (r["model"], r["compression"]) == (model, c)}
+    mag, gsm = pair.get("ticket_magnitude"), pair.get("ticket_gsm")
+    diff = ""
+    if mag and gsm:
+      d, is_clear = clear(gsm, mag)
+      diff = f"{d:+.2f}" + {True: " (clear)", False: " (within the spread)", None: ""}[is_clear]
+    lines.append(
+      f"| {model} | {c:g}x | {pct(mag['accuracy_final'], mag['seeds']) if mag else ''} | "
+      f"{pct(gsm['accuracy_final'], gsm['seeds']) if gsm else ''} | {diff} |"
+    )
+  return lines + [""]
+
+
+def section(results: str = RESULTS) -> str:
+  """The generated evidence section, from every source file that exists."""
+  out = []
+  for name, title, command in SOURCES:
+    path = os.path.join(results, name)
+    if not os.path.exists(path):
+      continue
+    records = evidence.read_json(path, {"records": []})["records"]
+    rows = evidence.aggregate(records)
+    if not rows:
+      continue
+    machine = next((r.get("machine") for r in records if r.get("machine")), "")
+    out += [f"### {title}", "", f"Command: `{command}`; raw records: `benchmarks/results/{name}`."]
+    out += [machine, ""] if machine else [""]
+    keys = sorted({(r["model"], r["budget"]) for r in rows if r["stage"] == "grid"})
+    for model, budget in keys:
+      out += by_compression(rows, model, budget)
+    out += ["Verdicts (differences in points against the best method of each cell):", ""]
+    out += verdicts(rows) + [""]
+    if any(r["stage"] == "ticket" for r in rows):
+      out += [
+        "Winning tickets (Table 4 protocol: theta_0 * mask retrained with the dense schedule):",
+        "",
+      ]
+      out += tickets(rows)
+  return "\n".join(out).rstrip() + "\n"
+
+
+def replace_between(text: str, block: str) -> str:
+  """``text`` with the part between BEGIN and END replaced (both added on top when absent)."""
+  if BEGIN not in text:
+    return f"{BEGIN}\n{block}{END}\n\n{text}"
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--results", default=RESULTS)
+  p.add_argument("--doc", default=os.path.join(ROOT, "docs", "RESULTS.md"))
+  args = p.parse_args(argv)
+  with open(args.doc) as f:
+    text = f.read()
+  with open(args.doc, "w") as f:
+    f.write(replace_between(text, section(args.results)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
