@@ -187,7 +187,8 @@ def all_cells(
       for lr in SWEEP_RATES
     ]
   groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model))
-  cells += [Cell("grid", m, c, b, s, model=model) for (m, c, b) in groups for s in seeds]
+  # Seed-major: a run cut short (--deadline) has every group at its first seeds.
+  cells += [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   cells += [
     Cell("ticket", t, c, dense_epochs, s, model=model)
     for c in TICKET_COMPRESSIONS[model]

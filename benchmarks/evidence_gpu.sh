@@ -17,9 +17,9 @@ machine="Run on ${gpu:-no GPU}, $(nproc) CPU cores, several cells at a time."
 common=(--rates_from benchmarks/results/evidence_lr.json --out "$out" --deadline "$deadline"
   --machine "$machine" --workdir_root "$runs")
 [[ -n "$data" ]] && common+=(--data_dir "$data")
-python3 benchmarks/evidence.py --model lenet5 --tag evidence_lenet5 --jobs 6 "${common[@]}" \
+python3 benchmarks/evidence.py --model lenet5 --tag evidence_lenet5 --jobs 8 "${common[@]}" \
   > "$out/evidence_lenet5.log" 2>&1 &
 python3 benchmarks/evidence.py --model lenet_300_100 --tag evidence_variants --stage grid \
   --only "method=gsm|gsm_gradual|gmp|gsm_ema|gsm_age|gsm_ft,compression=60|120,budget=60" \
-  --jobs 4 "${common[@]}" > "$out/evidence_variants.log" 2>&1 &
+  --jobs 5 "${common[@]}" > "$out/evidence_variants.log" 2>&1 &
 wait
