@@ -270,6 +270,10 @@ def test_gsm_stats_reads_the_variants_state(variant, rng, params_factory):
   assert int(nested["keep"]) == 138 // 4
   abstract = jax.eval_shape(tx.init, params)  # abstract params work at init
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  zeroed = optax.tree_utils.tree_map_params(tx, jnp.zeros_like, state)  # params-shaped parts
+  extra = zeroed[0].score if "score_ema" in variant else zeroed[1].age
+  assert all(not np.asarray(leaf).any() for leaf in jax.tree.leaves(extra))
+  assert int(gsm_optax.gsm_stats(zeroed)["keep"]) == 138 // 4
 
 
 # ----------------------------------------------------------------------------
@@ -288,6 +292,10 @@ def test_config_fields_are_checked_and_old_workdirs_resume():
     config.gsm = ml_collections.ConfigDict({**config.gsm.to_dict(), field: value})  # any type
     with pytest.raises(config_lib.ConfigError, match=f"config.gsm.{field} must be {allowed}"):
       train_lib.validate_config(config)
+  config = default_config.get_config()
+  config.method, config.lottery.ticket, config.gsm.finetune = "lottery", "gsm", True
+  with pytest.raises(config_lib.ConfigError, match="config.gsm.finetune=True applies to"):
+    train_lib.validate_config(config)
   config = default_config.get_config()
   stored = config_lib.config_json(config)
   for field in ("score_ema", "passive_decay_growth", "passive_decay_horizon_epochs", "finetune"):

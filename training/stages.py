@@ -682,6 +682,11 @@ def check_lottery(config: ml_collections.ConfigDict) -> None:
   if config.lottery.ticket == "gsm":
     config_lib.check_sgd_section(config, "gsm")
     check_gsm_variants(config)
+    if config.gsm.get("finetune", False):
+      raise config_lib.ConfigError(
+        "config.gsm.finetune=True applies to config.method='gsm' only; the lottery "
+        "ticket is retrained from theta_0 instead"
+      )
   if config.lottery.gsm_checkpoint and not os.path.isdir(config.lottery.gsm_checkpoint):
     raise config_lib.ConfigError(
       f"config.lottery.gsm_checkpoint={config.lottery.gsm_checkpoint!r} is not a directory"
