@@ -77,6 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.dense = sgd_section(epochs=30, boundaries=(15, 23), warmup_epochs=2.0)
   config.gsm = sgd_section(epochs=60, momentum=0.99, nesterov=True, boundaries=(48,))
   config.gsm.ramp_epochs = 0.0  # gradual GSM: C ramps from 1 over these epochs (0: constant C)
+  # Opt-in variants beyond the paper (docs/METHOD.md, section 5); the defaults are the paper's.
+  config.gsm.score_ema = 0.0  # B from an EMA of |g * w| with this decay (0: |g * w|)
+  config.gsm.passive_decay_growth = 0.0  # extra decay of long-passive weights (0: none)
+  config.gsm.passive_decay_horizon_epochs = 1.0  # ... reached after this long passive
+  config.gsm.finetune = False  # masked fine-tuning (the finetune section) after the cut
 
   # Baselines: SGD like the dense phase, masked where pruned.
   config.finetune = sgd_section(epochs=60, boundaries=(48,))

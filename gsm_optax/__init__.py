@@ -18,6 +18,9 @@ from gsm_optax.report import sparsity_report
 from gsm_optax.selection import global_kth_largest
 from gsm_optax.selection import global_kth_largest_magnitude
 from gsm_optax.transform import MaskByGlobalTaylorState
+from gsm_optax.transform import PassiveAgeDecayState
+from gsm_optax.transform import SmoothedTaylorState
+from gsm_optax.transform import add_passive_age_decay
 from gsm_optax.transform import gsm
 from gsm_optax.transform import gsm_stats
 from gsm_optax.transform import mask_by_global_taylor
@@ -28,7 +31,10 @@ __all__ = [
   "LeafSparsity",
   "MaskByGlobalTaylorState",
   "MaskOverlap",
+  "PassiveAgeDecayState",
+  "SmoothedTaylorState",
   "SparsityReport",
+  "add_passive_age_decay",
   "apply_mask",
   "baselines",
   "default_pool",

@@ -9,6 +9,11 @@ Taylor score T(w) = |dL/dw * w|:
 
 which is ``chain(mask_by_global_taylor, add_decayed_weights(eta, pool),
 trace(beta), scale_by_learning_rate(alpha))``.
+
+Two opt-in variants beyond the paper (defaults off, the chain above unchanged):
+a smoothed score (``score_ema``: B is the top-Q of an exponential moving
+average of |g * w|) and a decay that grows with how long a weight has been
+passive (`add_passive_age_decay`).
 """
 
 from __future__ import annotations
@@ -106,9 +111,19 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
   2^22-weight pool on CPU), and every other op compiled on its own; jitted,
   it compiles once per pool layout. Inside `jax.jit` it is inlined.
   """
-  size = sum(g.size for g in grads)
   selected = selection.select_threshold((grads, weights), taylor_score, keep)
-  scores = taylor_scores(grads, weights)
+  return _mask_by_selection(grads, taylor_scores(grads, weights), selected, keep)
+
+
+def _mask_by_selection(
+  grads: list[jax.Array],
+  scores: list[jax.Array],
+  selected: selection.ScoreSelection,
+  keep: jax.Array,
+):
+  """B = [s >= t] & [s > 0 or Q = |pool|] applied to the grads: (masked grads,
+  threshold, num_active, num_nonfinite)."""
+  size = sum(g.size for g in grads)
   threshold = selected.threshold
   keep_all = keep >= size
   masked = []
@@ -122,10 +137,134 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
   return masked, threshold, num_active, selected.num_nonfinite
 
 
+def _smoothed_scores(
+  scores: list[jax.Array], grads: list[jax.Array], params: list[jax.Array], decay: jax.Array
+) -> list[jax.Array]:
+  """s_t = d * s_{t-1} + (1 - d) * |g_t * w_t| per leaf, in float32 (1 - d too)."""
+  d = jnp.asarray(decay, jnp.float32)
+  return [d * s + (1 - d) * t for s, t in zip(scores, taylor_scores(grads, params))]
+
+
+@jax.jit
+def _mask_pool_smoothed(
+  grads: list[jax.Array],
+  weights: list[jax.Array],
+  scores: list[jax.Array],
+  keep: jax.Array,
+  decay: jax.Array,
+):
+  """`_mask_pool` with B the top-Q of the smoothed scores: (masked grads,
+  threshold, num_active, num_nonfinite, new scores)."""
+  smoothed = _smoothed_scores(scores, grads, weights, decay)
+  selected = selection.select_score_threshold(smoothed, keep)
+  return (*_mask_by_selection(grads, smoothed, selected, keep), smoothed)
+
+
+class SmoothedTaylorState(NamedTuple):
+  """State of `mask_by_global_taylor` with ``score_ema > 0``; every field is arrays.
+
+  Attributes:
+    taylor: the `MaskByGlobalTaylorState` (what `gsm_stats` reads); its
+      threshold is the Q-th greatest smoothed score.
+    score: s_t, float32 arrays with the params' structure (0 outside the pool).
+  """
+
+  taylor: MaskByGlobalTaylorState
+  score: Any
+
+
+_STATIC_HINT = "with optax.inject_hyperparams, name it in static_args"
+
+
+def check_score_ema(score_ema: Any) -> float:
+  """Checks d of the smoothed score: None (off, d = 0) or a number in [0, 1)."""
+  if score_ema is None:
+    return 0.0
+  if not _checks.is_number(score_ema):
+    raise TypeError(f"score_ema must be a number in [0, 1) ({_STATIC_HINT}), got {score_ema!r}.")
+  value = float(score_ema)
+  if not 0.0 <= value < 1.0:
+    raise ValueError(
+      "score_ema must be in [0, 1) (s_t = d * s_(t-1) + (1 - d) * |g * w|; 0: the paper's "
+      f"score), got {score_ema!r}."
+    )
+  return value
+
+
+class _Pooled(NamedTuple):
+  """The flattened updates and the pooled gradients and weights."""
+
+  flat_updates: list[jax.Array]
+  treedef: Any
+  indices: list[int]
+  grads: list[jax.Array]
+  weights: list[jax.Array]
+
+  def unflatten(self, masked: list[jax.Array]) -> Any:
+    flat = list(self.flat_updates)
+    for i, g in zip(self.indices, masked):
+      flat[i] = g
+    return jax.tree.unflatten(self.treedef, flat)
+
+
+def _split_pool(updates: Any, params: Any, pool: _pool.Pool) -> _Pooled:
+  if params is None:
+    raise ValueError(
+      "mask_by_global_taylor needs params to compute |g * w|: call update(grads, state, params)."
+    )
+  mask = _pool.resolve_pool(params, pool)
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(
+      "updates and params have different tree structures: "
+      f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}."
+    )
+  flat_updates, treedef = jax.tree.flatten(updates)
+  flat_params = jax.tree.leaves(params)
+  pooled = [i for i, m in enumerate(jax.tree.leaves(mask)) if m]
+  grads = [flat_updates[i] for i in pooled]
+  weights = [flat_params[i] for i in pooled]
+  return _Pooled(flat_updates, treedef, pooled, grads, weights)
+
+
+def _state_with_keep(keep: Any) -> MaskByGlobalTaylorState:
+  return MaskByGlobalTaylorState(
+    count=jnp.zeros([], jnp.int32),
+    keep=jnp.asarray(keep, jnp.int32),
+    threshold=jnp.zeros([], jnp.float32),
+    num_active=jnp.zeros([], jnp.int32),
+    num_nonfinite=jnp.zeros([], jnp.int32),
+    num_invalid_compression=jnp.zeros([], jnp.int32),
+  )
+
+
+def _init_taylor_state(params: Any, compression: Any, pool: _pool.Pool) -> MaskByGlobalTaylorState:
+  if params is None:
+    raise ValueError("mask_by_global_taylor.init needs the params pytree.")
+  if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
+    return _state_with_keep(0)
+  size = _pool.pooled_size(params, _pool.resolve_pool(params, pool))
+  keep, _ = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
+  if not callable(compression) and _is_concrete(compression):
+    _pool.keep_count_for_size(size, float(compression))
+  return _state_with_keep(keep)
+
+
+def _next_taylor_state(state, keep, invalid, threshold, num_active, num_nonfinite):
+  return MaskByGlobalTaylorState(
+    count=optax.safe_increment(state.count),
+    keep=keep,
+    threshold=threshold,
+    num_active=num_active,
+    num_nonfinite=num_nonfinite,
+    num_invalid_compression=state.num_invalid_compression + invalid.astype(jnp.int32),
+  )
+
+
 def mask_by_global_taylor(
   compression: optax.ScalarOrSchedule,
   *,
   pool: _pool.Pool = None,
+  score_ema: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps the loss gradient of the Q pooled weights with the greatest |g * w|.
 
@@ -155,11 +294,21 @@ def mask_by_global_taylor(
   included), all are. `num_invalid_compression` in the state (and in
   `gsm_stats`) counts the updates that clamped C this way.
 
+  Smoothed score (opt-in, ``score_ema = d > 0``, as Intel Neural
+  Compressor's ``snip_momentum``): B is the top-Q, by the same rules, of
+  s_t = d * s_{t-1} + (1 - d) * |g_t * w_t| (s_0 = 0, float32, in the state)
+  instead of |g_t * w_t|, and masks the current gradient g_t. A NaN score
+  stays NaN in s, so that weight is never active again. The state is then a
+  `SmoothedTaylorState` holding the `MaskByGlobalTaylorState`.
+
   Args:
     compression: C >= 1, a float, a scalar array, or an optax schedule
       ``step -> C`` (gradual GSM).
     pool: which leaves are prunable: None (floating leaves with ndim >= 2), a
       bool pytree, or a callable ``params -> bool pytree``.
+    score_ema: d in [0, 1); None (the default) or 0 is the paper's
+      instantaneous score. (None, not 0.0, so that `optax.inject_hyperparams`,
+      which injects every numeric argument, leaves the paper's state as it was.)
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires
@@ -167,60 +316,146 @@ def mask_by_global_taylor(
     params (`jax.ShapeDtypeStruct` leaves).
   """
   _check_compression_arg(compression)
-
-  def state_with_keep(keep):
-    return MaskByGlobalTaylorState(
-      count=jnp.zeros([], jnp.int32),
-      keep=jnp.asarray(keep, jnp.int32),
-      threshold=jnp.zeros([], jnp.float32),
-      num_active=jnp.zeros([], jnp.int32),
-      num_nonfinite=jnp.zeros([], jnp.int32),
-      num_invalid_compression=jnp.zeros([], jnp.int32),
-    )
+  decay = check_score_ema(score_ema)
+  if decay > 0:
+    return _mask_by_smoothed_taylor(compression, pool, decay)
 
   def init_fn(params):
-    if params is None:
-      raise ValueError("mask_by_global_taylor.init needs the params pytree.")
+    return _init_taylor_state(params, compression, pool)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    split = _split_pool(updates, params, pool)
+    size = sum(g.size for g in split.grads)
+    keep, invalid = _keep_for_step(size, compression, state.count)
+    masked, threshold, num_active, num_nonfinite = _mask_pool(split.grads, split.weights, keep)
+    new_state = _next_taylor_state(state, keep, invalid, threshold, num_active, num_nonfinite)
+    return split.unflatten(masked), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _mask_by_smoothed_taylor(
+  compression: optax.ScalarOrSchedule, pool: _pool.Pool, decay: float
+) -> optax.GradientTransformationExtraArgs:
+  """`mask_by_global_taylor` with B the top-Q of s_t = d s_(t-1) + (1 - d) |g w|."""
+
+  def init_fn(params):
+    taylor = _init_taylor_state(params, compression, pool)
+    if _checks.is_placeholder(params):
+      return SmoothedTaylorState(taylor=taylor, score=params)
+    score = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return SmoothedTaylorState(taylor=taylor, score=score)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    split = _split_pool(updates, params, pool)
+    flat_scores = jax.tree.leaves(state.score)
+    scores = [flat_scores[i] for i in split.indices]
+    size = sum(g.size for g in split.grads)
+    keep, invalid = _keep_for_step(size, compression, state.taylor.count)
+    masked, threshold, num_active, num_nonfinite, smoothed = _mask_pool_smoothed(
+      split.grads, split.weights, scores, keep, jnp.float32(decay)
+    )
+    for i, s in zip(split.indices, smoothed):
+      flat_scores[i] = s
+    taylor = _next_taylor_state(state.taylor, keep, invalid, threshold, num_active, num_nonfinite)
+    score = jax.tree.unflatten(jax.tree.structure(state.score), flat_scores)
+    return split.unflatten(masked), SmoothedTaylorState(taylor=taylor, score=score)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class PassiveAgeDecayState(NamedTuple):
+  """State of `add_passive_age_decay`; every field is arrays.
+
+  Attributes:
+    count: number of updates done (the step of a weight-decay schedule).
+    age: int32 arrays with the params' structure: for each pooled weight, the
+      consecutive updates so far whose incoming value was exactly 0 (0 outside
+      the pool).
+  """
+
+  count: jax.Array
+  age: Any
+
+
+def check_passive_decay(
+  growth: Any, horizon_steps: Any, names: tuple[str, str] = ("growth", "horizon_steps")
+) -> tuple[float, int]:
+  """Checks (growth, horizon) of the passive-age decay: growth >= 0, horizon an
+  int >= 1; None is 0 and 1."""
+  growth = 0.0 if growth is None else growth
+  horizon_steps = 1 if horizon_steps is None else horizon_steps
+  if not _checks.is_number(growth) or not 0.0 <= float(growth) < float("inf"):
+    raise ValueError(f"{names[0]} must be a finite number >= 0 ({_STATIC_HINT}), got {growth!r}.")
+  if not _checks.is_number(horizon_steps, integer=True) or horizon_steps < 1:
+    raise ValueError(
+      f"{names[1]} must be an integer >= 1 (steps; {_STATIC_HINT}), got {horizon_steps!r}."
+    )
+  return float(growth), int(horizon_steps)
+
+
+def _age_decayed(u: jax.Array, w: jax.Array, age: jax.Array, rate: jax.Array, horizon: int):
+  """(u + rate * min(a / H, 1) * w, a) with a <- a + 1 where u == 0, else 0."""
+  age = jnp.where(u == 0, optax.safe_increment(age), jnp.zeros_like(age))
+  factor = jnp.minimum(age.astype(jnp.float32) / jnp.float32(horizon), 1.0)
+  return (u + (rate * factor) * w).astype(u.dtype), age
+
+
+def add_passive_age_decay(
+  weight_decay: optax.ScalarOrSchedule,
+  growth: float,
+  horizon_steps: int,
+  *,
+  pool: _pool.Pool = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adds eta * growth * min(a / H, 1) * w to the update of each pooled weight.
+
+  a, the weight's passive age, counts the consecutive updates whose incoming
+  value (the masked gradient, when chained right after `mask_by_global_taylor`)
+  was exactly 0, and is reset to 0 by a non-zero one; it is updated before the
+  decay is added (a weight passive for the first time has a = 1). Before
+  ``add_decayed_weights(eta)`` in `gsm`'s chain this gives
+  z <- beta z + eta (1 + growth * min(a / H, 1)) w + B g: a weight passive for
+  H steps or more decays (1 + growth) times as fast. Leaves outside the pool
+  pass through unchanged.
+
+  Args:
+    weight_decay: eta, a float or an optax schedule of the step.
+    growth: >= 0, the extra decay reached at age H (0 adds nothing).
+    horizon_steps: H, an integer >= 1.
+    pool: prunable leaves, as in `mask_by_global_taylor`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose `update` requires `params`.
+  """
+  growth, horizon = check_passive_decay(growth, horizon_steps)
+
+  def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
     if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
-      return state_with_keep(0)
-    size = _pool.pooled_size(params, _pool.resolve_pool(params, pool))
-    keep, _ = _keep_for_step(size, compression, jnp.zeros([], jnp.int32))
-    if not callable(compression) and _is_concrete(compression):
-      _pool.keep_count_for_size(size, float(compression))
-    return state_with_keep(keep)
+      return PassiveAgeDecayState(count=count, age=params)
+    _pool.resolve_pool(params, pool)
+    age = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params)
+    return PassiveAgeDecayState(count=count, age=age)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError(
-        "mask_by_global_taylor needs params to compute |g * w|: call update(grads, state, params)."
-      )
-    mask = _pool.resolve_pool(params, pool)
-    if jax.tree.structure(updates) != jax.tree.structure(params):
-      raise ValueError(
-        "updates and params have different tree structures: "
-        f"{jax.tree.structure(updates)} vs {jax.tree.structure(params)}."
-      )
+      raise ValueError("add_passive_age_decay needs params: call update(updates, state, params).")
+    flags = jax.tree.leaves(_pool.resolve_pool(params, pool))
+    eta = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    rate = jnp.asarray(eta, jnp.float32) * jnp.float32(growth)
     flat_updates, treedef = jax.tree.flatten(updates)
-    flat_params = jax.tree.leaves(params)
-    flat_mask = jax.tree.leaves(mask)
-    pooled = [i for i, m in enumerate(flat_mask) if m]
-    grads = [flat_updates[i] for i in pooled]
-    weights = [flat_params[i] for i in pooled]
-    size = sum(g.size for g in grads)
-
-    keep, invalid = _keep_for_step(size, compression, state.count)
-    masked, threshold, num_active, num_nonfinite = _mask_pool(grads, weights, keep)
-    for i, g in zip(pooled, masked):
-      flat_updates[i] = g
-    new_state = MaskByGlobalTaylorState(
-      count=optax.safe_increment(state.count),
-      keep=keep,
-      threshold=threshold,
-      num_active=num_active,
-      num_nonfinite=num_nonfinite,
-      num_invalid_compression=state.num_invalid_compression + invalid.astype(jnp.int32),
-    )
+    flat_ages = jax.tree.leaves(state.age)
+    for i, (w, flag) in enumerate(zip(jax.tree.leaves(params), flags)):
+      if flag:
+        flat_updates[i], flat_ages[i] = _age_decayed(
+          flat_updates[i], w, flat_ages[i], rate, horizon
+        )
+    age = jax.tree.unflatten(jax.tree.structure(state.age), flat_ages)
+    new_state = PassiveAgeDecayState(count=optax.safe_increment(state.count), age=age)
     return jax.tree.unflatten(treedef, flat_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -283,6 +518,9 @@ def gsm(
   weight_decay: optax.ScalarOrSchedule = 5e-4,
   nesterov: bool = False,
   pool: _pool.Pool = None,
+  score_ema: float | None = None,
+  passive_decay_growth: float | None = None,
+  passive_decay_horizon: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Global Sparse Momentum SGD (Ding et al., NeurIPS 2019, eq. 7-8).
 
@@ -307,14 +545,32 @@ def gsm(
     weight_decay: eta, a float or a schedule; applied to the pool only.
     nesterov: Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``).
     pool: prunable leaves, as in `mask_by_global_taylor`.
+    score_ema: d in [0, 1): B is the top-Q of s_t = d s_(t-1) + (1 - d) |g w|
+      (`mask_by_global_taylor`); None (the default) or 0 is the paper's rule.
+    passive_decay_growth: growth >= 0 of `add_passive_age_decay`, chained
+      after the mask: a weight passive for a steps decays by
+      eta (1 + growth * min(a / H, 1)); None (the default) or 0 adds nothing.
+    passive_decay_horizon: H, an integer >= 1 (steps); None is 1.
+
+  The variants default to None rather than 0 because `optax.inject_hyperparams`
+  injects every numeric argument: with None, ``inject_hyperparams(gsm)`` keeps
+  the state it had before they existed. To set them under
+  ``inject_hyperparams``, name them in its ``static_args``.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with the state of an
-    `optax.chain`; `update` requires `params`.
+    `optax.chain`; `update` requires `params`. With the variants off it is
+    the paper's four-transform chain, state included.
   """
+  growth, horizon = check_passive_decay(
+    passive_decay_growth, passive_decay_horizon, ("passive_decay_growth", "passive_decay_horizon")
+  )
   decay_mask = _pool.default_pool if pool is None else pool
+  mask = [mask_by_global_taylor(compression, pool=pool, score_ema=score_ema)]
+  if growth > 0:
+    mask.append(add_passive_age_decay(weight_decay, growth, horizon, pool=pool))
   chain = optax.chain(
-    mask_by_global_taylor(compression, pool=pool),
+    *mask,
     optax.add_decayed_weights(weight_decay, mask=decay_mask),
     optax.trace(decay=momentum, nesterov=nesterov),
     optax.scale_by_learning_rate(learning_rate),

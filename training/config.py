@@ -212,7 +212,14 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 # Fields added since workdirs were first written, with the value that means "as before":
 # a config.json without them resumes as if it held that value.
-ADDED_FIELDS = {"validation_examples": 0, "gsm.ramp_epochs": 0.0}
+ADDED_FIELDS = {
+  "validation_examples": 0,
+  "gsm.ramp_epochs": 0.0,
+  "gsm.score_ema": 0.0,
+  "gsm.passive_decay_growth": 0.0,
+  "gsm.passive_decay_horizon_epochs": 1.0,
+  "gsm.finetune": False,
+}
 
 
 def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:

@@ -10,7 +10,8 @@ function ``ctx -> list[Stage]`` (and the checks of its config section) to
 ``METHODS``. The global compression C of every method is ``config.compression``.
 
 * ``gsm`` (Ding et al. 2019): ``gsm.epochs`` of ``gsm_optax.gsm``, then the
-  global magnitude cut to C with no fine-tuning.
+  global magnitude cut to C with no fine-tuning (opt-in, ``gsm.finetune``:
+  then ``finetune.epochs`` of masked fine-tuning, as ``magnitude``).
 * ``dense``: no pruning; the dense model is the result (a reference point).
 * ``magnitude`` (Han et al. 2015): global (or, with ``magnitude.layerwise``,
   per-layer) magnitude cut of the dense model, then ``finetune.epochs`` of SGD
@@ -203,16 +204,28 @@ def gsm_compression(compression: float, ramp_steps: int) -> optax.ScalarOrSchedu
   return schedule
 
 
+def passive_decay_horizon_steps(horizon_epochs: float, steps_per_epoch: int) -> int:
+  """H in steps: ``round(horizon_epochs * steps_per_epoch)``, at least 1."""
+  return max(1, round(horizon_epochs * steps_per_epoch))
+
+
 def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float):
-  """``gsm_optax.gsm`` with the section's piecewise-constant learning rate (and C ramp)."""
+  """``gsm_optax.gsm`` with the section's piecewise-constant learning rate (and C ramp),
+  and the opt-in variants ``score_ema`` and ``passive_decay_growth`` (0: off)."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
   ramp_steps = round(cfg.get("ramp_epochs", 0.0) * steps_per_epoch)
+  horizon = passive_decay_horizon_steps(
+    cfg.get("passive_decay_horizon_epochs", 1.0), steps_per_epoch
+  )
   tx = gsm_optax.gsm(
     lr,
     gsm_compression(compression, ramp_steps),
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
+    score_ema=cfg.get("score_ema", 0.0),
+    passive_decay_growth=cfg.get("passive_decay_growth", 0.0),
+    passive_decay_horizon=horizon,
   )
   return tx, lr
 
@@ -315,7 +328,8 @@ def _pruning(
 
 
 def gsm_stages(ctx: Context) -> list[Stage]:
-  """GSM training, then the global magnitude cut with no fine-tuning."""
+  """GSM training, then the global magnitude cut with no fine-tuning (with
+  ``gsm.finetune``: then ``finetune.epochs`` of masked fine-tuning)."""
   compression = float(ctx.config.compression)
 
   def cut_diagnostics(params):
@@ -325,7 +339,7 @@ def gsm_stages(ctx: Context) -> list[Stage]:
       "smallest_kept_abs_weight_before_cut": smallest_kept,
     }
 
-  return [
+  stages = [
     _gsm_stage(ctx, compression),
     Stage(
       "cut",
@@ -334,6 +348,10 @@ def gsm_stages(ctx: Context) -> list[Stage]:
       _pruning(ctx, lambda p: global_cut(p, compression), cut_diagnostics),
     ),
   ]
+  if ctx.config.gsm.get("finetune", False):
+    finetune = ctx.config.finetune
+    stages.append(Stage("finetune", finetune.epochs, ctx.phase("finetune", masked_sgd, finetune)))
+  return stages
 
 
 def _gsm_stage(ctx: Context, compression: float) -> Stage:
@@ -370,6 +388,32 @@ def check_gsm(config: ml_collections.ConfigDict) -> None:
       lambda x: config_lib.is_number(x) and 0 <= x <= config.gsm.epochs,
       f"a number in [0, gsm.epochs={config.gsm.epochs}]",
     )
+  check_gsm_variants(config)
+
+
+def check_gsm_variants(config: ml_collections.ConfigDict) -> None:
+  """The opt-in fields of the ``gsm`` section (absent: off, as before they existed)."""
+  check = functools.partial(config_lib.check, config)
+  is_number = config_lib.is_number
+  cfg = config.gsm
+  if "score_ema" in cfg:
+    check("gsm.score_ema", lambda x: is_number(x) and 0 <= x < 1, "a number in [0, 1)")
+  if "passive_decay_growth" in cfg:
+    check(
+      "gsm.passive_decay_growth",
+      lambda x: is_number(x) and 0 <= x < float("inf"),
+      "a finite number >= 0",
+    )
+  if "passive_decay_horizon_epochs" in cfg:
+    check(
+      "gsm.passive_decay_horizon_epochs",
+      lambda x: is_number(x) and 0 < x < float("inf"),
+      "a finite number > 0 (epochs; at least one step is used)",
+    )
+  if "finetune" in cfg:
+    check("gsm.finetune", lambda x: isinstance(x, bool), "True or False")
+    if cfg.finetune:
+      config_lib.check_sgd_section(config, "finetune")
 
 
 def dense_stages(ctx: Context) -> list[Stage]:
@@ -637,6 +681,12 @@ def check_lottery(config: ml_collections.ConfigDict) -> None:
   )
   if config.lottery.ticket == "gsm":
     config_lib.check_sgd_section(config, "gsm")
+    check_gsm_variants(config)
+    if config.gsm.get("finetune", False):
+      raise config_lib.ConfigError(
+        "config.gsm.finetune=True applies to config.method='gsm' only; the lottery "
+        "ticket is retrained from theta_0 instead"
+      )
   if config.lottery.gsm_checkpoint and not os.path.isdir(config.lottery.gsm_checkpoint):
     raise config_lib.ConfigError(
       f"config.lottery.gsm_checkpoint={config.lottery.gsm_checkpoint!r} is not a directory"
