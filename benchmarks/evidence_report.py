@@ -36,17 +36,24 @@ SOURCES = (
     "python benchmarks/evidence.py --lock /tmp/cpu.lock",
   ),
   (
+    "evidence_tickets_raw.json",
+    "LeNet-300-100 winning tickets, 2 CPU cores",
+    "python benchmarks/evidence.py --stage ticket --tag evidence_tickets "
+    "--rates_from benchmarks/results/evidence_lr.json --lock /tmp/cpu.lock",
+  ),
+  (
     "evidence_variants_raw.json",
     "LeNet-300-100, the GSM variants, one H200 GPU",
-    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S  (its second runner)",
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S (its second runner), run twice",
   ),
   (
     "evidence_lenet5_raw.json",
     "LeNet-5, full Fashion-MNIST, one H200 GPU",
-    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S  (its first runner)",
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S (its first runner), run twice",
   ),
 )
 ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS
+NO_FINETUNE_VARIANTS = ("gsm_gradual", "gsm_ema", "gsm_age")
 
 
 def pct(stat: tuple[float, float], seeds: int) -> str:
@@ -64,11 +71,18 @@ def clear(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, bool | None]:
   return diff, abs(diff) > 2 * se
 
 
-def by_compression(rows: list[dict[str, Any]], model: str, budget: int) -> list[str]:
-  """One table: a row per method, a column per C (test accuracy %, mean ± std)."""
+def by_compression(
+  rows: list[dict[str, Any]], model: str, budget: int, diverged: dict[tuple, int] | None = None
+) -> list[str]:
+  """One table: a row per method, a column per C (test accuracy %, mean ± std).
+
+  ``diverged`` counts the seeds whose run diverged per (model, method, C, budget).
+  """
+  diverged = diverged or {}
   mine = [r for r in rows if r["model"] == model and r["budget"] == budget and r["stage"] == "grid"]
   cs = sorted({r["compression"] for r in mine})
   methods = [m for m in ORDER if any(r["method"] == m for r in mine)]
+  methods += [m for m in ORDER if m not in methods and any(k[1] == m for k in diverged)]
   if not mine:
     return []
   lines = [
@@ -82,8 +96,10 @@ def by_compression(rows: list[dict[str, Any]], model: str, budget: int) -> list[
     cells = []
     for c in cs:
       row = next((r for r in mine if r["method"] == m and r["compression"] == c), None)
-      cells.append(pct(row["accuracy_final"], row["seeds"]) if row else "")
-    lr = next(r["learning_rate"] for r in mine if r["method"] == m)
+      text = pct(row["accuracy_final"], row["seeds"]) if row else ""
+      failed = diverged.get((model, m, c, budget), 0)
+      cells.append(f"{text}{'; ' if text else ''}{failed} diverged" if failed else text)
+    lr = next((r["learning_rate"] for r in mine if r["method"] == m), None)
     lines.append(f"| {m} | {evidence._rate(lr)} | " + " | ".join(cells) + " |")
   if dense:
     lines.append(
@@ -127,7 +143,22 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
       f"- {model}, {c:g}x, {b} epochs: **{best['method']}** "
       f"{pct(best['accuracy_final'], best['seeds'])}; " + "; ".join(others) + "."
     )
+    lines += _variant_line(mine)
   return lines
+
+
+def _variant_line(rows: list[dict[str, Any]]) -> list[str]:
+  """The best GSM variant with no fine-tuning against the paper's rule, in one cell."""
+  gsm = next((r for r in rows if r["method"] == "gsm"), None)
+  variants = [r for r in rows if r["method"] in NO_FINETUNE_VARIANTS]
+  if gsm is None or not variants:
+    return []
+  best = max(variants, key=lambda r: r["accuracy_final"][0])
+  diff, is_clear = clear(best, gsm)
+  label = {True: "clear", False: "within the spread", None: "one seed"}[is_clear]
+  return [
+    f"  - best GSM variant with no fine-tuning: {best['method']}, {diff:+.2f} ({label}) vs gsm."
+  ]
 
 
 def tickets(rows: list[dict[str, Any]]) -> list[str]:
@@ -167,8 +198,13 @@ def section(results: str = RESULTS) -> str:
     out += [f"### {title}", "", f"Command: `{command}`; raw records: `benchmarks/results/{name}`."]
     out += [machine, ""] if machine else [""]
     keys = sorted({(r["model"], r["budget"]) for r in rows if r["stage"] == "grid"})
+    diverged: dict[tuple, int] = {}
+    for r in records:
+      if r["stage"] == "grid" and r["status"] == "diverged":
+        key = (r["model"], r["method"], r["compression"], r["budget"])
+        diverged[key] = diverged.get(key, 0) + 1
     for model, budget in keys:
-      out += by_compression(rows, model, budget)
+      out += by_compression(rows, model, budget, diverged)
     out += ["Verdicts (differences in points against the best method of each cell):", ""]
     out += verdicts(rows) + [""]
     if any(r["stage"] == "ticket" for r in rows):
