@@ -56,8 +56,18 @@ def _pooled_paths(params: Any, pool_mask: Any) -> list[tuple[str, tuple[int, ...
   ]
 
 
+def _check_static(value: Any, name: str) -> None:
+  """Axes, N and M set shapes: they must be known when the update is traced."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+      f"{name} is traced, but it must be a static int (it sets the shape of the mask); under "
+      f"optax.inject_hyperparams pass static_args=({name!r},)."
+    )
+
+
 def _axis_values(params: Any, pool_mask: Any, axis: Axis, name: str) -> list[Any]:
   """The axis given for every pooled leaf, in tree order (not yet checked)."""
+  _check_static(axis, name)
   if _checks.is_number(axis, integer=True):
     return [axis] * sum(jax.tree.leaves(pool_mask))
   tree = axis(params) if callable(axis) else axis
@@ -89,6 +99,8 @@ def resolve_axes(params: Any, pool_mask: Any, axis: Axis, name: str) -> tuple[in
 
 def _check_nm(n: int, m: int) -> None:
   """N and M are integers with 1 <= N <= M."""
+  _check_static(n, "n")
+  _check_static(m, "m")
   ok = _checks.is_number(n, integer=True) and _checks.is_number(m, integer=True)
   if not ok or not 1 <= int(n) <= int(m):
     raise ValueError(f"N:M sparsity needs integers 1 <= n <= m, got n={n!r}, m={m!r}.")

@@ -278,3 +278,21 @@ def test_bad_input_raises():
     gsm_optax.prune_channels(params, 11)
   with pytest.raises(ValueError, match=r"m=3 does not divide"):
     gsm_optax.nm_report(params, 1, 3)
+
+
+def test_inject_hyperparams_needs_static_shape_args():
+  params = _params(0)
+  opt = optax.inject_hyperparams(gsm_optax.gsm_channels, static_args=("channel_axis",))(
+    learning_rate=LR, compression=COMPRESSION
+  )
+  _, state = jax.jit(opt.update)(params, opt.init(params), params)
+  assert int(state.inner_state[0].keep) == 4
+  opt = optax.inject_hyperparams(gsm_optax.gsm_channels)(learning_rate=LR, compression=2.5)
+  with pytest.raises(ValueError, match=r"static_args=\('channel_axis',\)"):
+    jax.jit(opt.update)(params, opt.init(params), params)
+  opt = optax.inject_hyperparams(gsm_optax.gsm_nm, static_args=("axis",))(LR, 2, 4)
+  with pytest.raises(ValueError, match=r"static_args=\('n',\)"):
+    jax.jit(opt.update)(params, opt.init(params), params)
+  opt = optax.inject_hyperparams(gsm_optax.gsm_nm, static_args=("n", "m", "axis"))(LR, 2, 4)
+  _, state = jax.jit(opt.update)(params, opt.init(params), params)
+  assert int(state.inner_state[0].num_active) == 168
