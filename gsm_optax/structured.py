@@ -257,8 +257,9 @@ def mask_by_global_channel_taylor(
   int for every leaf, or a pytree / callable of ints per leaf; default -1, the
   output features of Flax Dense (in, out) and Conv (h, w, in, out) kernels).
   The bias and BatchNorm after a channel are outside the pool and not masked:
-  after the cut the channel outputs a constant (its bias, or BN's beta), which
-  exporting a smaller network must fold into the next layer.
+  after the cut the channel outputs a constant (its bias, or what BatchNorm makes of it;
+  docs/METHOD.md section 7), which exporting a smaller network must fold into the
+  next layer.
 
   Raises:
     ValueError: at construction for a constant C < 1 or not finite; at `init`
