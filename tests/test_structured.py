@@ -175,6 +175,13 @@ def test_channel_mask_ties_zeros_and_nan():
   mask = gsm_optax.mask_by_global_channel_taylor(1.0)  # C = 1: all but NaN
   out, state = mask.update(grads, mask.init(params), params)
   assert int(state.num_active) == 4
+  mask = gsm_optax.mask_by_global_channel_taylor(lambda step: 1.0 + 4.0 * step)  # a schedule
+  state = mask.init(params)
+  keeps = []
+  for _ in range(3):
+    _, state = mask.update(grads, state, params)
+    keeps.append(int(state.keep))
+  assert keeps == [5, 1, 1] and int(state.num_invalid_compression) == 1  # C = 9 > 5 clamped
 
 
 def test_channel_axis_pytree_and_chain():
