@@ -17,6 +17,22 @@ from gsm_optax.report import SparsityReport
 from gsm_optax.report import sparsity_report
 from gsm_optax.selection import global_kth_largest
 from gsm_optax.selection import global_kth_largest_magnitude
+from gsm_optax.structured import ChannelReport
+from gsm_optax.structured import LeafChannels
+from gsm_optax.structured import LeafNM
+from gsm_optax.structured import MaskByGlobalChannelTaylorState
+from gsm_optax.structured import MaskByNMTaylorState
+from gsm_optax.structured import NMReport
+from gsm_optax.structured import channel_report
+from gsm_optax.structured import global_channel_mask
+from gsm_optax.structured import gsm_channels
+from gsm_optax.structured import gsm_nm
+from gsm_optax.structured import mask_by_global_channel_taylor
+from gsm_optax.structured import mask_by_nm_taylor
+from gsm_optax.structured import nm_mask
+from gsm_optax.structured import nm_report
+from gsm_optax.structured import prune_channels
+from gsm_optax.structured import prune_nm
 from gsm_optax.transform import MaskByGlobalTaylorState
 from gsm_optax.transform import PassiveAgeDecayState
 from gsm_optax.transform import SmoothedTaylorState
@@ -28,27 +44,43 @@ from gsm_optax.transform import mask_by_global_taylor
 __version__ = "0.1.0"
 
 __all__ = [
+  "ChannelReport",
+  "LeafChannels",
+  "LeafNM",
   "LeafSparsity",
+  "MaskByGlobalChannelTaylorState",
   "MaskByGlobalTaylorState",
+  "MaskByNMTaylorState",
   "MaskOverlap",
+  "NMReport",
   "PassiveAgeDecayState",
   "SmoothedTaylorState",
   "SparsityReport",
   "add_passive_age_decay",
   "apply_mask",
   "baselines",
+  "channel_report",
   "default_pool",
+  "global_channel_mask",
   "global_kth_largest",
   "global_kth_largest_magnitude",
   "global_magnitude_mask",
   "gsm",
+  "gsm_channels",
+  "gsm_nm",
   "gsm_stats",
   "keep_count",
+  "mask_by_global_channel_taylor",
   "mask_by_global_taylor",
+  "mask_by_nm_taylor",
   "mask_overlap",
+  "nm_mask",
+  "nm_report",
   "passive_decay",
   "pool_size",
   "prune",
+  "prune_channels",
+  "prune_nm",
   "resolve_pool",
   "sparsity_report",
   "taylor_mask",
