@@ -77,6 +77,7 @@ def quick(tmp_path_factory):
   return results, (out / "bench_devices_quick.md").read_text()
 
 
+@pytest.mark.slow  # the benchmark's quick run: 16 s
 def test_quick_run_writes_a_row_per_layout_and_device_count(quick):
   results, _ = quick
   assert results["model"] == "lenet_300_100"
@@ -100,6 +101,7 @@ def test_quick_run_writes_a_row_per_layout_and_device_count(quick):
   assert rows[("fsdp", 2)]["pool_sized_all_gathers_by_pass"]["other"] == 0
 
 
+@pytest.mark.slow  # shares the quick run
 def test_quick_run_writes_a_markdown_table(quick):
   _, text = quick
   lines = text.splitlines()

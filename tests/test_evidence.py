@@ -103,6 +103,7 @@ def test_cells_wait_for_the_cells_they_start_from_and_variants_get_their_fields(
   rates.write_text(json.dumps({"chosen": {"gsm": 0.03, "magnitude": 0.1, "gmp": 0.1}}))
   started = []
   monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)  # matplotlib: 4 s
   args = [
     "--model=lenet5",
     "--only=method=gsm|gsm_ema|gsm_age|gsm_ft|gmp|ticket_gsm|ticket_magnitude,compression=125",

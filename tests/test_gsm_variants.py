@@ -325,7 +325,7 @@ def _variant_run(data_dir, tmp_path, name, **fields):  # noqa: F811
 @pytest.mark.parametrize(
   "fields,phases",
   [
-    (dict(score_ema=0.9), {"gsm": 2}),
+    pytest.param(dict(score_ema=0.9), {"gsm": 2}, marks=pytest.mark.slow),  # 7 s
     (dict(passive_decay_growth=3.0, passive_decay_horizon_epochs=0.5), {"gsm": 2}),
     (dict(finetune=True), {"gsm": 2, "finetune": 1}),
   ],

@@ -250,6 +250,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(data_dir, tmp_path):
   assert [row["epoch"] for row in rows] == list(range(1, len(rows) + 1))  # one writer only
 
 
+@pytest.mark.slow  # a SIGKILLed train.py process: 18 s
 def test_a_killed_run_leaves_no_stale_lock(data_dir, tmp_path):
   workdir = str(tmp_path / "stale")
   first = _start(data_dir, workdir)
