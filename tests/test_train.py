@@ -424,6 +424,8 @@ def test_every_config_loads_and_validates():
     "resnet56_c10": ("resnet56", "cifar10", 10),
     "densenet40_c10": ("densenet40", "cifar10", 10),
     "resnet50_c5": ("resnet50", "imagenet2012", 5),
+    "passive_age": ("lenet_300_100", "fashion_mnist", 60),
+    "evidence_lenet5": ("lenet5", "fashion_mnist", 60),
   }
   assert set(expected) <= set(names)
   for name in names:
@@ -431,6 +433,8 @@ def test_every_config_loads_and_validates():
     train_lib.validate_config(config)
     if name in expected:
       assert (config.model, config.dataset, config.compression) == expected[name], name
+  preset = importlib.import_module("configs.passive_age").get_config()
+  assert (preset.gsm.passive_decay_growth, preset.gsm.passive_decay_horizon_epochs) == (4.0, 1.0)
 
 
 def test_reference_hyperparameters_of_the_paper_configs():
