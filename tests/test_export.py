@@ -1,0 +1,154 @@
+"""Export: BCOO kernels, the .npz format, N:M storage, narrow models."""
+
+import io
+import os
+
+import jax
+from jax.experimental import sparse
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gsm_optax
+from gsm_optax import export
+
+
+def _lenet300_params(seed: int = 0) -> dict:
+  """LeNet-300-100-shaped kernels and non-zero biases."""
+  keys = jax.random.split(jax.random.key(seed), 6)
+  shapes = [(784, 300), (300, 100), (100, 10)]
+  return {
+    f"fc{i + 1}": {
+      "kernel": jax.random.normal(keys[2 * i], s) / np.sqrt(s[0]),
+      "bias": 0.1 * jax.random.normal(keys[2 * i + 1], s[1:]),
+    }
+    for i, s in enumerate(shapes)
+  }
+
+
+def _forward(params: dict, x: jax.Array, dense=export.sparse_dense) -> jax.Array:
+  for name in ("fc1", "fc2"):
+    x = jax.nn.relu(dense(x, params[name]["kernel"], params[name]["bias"]))
+  return dense(x, params["fc3"]["kernel"], params["fc3"]["bias"])
+
+
+# --------------------------------------------------------------------------
+# BCOO.
+
+
+def test_to_bcoo_makes_pooled_kernels_sparse_and_leaves_biases():
+  pruned = gsm_optax.prune(_lenet300_params(), 20.0)
+  out = export.to_bcoo(pruned)
+  for name in ("fc1", "fc2", "fc3"):
+    kernel = out[name]["kernel"]
+    assert isinstance(kernel, sparse.BCOO)
+    assert kernel.nse == int(jnp.sum(pruned[name]["kernel"] != 0))
+    np.testing.assert_array_equal(kernel.todense(), pruned[name]["kernel"])
+    assert out[name]["bias"] is pruned[name]["bias"]
+
+
+def test_bcoo_forward_equals_the_masked_dense_forward():
+  pruned = gsm_optax.prune(_lenet300_params(), 10.0)
+  x = jax.random.normal(jax.random.key(1), (8, 784))
+  dense = _forward(pruned, x)
+  got = jax.jit(_forward)(export.to_bcoo(pruned), x)
+  np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    export.sparse_dense(x[0], export.to_bcoo(pruned)["fc1"]["kernel"]),
+    x[0] @ pruned["fc1"]["kernel"],
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+# --------------------------------------------------------------------------
+# The .npz format.
+
+
+def _npz_bytes(arrays: dict) -> int:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getbuffer().nbytes
+
+
+@pytest.mark.parametrize("compression", [60.0, 10.0, 2.0])
+def test_save_load_round_trip_is_exact_and_small(tmp_path, compression):
+  pruned = jax.tree.map(np.asarray, gsm_optax.prune(_lenet300_params(), compression))
+  path = os.path.join(tmp_path, "params.npz")
+  export.save_sparse(path, pruned)
+  loaded = export.load_sparse(path)
+  assert jax.tree.structure(loaded) == jax.tree.structure(pruned)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(pruned)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))  # bit-equal
+  dense = _npz_bytes({str(i): leaf for i, leaf in enumerate(jax.tree.leaves(pruned))})
+  size = os.path.getsize(path)
+  # 4 bytes a value, 2 a column index (uint16), per non-zero; rows pointers and biases.
+  density = 1 / compression
+  assert size < dense * (1.5 * density + 0.05), (size, dense)
+  print(f"C={compression}: save_sparse {size} bytes, np.savez dense {dense} bytes")
+
+
+def test_save_sparse_index_dtypes_and_lists(tmp_path):
+  params = {"a": [np.eye(3, 300, dtype=np.float32), np.arange(3.0)], "b": np.ones((2, 70_000))}
+  path = os.path.join(tmp_path, "p.npz")
+  export.save_sparse(path, params)
+  with np.load(path) as data:
+    assert data["0.indices"].dtype == np.uint16  # 300 columns
+    assert data["0.indptr"].dtype == np.uint8  # 3 non-zeros
+    assert data["2.indices"].dtype == np.uint32  # 70,000 columns
+    assert data["2.indptr"].dtype == np.uint32  # 140,000 non-zeros
+  loaded = export.load_sparse(path)
+  assert isinstance(loaded["a"], list)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_sparse_keeps_bfloat16_bits(tmp_path):
+  kernel = np.asarray(jnp.array([[0.0, 1.5], [-2.25, 0.0]], jnp.bfloat16))
+  path = os.path.join(tmp_path, "p.npz")
+  export.save_sparse(path, {"k": kernel, "b": np.asarray(jnp.ones(2, jnp.bfloat16))})
+  loaded = export.load_sparse(path)
+  assert loaded["k"].dtype == jnp.bfloat16 and loaded["b"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(loaded["k"].view(np.uint16), kernel.view(np.uint16))
+
+
+# --------------------------------------------------------------------------
+# N:M storage.
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize("shape", [(64, 24), (3, 3, 16, 8)])
+def test_nm_round_trip_is_exact(n, m, shape):
+  kernel = jax.random.normal(jax.random.key(0), shape)
+  pruned = np.asarray(gsm_optax.prune_nm({"k": kernel}, n, m)["k"])
+  values, indices = export.nm_compress(pruned, n, m)
+  expected = list(shape)
+  expected[-2] = shape[-2] * n // m
+  assert values.shape == indices.shape == tuple(expected)
+  assert indices.dtype == np.uint8 and int(indices.max()) < m
+  np.testing.assert_array_equal(export.nm_decompress(values, indices, n, m), pruned)
+  assert export.nm_storage_bytes(shape, pruned.dtype, n, m) == values.nbytes + indices.nbytes
+
+
+def test_nm_pads_groups_with_fewer_non_zeros_and_other_axes():
+  kernel = np.zeros((8, 3), np.float32)
+  kernel[1, 0] = 5.0
+  values, indices = export.nm_compress(kernel, 2, 4, axis=0)
+  np.testing.assert_array_equal(indices[:2, 0], [0, 1])  # the non-zero, then a zero slot
+  np.testing.assert_array_equal(export.nm_decompress(values, indices, 2, 4, axis=0), kernel)
+
+
+def test_nm_compress_rejects_a_non_conforming_kernel():
+  kernel = np.ones((8, 2), np.float32)
+  with pytest.raises(ValueError, match="not 2:4 along axis 0: 4 of 4 groups"):
+    export.nm_compress(kernel, 2, 4)
+  with pytest.raises(ValueError, match="does not divide"):
+    export.nm_compress(np.ones((6, 2)), 2, 4)
+  with pytest.raises(ValueError, match="1 <= n <= m"):
+    export.nm_compress(kernel, 5, 4)
+
+
+def test_nm_storage_bytes_packed():
+  # 2:4 float16: half the values (2 bytes) plus 2 bits an index.
+  assert export.nm_storage_bytes((64, 64), jnp.float16, 2, 4, packed=True) == 2048 * 2 + 512
