@@ -3,6 +3,7 @@
 import io
 import os
 
+from flax import nnx
 import jax
 from jax.experimental import sparse
 import jax.numpy as jnp
@@ -11,6 +12,14 @@ import pytest
 
 import gsm_optax
 from gsm_optax import export
+from models import count_params
+from models.lenet import LeNet5
+from models.lenet import LeNet300100
+from models.narrow import count_macs
+from models.narrow import narrow_lenet5
+from models.narrow import narrow_lenet300
+from models.narrow import narrow_resnet
+from models.resnet_cifar import ResNetCifar
 
 
 def _lenet300_params(seed: int = 0) -> dict:
@@ -152,3 +161,80 @@ def test_nm_compress_rejects_a_non_conforming_kernel():
 def test_nm_storage_bytes_packed():
   # 2:4 float16: half the values (2 bytes) plus 2 bits an index.
   assert export.nm_storage_bytes((64, 64), jnp.float16, 2, 4, packed=True) == 2048 * 2 + 512
+
+
+# --------------------------------------------------------------------------
+# Narrow models.
+
+
+def _random_biases(model: nnx.Module, seed: int) -> None:
+  """Non-zero biases (and BatchNorm statistics), so that cut channels output constants."""
+  rng = np.random.default_rng(seed)
+  for path, variable in nnx.iter_graph(model):
+    if not isinstance(variable, (nnx.Param, nnx.BatchStat)) or path[-1] == "kernel":
+      continue
+    shape = variable[...].shape
+    if path[-1] == "var":
+      variable[...] = jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32)
+    else:
+      variable[...] = jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
+
+
+@nnx.jit
+def _logits(model: nnx.Module, x: jax.Array) -> jax.Array:
+  return model(x)
+
+
+def _channel_prune(model: nnx.Module, compression: float, cut: list[str]) -> None:
+  """`gsm_optax.prune_channels` of each kernel whose key path starts with one of `cut`,
+  one cut per kernel (a global cut by sum |w| favours the layers of greatest fan-in)."""
+  params = nnx.state(model, nnx.Param)
+  for prefix in cut:
+
+    def pool(tree, prefix=prefix):
+      paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+      flags = [jax.tree_util.keystr(p).startswith(prefix + "['kernel']") for p, _ in paths]
+      return jax.tree.unflatten(jax.tree.structure(tree), flags)
+
+    params = gsm_optax.prune_channels(params, compression, pool=pool)
+  nnx.update(model, params)
+
+
+def test_narrow_lenet5_equals_the_masked_model():
+  model = LeNet5(rngs=nnx.Rngs(0))
+  _random_biases(model, 1)
+  _channel_prune(model, 2.0, ["['conv1']", "['conv2']", "['fc1']"])
+  narrow = narrow_lenet5(model)
+  widths = [layer.kernel.shape[-1] for layer in (narrow.conv1, narrow.conv2, narrow.fc1)]
+  assert widths == [10, 25, 250]
+  x = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
+  np.testing.assert_allclose(_logits(narrow, x), _logits(model, x), rtol=1e-4, atol=1e-4)
+  assert count_params(narrow) < count_params(model) // 2
+  assert count_macs(narrow, (28, 28, 1)) < count_macs(model, (28, 28, 1)) // 2
+  assert count_macs(model, (28, 28, 1)) == 24 * 24 * 25 * 20 + 8 * 8 * 500 * 50 + 800 * 500 + 5000
+
+
+def test_narrow_lenet300_equals_the_masked_model():
+  model = LeNet300100(rngs=nnx.Rngs(0))
+  _random_biases(model, 3)
+  _channel_prune(model, 4.0, ["['fc1']", "['fc2']"])
+  narrow = narrow_lenet300(model)
+  assert narrow.fc1.kernel.shape[1] + narrow.fc2.kernel.shape[1] == 100
+  x = jax.random.normal(jax.random.key(4), (4, 28, 28, 1))
+  np.testing.assert_allclose(_logits(narrow, x), _logits(model, x), rtol=1e-4, atol=1e-4)
+  assert count_macs(model, (28, 28, 1)) == 266_200
+
+
+def test_narrow_resnet_equals_the_masked_model_in_eval_mode():
+  model = ResNetCifar(1, rngs=nnx.Rngs(0))  # ResNet-8: the same blocks as ResNet-56
+  _random_biases(model, 5)
+  inner = [f"['blocks'][{i}]['conv1']" for i in range(len(model.blocks))]
+  _channel_prune(model, 2.0, inner)
+  model.eval()
+  narrow = narrow_resnet(model)
+  widths = [b.conv1.kernel.shape[-1] for b in narrow.blocks]
+  assert widths == [8, 16, 32]
+  assert all(b.fold is not None for b in narrow.blocks if b.conv1.kernel.shape[-1] < 64)
+  x = jax.random.normal(jax.random.key(6), (3, 32, 32, 3))
+  np.testing.assert_allclose(_logits(narrow, x), _logits(model, x), rtol=1e-4, atol=1e-4)
+  assert count_macs(narrow, (32, 32, 3)) < count_macs(model, (32, 32, 3))
