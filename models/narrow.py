@@ -57,7 +57,13 @@ def _alive(kernel: np.ndarray) -> np.ndarray:
 
 
 def _set(variable: nnx.Variable, value: np.ndarray) -> None:
-  variable[...] = jnp.asarray(value, variable[...].dtype)
+  """Sets a variable (of an abstract model too) to `value`, in the variable's dtype."""
+  variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+
+
+def _abstract(build):
+  """The module `build()` makes, its arrays shapes only: no initialiser runs (or compiles)."""
+  return nnx.eval_shape(build)
 
 
 # --------------------------------------------------------------------------
@@ -75,11 +81,13 @@ def narrow_lenet300(model: LeNet300100) -> LeNet300100:
   keep2 = _alive(k2)
   b3 = b3 + _relu(b2[~keep2]) @ k3[~keep2]
   k2, b2, k3 = k2[:, keep2], b2[keep2], k3[keep2]
-  new = LeNet300100(
-    num_classes=k3.shape[1],
-    in_features=k1.shape[0],
-    widths=(k1.shape[1], k2.shape[1]),
-    rngs=nnx.Rngs(0),
+  new = _abstract(
+    lambda: LeNet300100(
+      num_classes=k3.shape[1],
+      in_features=k1.shape[0],
+      widths=(k1.shape[1], k2.shape[1]),
+      rngs=nnx.Rngs(0),
+    )
   )
   for layer, (k, b) in zip((new.fc1, new.fc2, new.fc3), ((k1, b1), (k2, b2), (k3, b3))):
     _set(layer.kernel, k)
@@ -108,12 +116,14 @@ def narrow_lenet5(model: LeNet5) -> LeNet5:
   b4 = b4 + _relu(b3[~keep3]) @ k4[~keep3]
   k3, b3, k4 = k3[:, keep3], b3[keep3], k4[keep3]
   spatial = math.isqrt(rows.shape[0])
-  new = LeNet5(
-    num_classes=k4.shape[1],
-    in_channels=k1.shape[2],
-    input_size=4 * spatial + 12,  # ((size - 4) // 2 - 4) // 2 == spatial
-    widths=(k1.shape[-1], k2.shape[-1], k3.shape[1]),
-    rngs=nnx.Rngs(0),
+  new = _abstract(
+    lambda: LeNet5(
+      num_classes=k4.shape[1],
+      in_channels=k1.shape[2],
+      input_size=4 * spatial + 12,  # ((size - 4) // 2 - 4) // 2 == spatial
+      widths=(k1.shape[-1], k2.shape[-1], k3.shape[1]),
+      rngs=nnx.Rngs(0),
+    )
   )
   layers = (new.conv1, new.conv2, new.fc1, new.fc2)
   for layer, (k, b) in zip(layers, ((k1, b1), (k2, b2), (k3, b3), (k4, b4))):
@@ -166,14 +176,18 @@ def _narrow_block(block: BasicBlock) -> NarrowBasicBlock:
   keep = _alive(k1)
   const = _relu(bias - scale * mean / np.sqrt(var + block.bn1.epsilon))  # ReLU(BN(0)), eval
   cin, cout = k1.shape[2], k2.shape[3]
-  new = NarrowBasicBlock(cin, int(keep.sum()), cout, block.stride, rngs=nnx.Rngs(0))
+  width = int(keep.sum())
+  new = _abstract(lambda: NarrowBasicBlock(cin, width, cout, block.stride, rngs=nnx.Rngs(0)))
   _set(new.conv1.kernel, k1[..., keep])
   _set(new.conv2.kernel, k2[:, :, keep])
   for target, value in zip(
     (new.bn1.scale, new.bn1.bias, new.bn1.mean, new.bn1.var), (scale, bias, mean, var)
   ):
     _set(target, value[keep])
-  nnx.update(new.bn2, nnx.state(block.bn2))
+  for target, value in zip(
+    (new.bn2.scale, new.bn2.bias, new.bn2.mean, new.bn2.var), _bn_arrays(block.bn2)
+  ):
+    _set(target, value)
   if not keep.all():
     fold = np.einsum("hwco,c->hwo", k2[:, :, ~keep], const[~keep])[:, :, None]
     new.fold = FoldedConstant(jnp.asarray(fold, block.conv2.kernel[...].dtype))

@@ -1,5 +1,6 @@
 """Export: BCOO kernels, the .npz format, N:M storage, narrow models."""
 
+import functools
 import io
 import os
 
@@ -23,16 +24,22 @@ from models.resnet_cifar import ResNetCifar
 
 
 def _lenet300_params(seed: int = 0) -> dict:
-  """LeNet-300-100-shaped kernels and non-zero biases."""
-  keys = jax.random.split(jax.random.key(seed), 6)
+  """LeNet-300-100-shaped kernels and non-zero biases (NumPy float32)."""
+  rng = np.random.default_rng(seed)
   shapes = [(784, 300), (300, 100), (100, 10)]
   return {
     f"fc{i + 1}": {
-      "kernel": jax.random.normal(keys[2 * i], s) / np.sqrt(s[0]),
-      "bias": 0.1 * jax.random.normal(keys[2 * i + 1], s[1:]),
+      "kernel": (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32),
+      "bias": (0.1 * rng.standard_normal(s[1:])).astype(np.float32),
     }
     for i, s in enumerate(shapes)
   }
+
+
+@functools.cache
+def _pruned(compression: float) -> dict:
+  """`gsm_optax.prune` of `_lenet300_params()`, as NumPy arrays."""
+  return jax.tree.map(np.asarray, gsm_optax.prune(_lenet300_params(), compression))
 
 
 def _forward(params: dict, x: jax.Array, dense=export.sparse_dense) -> jax.Array:
@@ -46,7 +53,7 @@ def _forward(params: dict, x: jax.Array, dense=export.sparse_dense) -> jax.Array
 
 
 def test_to_bcoo_makes_pooled_kernels_sparse_and_leaves_biases():
-  pruned = gsm_optax.prune(_lenet300_params(), 20.0)
+  pruned = _pruned(10.0)
   out = export.to_bcoo(pruned)
   for name in ("fc1", "fc2", "fc3"):
     kernel = out[name]["kernel"]
@@ -57,7 +64,7 @@ def test_to_bcoo_makes_pooled_kernels_sparse_and_leaves_biases():
 
 
 def test_bcoo_forward_equals_the_masked_dense_forward():
-  pruned = gsm_optax.prune(_lenet300_params(), 10.0)
+  pruned = _pruned(10.0)
   x = jax.random.normal(jax.random.key(1), (8, 784))
   dense = _forward(pruned, x)
   got = jax.jit(_forward)(export.to_bcoo(pruned), x)
@@ -82,7 +89,7 @@ def _npz_bytes(arrays: dict) -> int:
 
 @pytest.mark.parametrize("compression", [60.0, 10.0, 2.0])
 def test_save_load_round_trip_is_exact_and_small(tmp_path, compression):
-  pruned = jax.tree.map(np.asarray, gsm_optax.prune(_lenet300_params(), compression))
+  pruned = _pruned(compression)
   path = os.path.join(tmp_path, "params.npz")
   export.save_sparse(path, pruned)
   loaded = export.load_sparse(path)
@@ -126,8 +133,9 @@ def test_save_sparse_keeps_bfloat16_bits(tmp_path):
 # N:M storage.
 
 
-@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
-@pytest.mark.parametrize("shape", [(64, 24), (3, 3, 16, 8)])
+@pytest.mark.parametrize(
+  ("n", "m", "shape"), [(2, 4, (64, 24)), (1, 4, (64, 24)), (4, 8, (64, 24)), (2, 4, (3, 3, 16, 8))]
+)
 def test_nm_round_trip_is_exact(n, m, shape):
   kernel = jax.random.normal(jax.random.key(0), shape)
   pruned = np.asarray(gsm_optax.prune_nm({"k": kernel}, n, m)["k"])
@@ -167,17 +175,23 @@ def test_nm_storage_bytes_packed():
 # Narrow models.
 
 
-def _random_biases(model: nnx.Module, seed: int) -> None:
-  """Non-zero biases (and BatchNorm statistics), so that cut channels output constants."""
+def _random_model(build, seed: int) -> nnx.Module:
+  """The module `build()` makes, with random kernels, non-zero biases and BatchNorm
+  statistics (so that cut channels output constants); NumPy draws, nothing compiles."""
   rng = np.random.default_rng(seed)
+  model = nnx.eval_shape(build)
   for path, variable in nnx.iter_graph(model):
-    if not isinstance(variable, (nnx.Param, nnx.BatchStat)) or path[-1] == "kernel":
+    if not isinstance(variable, (nnx.Param, nnx.BatchStat)):
       continue
-    shape = variable[...].shape
-    if path[-1] == "var":
-      variable[...] = jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32)
+    shape = variable.get_value().shape
+    if path[-1] == "kernel":
+      value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    elif path[-1] == "var":
+      value = rng.uniform(0.5, 2.0, shape)
     else:
-      variable[...] = jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
+      value = 0.5 * rng.standard_normal(shape)
+    variable.set_value(jnp.asarray(value, jnp.float32))
+  return model
 
 
 @nnx.jit
@@ -201,8 +215,7 @@ def _channel_prune(model: nnx.Module, compression: float, cut: list[str]) -> Non
 
 
 def test_narrow_lenet5_equals_the_masked_model():
-  model = LeNet5(rngs=nnx.Rngs(0))
-  _random_biases(model, 1)
+  model = _random_model(lambda: LeNet5(rngs=nnx.Rngs(0)), 1)
   _channel_prune(model, 2.0, ["['conv1']", "['conv2']", "['fc1']"])
   narrow = narrow_lenet5(model)
   widths = [layer.kernel.shape[-1] for layer in (narrow.conv1, narrow.conv2, narrow.fc1)]
@@ -215,8 +228,7 @@ def test_narrow_lenet5_equals_the_masked_model():
 
 
 def test_narrow_lenet300_equals_the_masked_model():
-  model = LeNet300100(rngs=nnx.Rngs(0))
-  _random_biases(model, 3)
+  model = _random_model(lambda: LeNet300100(rngs=nnx.Rngs(0)), 3)
   _channel_prune(model, 4.0, ["['fc1']", "['fc2']"])
   narrow = narrow_lenet300(model)
   assert narrow.fc1.kernel.shape[1] + narrow.fc2.kernel.shape[1] == 100
@@ -226,8 +238,7 @@ def test_narrow_lenet300_equals_the_masked_model():
 
 
 def test_narrow_resnet_equals_the_masked_model_in_eval_mode():
-  model = ResNetCifar(1, rngs=nnx.Rngs(0))  # ResNet-8: the same blocks as ResNet-56
-  _random_biases(model, 5)
+  model = _random_model(lambda: ResNetCifar(1, rngs=nnx.Rngs(0)), 5)  # ResNet-8: ResNet-56's blocks
   inner = [f"['blocks'][{i}]['conv1']" for i in range(len(model.blocks))]
   _channel_prune(model, 2.0, inner)
   model.eval()
