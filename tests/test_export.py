@@ -249,3 +249,15 @@ def test_narrow_resnet_equals_the_masked_model_in_eval_mode():
   x = jax.random.normal(jax.random.key(6), (3, 32, 32, 3))
   np.testing.assert_allclose(_logits(narrow, x), _logits(model, x), rtol=1e-4, atol=1e-4)
   assert count_macs(narrow, (32, 32, 3)) < count_macs(model, (32, 32, 3))
+
+
+def test_save_sparse_round_trips_an_nnx_model(tmp_path):
+  model = _random_model(lambda: LeNet300100(rngs=nnx.Rngs(0)), 7)
+  _channel_prune(model, 4.0, ["['fc1']"])
+  state = nnx.state(model, nnx.Param)
+  path = os.path.join(tmp_path, "lenet.npz")
+  export.save_sparse(path, nnx.to_pure_dict(state))
+  restored = nnx.state(_random_model(lambda: LeNet300100(rngs=nnx.Rngs(0)), 8), nnx.Param)
+  nnx.replace_by_pure_dict(restored, export.load_sparse(path))
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
