@@ -20,6 +20,7 @@ from models.narrow import count_macs
 from models.narrow import narrow_lenet5
 from models.narrow import narrow_lenet300
 from models.narrow import narrow_resnet
+from models.resnet_cifar import ResNet56
 from models.resnet_cifar import ResNetCifar
 
 
@@ -261,3 +262,15 @@ def test_save_sparse_round_trips_an_nnx_model(tmp_path):
   nnx.replace_by_pure_dict(restored, export.load_sparse(path))
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_narrow_resnet56_equals_the_masked_model_in_eval_mode():
+  model = _random_model(lambda: ResNet56(rngs=nnx.Rngs(0)), 9)
+  _channel_prune(model, 2.0, [f"['blocks'][{i}]['conv1']" for i in range(27)])
+  model.eval()
+  narrow = narrow_resnet(model)
+  assert [b.conv1.kernel.shape[-1] for b in narrow.blocks] == [8] * 9 + [16] * 9 + [32] * 9
+  x = jax.random.normal(jax.random.key(10), (2, 32, 32, 3))
+  np.testing.assert_allclose(_logits(narrow, x), _logits(model, x), rtol=1e-4, atol=1e-4)
+  assert count_params(narrow) < count_params(model) * 0.6
