@@ -9,6 +9,13 @@ from gsm_optax.diagnostics import MaskOverlap
 from gsm_optax.diagnostics import mask_overlap
 from gsm_optax.diagnostics import passive_decay
 from gsm_optax.diagnostics import taylor_mask
+from gsm_optax.export import load_sparse
+from gsm_optax.export import nm_compress
+from gsm_optax.export import nm_decompress
+from gsm_optax.export import nm_storage_bytes
+from gsm_optax.export import save_sparse
+from gsm_optax.export import sparse_dense
+from gsm_optax.export import to_bcoo
 from gsm_optax.pruning import apply_mask
 from gsm_optax.pruning import global_magnitude_mask
 from gsm_optax.pruning import prune
@@ -70,18 +77,25 @@ __all__ = [
   "gsm_nm",
   "gsm_stats",
   "keep_count",
+  "load_sparse",
   "mask_by_global_channel_taylor",
   "mask_by_global_taylor",
   "mask_by_nm_taylor",
   "mask_overlap",
+  "nm_compress",
+  "nm_decompress",
   "nm_mask",
   "nm_report",
+  "nm_storage_bytes",
   "passive_decay",
   "pool_size",
   "prune",
   "prune_channels",
   "prune_nm",
   "resolve_pool",
+  "save_sparse",
+  "sparse_dense",
   "sparsity_report",
   "taylor_mask",
+  "to_bcoo",
 ]

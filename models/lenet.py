@@ -25,7 +25,8 @@ class LeNet300100(nnx.Module):
   works (28x28x1 MNIST by default).
 
   Parameters with the default sizes: 784*300 + 300*100 + 100*10 = 266,200
-  weights plus 300 + 100 + 10 = 410 biases, 266,610 in total.
+  weights plus 300 + 100 + 10 = 410 biases, 266,610 in total. ``widths``
+  sets the two hidden layers (a narrow export, models/narrow.py).
   """
 
   def __init__(
@@ -33,14 +34,15 @@ class LeNet300100(nnx.Module):
     *,
     num_classes: int = 10,
     in_features: int = 28 * 28 * 1,
+    widths: tuple[int, int] = (300, 100),
     rngs: nnx.Rngs,
   ):
     def dense(din: int, dout: int) -> nnx.Linear:
       return nnx.Linear(din, dout, kernel_init=xavier_uniform, bias_init=zeros, rngs=rngs)
 
-    self.fc1 = dense(in_features, 300)
-    self.fc2 = dense(300, 100)
-    self.fc3 = dense(100, num_classes)
+    self.fc1 = dense(in_features, widths[0])
+    self.fc2 = dense(widths[0], widths[1])
+    self.fc3 = dense(widths[1], num_classes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
@@ -65,7 +67,8 @@ class LeNet5(nnx.Module):
   Parameters on 28x28x1 inputs (spatial 28 -> 24 -> 12 -> 8 -> 4, so the
   flattened feature has 4*4*50 = 800 entries):
   weights 5*5*1*20 + 5*5*20*50 + 800*500 + 500*10 = 430,500,
-  biases 20 + 50 + 500 + 10 = 580, 431,080 in total.
+  biases 20 + 50 + 500 + 10 = 580, 431,080 in total. ``widths`` sets conv1,
+  conv2 and fc1 (a narrow export, models/narrow.py).
   """
 
   def __init__(
@@ -74,6 +77,7 @@ class LeNet5(nnx.Module):
     num_classes: int = 10,
     in_channels: int = 1,
     input_size: int = 28,
+    widths: tuple[int, int, int] = (20, 50, 500),
     rngs: nnx.Rngs,
   ):
     def conv(cin: int, cout: int) -> nnx.Conv:
@@ -92,10 +96,11 @@ class LeNet5(nnx.Module):
 
     # Spatial size after two (VALID 5x5 conv, 2x2 max pool) stages.
     spatial = ((input_size - 4) // 2 - 4) // 2
-    self.conv1 = conv(in_channels, 20)
-    self.conv2 = conv(20, 50)
-    self.fc1 = dense(spatial * spatial * 50, 500)
-    self.fc2 = dense(500, num_classes)
+    c1, c2, f1 = widths
+    self.conv1 = conv(in_channels, c1)
+    self.conv2 = conv(c1, c2)
+    self.fc1 = dense(spatial * spatial * c2, f1)
+    self.fc2 = dense(f1, num_classes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if jax.default_backend() == "cpu":  # the same values, faster gradients on XLA:CPU

@@ -1,0 +1,293 @@
+"""Pruned models that are really smaller: narrow LeNet-5, BCOO LeNet-300-100, N:M storage.
+
+On random-init weights cut with the library's final cuts (no training; the
+sizes and speeds do not depend on the values):
+
+  * LeNet-5, `gsm_optax.prune_channels` at C = 2 on conv1, conv2 and fc1 (one cut
+    per layer: half of each layer's channels): parameters, MACs and jitted CPU
+    inference latency of the masked model vs `models.narrow.narrow_lenet5`;
+  * LeNet-300-100, `gsm_optax.prune` at densities 1/60, 1/10, 1/2: jitted forward
+    with BCOO kernels (`gsm_optax.to_bcoo`) vs dense masked kernels, and bytes on
+    disk of `gsm_optax.save_sparse` vs `np.savez` of the dense params;
+  * LeNet-300-100 kernels at 2:4 (`gsm_optax.prune_nm`): `nm_compress` bytes vs dense.
+
+Latency: median over interleaved samples of CHAIN forwards dispatched back to
+back (bench_update.time_interleaved). Writes benchmarks/results/bench_export.{json,md}.
+
+  python benchmarks/bench_export.py [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import sys
+import tempfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from flax import nnx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import bench_update  # noqa: E402
+import gsm_optax  # noqa: E402
+from gsm_optax import export  # noqa: E402
+from models import count_params  # noqa: E402
+from models.lenet import LeNet5  # noqa: E402
+from models.narrow import count_macs  # noqa: E402
+from models.narrow import narrow_lenet5  # noqa: E402
+
+CHAIN = 10
+BATCHES = (1, 256)
+
+
+def random_model(build, seed: int) -> nnx.Module:
+  """`build()`'s module with NumPy-drawn kernels and non-zero biases."""
+  rng = np.random.default_rng(seed)
+  model = nnx.eval_shape(build)
+  for path, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param):
+      shape = variable.get_value().shape
+      scale = 1 / np.sqrt(np.prod(shape[:-1])) if path[-1] == "kernel" else 0.1
+      variable.set_value(jnp.asarray(scale * rng.standard_normal(shape), jnp.float32))
+  return model
+
+
+def channel_prune(model: nnx.Module, compression: float, names: list[str]) -> None:
+  """`gsm_optax.prune_channels` of each named layer's kernel, one cut per layer."""
+  params = nnx.state(model, nnx.Param)
+  for name in names:
+
+    def pool(tree, name=name):
+      paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+      flags = [jax.tree_util.keystr(p).startswith(f"['{name}']['kernel']") for p, _ in paths]
+      return jax.tree.unflatten(jax.tree.structure(tree), flags)
+
+    params = gsm_optax.prune_channels(params, compression, pool=pool)
+  nnx.update(model, params)
+
+
+def forward_step(model: nnx.Module, x: jax.Array):
+  """A `step(state, i)` for time_interleaved: one jitted forward of `model` on `x`."""
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  return lambda _, i: forward(state, x)
+
+
+def times(steps: dict[str, Any], repeats: int) -> dict[str, float]:
+  ms, _ = bench_update.time_interleaved(
+    steps, {k: None for k in steps}, {k: repeats for k in steps}, chain=CHAIN
+  )
+  return ms
+
+
+def bench_lenet5(repeats: int) -> dict[str, Any]:
+  masked = random_model(lambda: LeNet5(rngs=nnx.Rngs(0)), 0)
+  channel_prune(masked, 2.0, ["conv1", "conv2", "fc1"])
+  narrow = narrow_lenet5(masked)
+  out: dict[str, Any] = dict(
+    widths=[
+      narrow.conv1.kernel.shape[-1],
+      narrow.conv2.kernel.shape[-1],
+      narrow.fc1.kernel.shape[-1],
+    ],
+    params=dict(masked=count_params(masked), narrow=count_params(narrow)),
+    macs=dict(masked=count_macs(masked, (28, 28, 1)), narrow=count_macs(narrow, (28, 28, 1))),
+    latency_ms={},
+  )
+  x_all = jnp.asarray(np.random.default_rng(1).standard_normal((256, 28, 28, 1)), jnp.float32)
+  for batch in BATCHES:
+    x = x_all[:batch]
+    diff = float(jnp.max(jnp.abs(narrow(x) - masked(x))))
+    ms = times({"masked": forward_step(masked, x), "narrow": forward_step(narrow, x)}, repeats)
+    out["latency_ms"][str(batch)] = ms
+    out[f"max_abs_diff_batch_{batch}"] = diff
+  return out
+
+
+def lenet300_params() -> dict:
+  rng = np.random.default_rng(2)
+  shapes = [(784, 300), (300, 100), (100, 10)]
+  return {
+    f"fc{i + 1}": {
+      "kernel": (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32),
+      "bias": (0.1 * rng.standard_normal(s[1:])).astype(np.float32),
+    }
+    for i, s in enumerate(shapes)
+  }
+
+
+def mlp(params: dict, x: jax.Array) -> jax.Array:
+  for name in ("fc1", "fc2"):
+    x = jax.nn.relu(export.sparse_dense(x, params[name]["kernel"], params[name]["bias"]))
+  return export.sparse_dense(x, params["fc3"]["kernel"], params["fc3"]["bias"])
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> int:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getbuffer().nbytes
+
+
+def bench_lenet300(compression: float, repeats: int) -> dict[str, Any]:
+  dense = jax.tree.map(np.asarray, gsm_optax.prune(lenet300_params(), compression))
+  sparse = export.to_bcoo(dense)
+  forward = jax.jit(mlp)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "p.npz")
+    export.save_sparse(path, dense)
+    sparse_bytes = os.path.getsize(path)
+  out: dict[str, Any] = dict(
+    compression=compression,
+    nonzeros=int(sum(np.count_nonzero(dense[k]["kernel"]) for k in dense)),
+    bytes=dict(
+      save_sparse=sparse_bytes,
+      savez_dense=npz_bytes({"/".join(k): v for k, v in _flat(dense)}),
+    ),
+    latency_ms={},
+  )
+  x_all = jnp.asarray(np.random.default_rng(3).standard_normal((256, 784)), jnp.float32)
+  for batch in BATCHES:
+    x = x_all[:batch]
+    ms = times(
+      {
+        "dense": lambda _, i, x=x: forward(dense, x),
+        "bcoo": lambda _, i, x=x: forward(sparse, x),
+      },
+      repeats,
+    )
+    out["latency_ms"][str(batch)] = ms
+  return out
+
+
+def _flat(tree: dict) -> list[tuple[tuple[str, str], np.ndarray]]:
+  return [((a, b), v) for a, sub in tree.items() for b, v in sub.items()]
+
+
+def bench_nm() -> dict[str, Any]:
+  params = lenet300_params()
+  kernels = {k: params[k]["kernel"] for k in params}
+  pruned = jax.tree.map(np.asarray, gsm_optax.prune_nm(kernels, 2, 4))
+  stored = 0
+  for kernel in pruned.values():
+    values, indices = export.nm_compress(kernel, 2, 4)
+    stored += values.nbytes + indices.nbytes
+  return dict(
+    dense_bytes=sum(k.nbytes for k in pruned.values()),
+    nm_bytes=stored,
+    nm_bytes_packed=sum(
+      export.nm_storage_bytes(k.shape, k.dtype, 2, 4, packed=True) for k in pruned.values()
+    ),
+  )
+
+
+def markdown(results: dict[str, Any]) -> str:
+  le = results["lenet5"]
+  lines = [
+    f"Export benchmark ({results['machine']}, jax {results['jax']}); latency: median of "
+    f"{results['repeats']} interleaved samples of {CHAIN} jitted forwards dispatched back to back.",
+    "",
+    f"LeNet-5, half of the channels of conv1, conv2, fc1 cut (`prune_channels`, C = 2 per "
+    f"layer), widths {le['widths']}; narrow = `narrow_lenet5` (max |diff| of the logits "
+    f"{le['max_abs_diff_batch_256']:.1e})",
+    "",
+    "| | masked | narrow | narrow / masked |",
+    "|---|---:|---:|---:|",
+    f"| parameters | {le['params']['masked']:,} | {le['params']['narrow']:,} | "
+    f"{le['params']['narrow'] / le['params']['masked']:.2f} |",
+    f"| MACs per image | {le['macs']['masked']:,} | {le['macs']['narrow']:,} | "
+    f"{le['macs']['narrow'] / le['macs']['masked']:.2f} |",
+  ]
+  for batch, ms in le["latency_ms"].items():
+    lines.append(
+      f"| latency batch {batch} (ms) | {ms['masked']:.3f} | {ms['narrow']:.3f} | "
+      f"{ms['narrow'] / ms['masked']:.2f} |"
+    )
+  lines += [
+    "",
+    "LeNet-300-100, unstructured global magnitude cut (`prune`): BCOO kernels (`to_bcoo`, "
+    "`sparse_dense`) vs the dense masked kernels; bytes of `save_sparse` vs `np.savez` dense",
+    "",
+    "| density | non-zeros | dense b1 (ms) | BCOO b1 (ms) | dense b256 (ms) | BCOO b256 (ms) "
+    "| savez dense (B) | save_sparse (B) | ratio |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in results["lenet300"]:
+    b1, b256, size = r["latency_ms"]["1"], r["latency_ms"]["256"], r["bytes"]
+    lines.append(
+      f"| 1/{r['compression']:g} | {r['nonzeros']:,} | {b1['dense']:.3f} | {b1['bcoo']:.3f} | "
+      f"{b256['dense']:.3f} | {b256['bcoo']:.3f} | {size['savez_dense']:,} | "
+      f"{size['save_sparse']:,} | {size['save_sparse'] / size['savez_dense']:.3f} |"
+    )
+  nm = results["nm_2_4"]
+  lines += [
+    "",
+    f"2:4 (`prune_nm`, `nm_compress`), LeNet-300-100 kernels: dense {nm['dense_bytes']:,} B, "
+    f"values + uint8 indices {nm['nm_bytes']:,} B ({nm['nm_bytes'] / nm['dense_bytes']:.2f}x), "
+    f"with 2-bit indices {nm['nm_bytes_packed']:,} B "
+    f"({nm['nm_bytes_packed'] / nm['dense_bytes']:.3f}x). Storage only: JAX has no public "
+    "2:4 sparse matmul.",
+    "",
+    results["verdict"],
+  ]
+  return "\n".join(lines)
+
+
+def verdict(results: dict[str, Any]) -> str:
+  """Plain words on where sparse is slower."""
+  slower = [
+    f"1/{r['compression']:g} batch {b}"
+    for r in results["lenet300"]
+    for b, ms in r["latency_ms"].items()
+    if ms["bcoo"] > ms["dense"]
+  ]
+  le = results["lenet5"]["latency_ms"]
+  narrow_slower = [b for b, ms in le.items() if ms["narrow"] > ms["masked"]]
+  text = (
+    "BCOO is slower than the dense masked forward at: "
+    + (", ".join(slower) if slower else "none of the measured points")
+    + ". "
+  )
+  ratios = {b: ms["narrow"] / ms["masked"] for b, ms in le.items()}
+  macs = results["lenet5"]["macs"]
+  text += (
+    f"The narrow LeNet-5 does {macs['narrow'] / macs['masked']:.2f}x the MACs but takes "
+    + ", ".join(f"{r:.2f}x the time at batch {b}" for b, r in ratios.items())
+    + ": on this CPU the speed-up is far below the MAC ratio. "
+  )
+  text += (
+    "The narrow LeNet-5 is slower than the masked one at batch " + ", ".join(narrow_slower) + "."
+    if narrow_slower
+    else "The narrow LeNet-5 is faster than the masked one at every measured batch."
+  )
+  return text
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = parser.parse_args()
+  results: dict[str, Any] = dict(
+    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+    jax=jax.__version__,
+    repeats=args.repeats,
+    chain=CHAIN,
+    command="python benchmarks/bench_export.py" + f" --repeats {args.repeats}",
+  )
+  results["lenet5"] = bench_lenet5(args.repeats)
+  results["lenet300"] = [bench_lenet300(c, args.repeats) for c in (60.0, 10.0, 2.0)]
+  results["nm_2_4"] = bench_nm()
+  results["verdict"] = verdict(results)
+  bench_update.write_results(args.out, "bench_export", results, markdown(results))
+
+
+if __name__ == "__main__":
+  main()
