@@ -64,7 +64,10 @@ def one_device(data_dir, tmp_path_factory):
   return _train(data_dir, tmp_path_factory.mktemp("one") / "w", 1)[0]
 
 
-@pytest.mark.parametrize("fsdp", [1, 4])
+@pytest.mark.parametrize(
+  "fsdp",
+  [pytest.param(1, marks=pytest.mark.slow), 4],  # each 15 s: fsdp 4 is the harder case
+)
 def test_eight_devices_give_the_one_device_result(one_device, data_dir, tmp_path, fsdp):
   summary, stdout = _train(data_dir, tmp_path / "w", 8, f"--config.mesh.fsdp={fsdp}")
   assert stdout.splitlines()[0] == (

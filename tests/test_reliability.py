@@ -227,6 +227,7 @@ def test_a_preempted_process_resumes_to_the_uninterrupted_result(
     assert json.load(f)["accuracy_final"] == finished_run[1]["accuracy_final"]
 
 
+@pytest.mark.slow  # two train.py processes: 13 s
 def test_a_second_run_on_a_busy_workdir_is_refused(data_dir, tmp_path):
   workdir = str(tmp_path / "busy")
   first = _start(data_dir, workdir, "--config.dense.epochs=200")
@@ -382,6 +383,7 @@ def test_pool_dependent_values_are_checked_before_anything_is_written(
   assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow  # a train.py process: 12 s
 def test_a_diverged_run_stops_with_exit_3_keeping_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = tmp_path / "diverged"
   result = subprocess.run(

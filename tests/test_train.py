@@ -499,6 +499,7 @@ def tiny_command(data_dir, workdir, *extra):
   ]
 
 
+@pytest.mark.slow  # a train.py process: 17 s; the SIGTERM resume test runs the CLI too
 def test_cli_trains_with_config_overrides(data_dir, tmp_path):
   workdir = tmp_path / "cli"
   result = _train_py(
@@ -642,6 +643,7 @@ def test_lottery_ticket_starts_from_the_masked_initial_weights(finished_run, dat
     np.testing.assert_array_equal(kernel, np.where(mask, init, 0.0))
 
 
+@pytest.mark.slow  # 7 s; gsm's resume stays in the fast suite
 def test_ctrl_c_in_a_baseline_stage_then_resume_is_bitwise_equal(
   finished_run, data_dir, tmp_path, monkeypatch
 ):
