@@ -17,14 +17,28 @@ docs/TRAINING.md; in short:
   validation_examples: training examples held out (a fixed draw, the same for
     every seed) and evaluated as a validation set; 0: none.
   seed, batch_size, eval_batch_size.
-  method: "gsm", "dense", "magnitude", "gmp", "admm" or "lottery"
+  method: "gsm", "dense", "magnitude", "gmp", "admm", "lottery",
+    "gsm_channels", "filter_l1", "gsm_nm" or "magnitude_nm"
     (``training/stages.py``); compression: C, the target of every method
-    (keep int(|pool| / C) weights).
+    (keep int(|pool| / C) weights; for gsm_channels and filter_l1 C counts
+    output channels: keep int(#pooled channels / C) channels; the N:M methods
+    ignore it).
   dense, gsm, finetune, gmp, admm: SGD sections (``sgd_section``): epochs,
     learning rate x ``decay_factor`` at each of ``boundaries`` (epochs),
     ``warmup_epochs`` of linear warm-up, momentum, Nesterov, weight decay on
     the pool (kernels) only; gmp and admm add their own fields.
   magnitude, lottery: the fields of those methods.
+  channels.axis: the output-channel axis of every pooled kernel (-1: the
+    ``out`` features of Linear and Conv kernels) for gsm_channels and
+    filter_l1. One global ranking of channels over the whole pool, by the SUM
+    over a channel of |g * w| (GSM) or |w| (the cut, filter_l1): a channel
+    with a larger fan-in (a fully connected layer after a conv, a conv with
+    more input channels) sums more weights and tends to rank higher; the rule
+    is the library's (``gsm_optax.structured``), not normalised by fan-in.
+  nm.n, nm.m, nm.axis: N:M sparsity for gsm_nm and magnitude_nm: N non-zeros
+    in every group of M consecutive weights along ``axis`` (-2: the input
+    features of Linear and Conv kernels); M must divide that axis of every
+    pooled kernel.
   dense_checkpoint: load this dense model (a run's ``dense_model/`` or its
     workdir) instead of training one; skip_dense: start from the random init.
   mesh.fsdp: devices that split the params and optimizer state (1: replicated).
@@ -99,6 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lottery = ml_collections.ConfigDict()
   config.lottery.ticket = "magnitude"
   config.lottery.gsm_checkpoint = config_dict.placeholder(str)
+
+  # Structured methods (gsm_channels, filter_l1: C counts output channels; gsm_nm, magnitude_nm).
+  config.channels = ml_collections.ConfigDict(dict(axis=-1))  # the output-channel axis
+  config.nm = ml_collections.ConfigDict(dict(n=2, m=4, axis=-2))  # N of every M along axis
 
   # Devices: the batch is split over all of them; fsdp > 1 also splits the params and
   # the optimizer state over that many devices (docs/TRAINING.md, "Devices and hosts").

@@ -219,6 +219,10 @@ ADDED_FIELDS = {
   "gsm.passive_decay_growth": 0.0,
   "gsm.passive_decay_horizon_epochs": 1.0,
   "gsm.finetune": False,
+  "channels.axis": -1,
+  "nm.n": 2,
+  "nm.m": 4,
+  "nm.axis": -2,
 }
 
 

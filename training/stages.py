@@ -133,13 +133,16 @@ class Method(NamedTuple):
     prunes: whether the result is pruned to ``config.compression``.
     check_params: (config, abstract params) -> None; raises ``ConfigError``
       on targets the model cannot meet (``check_params`` runs it after the
-      global Q >= 1 check), before anything is trained.
+      global Q >= 1 check of pruning methods), before anything is trained.
+    final_results: (config, final params) -> JSON values added to the
+      summary's ``method_results`` (what the final model reached).
   """
 
   stages: Callable[[Context], list[Stage]]
   check: Callable[[ml_collections.ConfigDict], None]
   prunes: bool = True
   check_params: Callable[[ml_collections.ConfigDict, Any], None] | None = None
+  final_results: Callable[[ml_collections.ConfigDict, Any], dict[str, Any]] | None = None
 
 
 def check_params(config: ml_collections.ConfigDict, params: Any) -> None:
@@ -152,12 +155,11 @@ def check_params(config: ml_collections.ConfigDict, params: Any) -> None:
     ConfigError: one line naming the field and the largest value allowed.
   """
   method = METHODS[config.method]
-  if not method.prunes:
-    return
-  try:
-    gsm_optax.keep_count(params, float(config.compression))
-  except ValueError as err:
-    raise config_lib.ConfigError(f"config.compression={config.compression:g}: {err}") from None
+  if method.prunes:
+    try:
+      gsm_optax.keep_count(params, float(config.compression))
+    except ValueError as err:
+      raise config_lib.ConfigError(f"config.compression={config.compression:g}: {err}") from None
   if method.check_params is not None:
     method.check_params(config, params)
 
@@ -703,6 +705,188 @@ def check_lottery(config: ml_collections.ConfigDict) -> None:
     )
 
 
+# ----------------------------------------------------------------------------
+# Structured methods: whole output channels (C counts channels), and N:M groups
+
+
+def gsm_channels_optimizer(cfg: Any, steps_per_epoch: int, compression: float, axis: int):
+  """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate."""
+  lr = steps.section_schedule(cfg, steps_per_epoch)
+  tx = gsm_optax.gsm_channels(
+    lr,
+    compression,
+    momentum=cfg.momentum,
+    weight_decay=cfg.weight_decay,
+    nesterov=cfg.nesterov,
+    channel_axis=axis,
+  )
+  return tx, lr
+
+
+def gsm_nm_optimizer(cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int):
+  """``gsm_optax.gsm_nm`` with the section's learning rate."""
+  lr = steps.section_schedule(cfg, steps_per_epoch)
+  tx = gsm_optax.gsm_nm(
+    lr,
+    n,
+    m,
+    momentum=cfg.momentum,
+    weight_decay=cfg.weight_decay,
+    nesterov=cfg.nesterov,
+    axis=axis,
+  )
+  return tx, lr
+
+
+def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """params -> the Q = int(#pooled channels / C) channels of greatest sum |w| kept."""
+  compression, axis = float(config.compression), config.channels.axis
+  return jax.jit(lambda p: gsm_optax.prune_channels(p, compression, channel_axis=axis))
+
+
+def nm_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """params -> the N of greatest |w| of every group of M kept."""
+  n, m, axis = config.nm.n, config.nm.m, config.nm.axis
+  return jax.jit(lambda p: gsm_optax.prune_nm(p, n, m, axis=axis))
+
+
+def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
+  """What a channel method reached: channels kept of all pooled ones, both compressions."""
+  report = gsm_optax.channel_report(params, channel_axis=config.channels.axis)
+  return {
+    "channels_total": report.total_channels,
+    "channels_kept": report.total_channels_kept,
+    "channel_compression_reached": report.channel_compression,
+    "weight_compression_reached": report.compression,
+  }
+
+
+def nm_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
+  """What an N:M method reached: whether every group holds at most N non-zeros."""
+  n, m = config.nm.n, config.nm.m
+  report = gsm_optax.nm_report(params, n, m, axis=config.nm.axis)
+  return {
+    "nm": f"{n}:{m}",
+    "nm_conforms": report.conforms,
+    "nm_groups": report.total_groups,
+    "nm_groups_over_n": report.total_groups_over,
+    "nm_nonzeros": sum(row.nonzeros for row in report.rows),
+  }
+
+
+def gsm_channels_stages(ctx: Context) -> list[Stage]:
+  """Channel GSM, then the channel cut to C (in channels) with no fine-tuning."""
+  config = ctx.config
+  compression, axis = float(config.compression), config.channels.axis
+  return [
+    Stage(
+      "gsm",
+      config.gsm.epochs,
+      ctx.phase("gsm", gsm_channels_optimizer, config.gsm, compression, axis),
+    ),
+    Stage("cut", 0, None, _pruning(ctx, channel_cut(config))),
+  ]
+
+
+def gsm_nm_stages(ctx: Context) -> list[Stage]:
+  """N:M GSM, then the N:M cut with no fine-tuning."""
+  config = ctx.config
+  nm = config.nm
+  return [
+    Stage(
+      "gsm", config.gsm.epochs, ctx.phase("gsm", gsm_nm_optimizer, config.gsm, nm.n, nm.m, nm.axis)
+    ),
+    Stage("cut", 0, None, _pruning(ctx, nm_cut(config))),
+  ]
+
+
+def filter_l1_stages(ctx: Context) -> list[Stage]:
+  """L1-norm filter pruning (Li et al. 2017) of the dense model, then masked fine-tuning."""
+  config = ctx.config
+  return [
+    Stage(
+      "finetune",
+      config.finetune.epochs,
+      ctx.phase("finetune", masked_sgd, config.finetune),
+      _pruning(ctx, channel_cut(config)),
+    )
+  ]
+
+
+def magnitude_nm_stages(ctx: Context) -> list[Stage]:
+  """ASP's recipe: the magnitude N:M cut of the dense model, then masked retraining."""
+  config = ctx.config
+  return [
+    Stage(
+      "finetune",
+      config.finetune.epochs,
+      ctx.phase("finetune", masked_sgd, config.finetune),
+      _pruning(ctx, nm_cut(config)),
+    )
+  ]
+
+
+def _check_axis(config: ml_collections.ConfigDict, field: str) -> None:
+  config_lib.check(config, field, config_lib.is_int, "an integer (an axis of every pooled leaf)")
+
+
+def check_channels(config: ml_collections.ConfigDict) -> None:
+  _check_axis(config, "channels.axis")
+
+
+def check_nm(config: ml_collections.ConfigDict) -> None:
+  check = functools.partial(config_lib.check, config)
+  check("nm.n", lambda x: config_lib.is_int(x) and x >= 1, "an integer >= 1")
+  check(
+    "nm.m",
+    lambda x: config_lib.is_int(x) and x >= config.nm.n,
+    f"an integer >= config.nm.n={config.nm.n}",
+  )
+  _check_axis(config, "nm.axis")
+
+
+def check_gsm_channels(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "gsm")
+  check_channels(config)
+
+
+def check_gsm_nm(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "gsm")
+  check_nm(config)
+
+
+def check_filter_l1(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "finetune")
+  check_channels(config)
+
+
+def check_magnitude_nm(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_sgd_section(config, "finetune")
+  check_nm(config)
+
+
+def check_channel_params(config: ml_collections.ConfigDict, params: Any) -> None:
+  """C (in channels) keeps 1 <= Q <= #pooled channels, along an axis every pooled leaf has."""
+  try:
+    jax.eval_shape(channel_cut(config), params)
+  except ValueError as err:
+    raise config_lib.ConfigError(
+      f"config.compression={config.compression:g}, config.channels.axis="
+      f"{config.channels.axis}: {err}"
+    ) from None
+
+
+def check_nm_params(config: ml_collections.ConfigDict, params: Any) -> None:
+  """M divides config.nm.axis of every pooled leaf."""
+  try:
+    jax.eval_shape(nm_cut(config), params)
+  except ValueError as err:
+    raise config_lib.ConfigError(
+      f"config.nm.n={config.nm.n}, config.nm.m={config.nm.m}, config.nm.axis="
+      f"{config.nm.axis}: {err}"
+    ) from None
+
+
 METHODS: dict[str, Method] = {
   "gsm": Method(gsm_stages, check_gsm),
   "dense": Method(dense_stages, check_dense, prunes=False),
@@ -712,4 +896,30 @@ METHODS: dict[str, Method] = {
   "gmp": Method(gmp_stages, check_gmp, check_params=_check_layerwise("gmp.layerwise")),
   "admm": Method(admm_stages, check_admm, check_params=check_admm_params),
   "lottery": Method(lottery_stages, check_lottery),
+  "gsm_channels": Method(
+    gsm_channels_stages,
+    check_gsm_channels,
+    check_params=check_channel_params,
+    final_results=channel_results,
+  ),
+  "filter_l1": Method(
+    filter_l1_stages,
+    check_filter_l1,
+    check_params=check_channel_params,
+    final_results=channel_results,
+  ),
+  "gsm_nm": Method(
+    gsm_nm_stages,
+    check_gsm_nm,
+    prunes=False,
+    check_params=check_nm_params,
+    final_results=nm_results,
+  ),
+  "magnitude_nm": Method(
+    magnitude_nm_stages,
+    check_magnitude_nm,
+    prunes=False,
+    check_params=check_nm_params,
+    final_results=nm_results,
+  ),
 }

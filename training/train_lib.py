@@ -444,6 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = _train(run, method, variables)
       finally:
         run.checkpointer.close()
+      if method.final_results is not None:  # what the final model reached (method_results)
+        run.progress.results.update(method.final_results(config, state.params))
       stop.where = "during the final evaluation and report"
       start = time.perf_counter()
       final = run.evaluate(state)

@@ -1,0 +1,113 @@
+"""The structured methods of train.py: channel GSM, L1 filter pruning, N:M GSM, magnitude N:M.
+
+One tiny run per method (LeNet-300-100 from its random init, one epoch per
+stage) with exact counts: the channel methods keep exactly Q = int(410 / C)
+of the 300 + 100 + 10 output channels; the N:M methods conform, with exactly
+N non-zeros in every group of M, so |pool| * N / M non-zeros in all.
+"""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from test_train import POOL_SIZE  # noqa: E402
+from test_train import data_dir  # noqa: E402, F401  (the fixture)
+from test_train import tiny_config  # noqa: E402
+
+from configs import default as default_config  # noqa: E402
+import gsm_optax  # noqa: E402
+from training import checkpoints  # noqa: E402
+from training import config as config_lib  # noqa: E402
+from training import stages  # noqa: E402
+from training import steps  # noqa: E402
+from training import train_lib  # noqa: E402
+
+CHANNELS = 300 + 100 + 10  # the output features of the three kernels
+CHANNEL_C = 10.0
+CHANNEL_KEEP = int(CHANNELS / CHANNEL_C)  # 41
+
+
+def _run(data_dir, tmp_path, method):  # noqa: F811
+  config = tiny_config(data_dir)
+  config.method = method
+  config.skip_dense = True
+  config.plots = False
+  config.compression = CHANNEL_C
+  config.gsm.epochs = 1
+  config.gsm.boundaries = ()
+  config.finetune.epochs = 1
+  config.finetune.boundaries = ()
+  workdir = str(tmp_path / method)
+  summary = train_lib.train_and_evaluate(config, workdir)
+  params = checkpoints.load_model(os.path.join(workdir, "final_model"))["params"]
+  return summary, params
+
+
+@pytest.mark.parametrize(
+  "method,epochs",
+  [
+    ("gsm_channels", {"gsm": 1}),
+    pytest.param("filter_l1", {"finetune": 1}, marks=pytest.mark.slow),  # ~2 s
+  ],
+)
+def test_channel_methods_keep_exactly_q_channels(data_dir, tmp_path, method, epochs):  # noqa: F811
+  summary, params = _run(data_dir, tmp_path, method)
+  report = gsm_optax.channel_report(params)
+  assert report.total_channels == CHANNELS
+  assert report.total_channels_kept == CHANNEL_KEEP
+  assert summary["epochs"] == epochs
+  assert summary["nonzeros"] == report.total_nonzeros
+  results = summary["method_results"]
+  assert results["channels_total"] == CHANNELS
+  assert results["channels_kept"] == CHANNEL_KEEP
+  assert results["channel_compression_reached"] == pytest.approx(CHANNELS / CHANNEL_KEEP)
+  assert results["weight_compression_reached"] == pytest.approx(POOL_SIZE / report.total_nonzeros)
+
+
+@pytest.mark.parametrize(
+  "method,epochs",
+  [
+    ("gsm_nm", {"gsm": 1}),
+    ("magnitude_nm", {"finetune": 1}),
+  ],
+)
+def test_nm_methods_keep_exactly_n_of_every_m(data_dir, tmp_path, method, epochs):  # noqa: F811
+  summary, params = _run(data_dir, tmp_path, method)
+  report = gsm_optax.nm_report(params, 2, 4)
+  assert report.conforms
+  expected = POOL_SIZE * 2 // 4
+  assert sum(row.nonzeros for row in report.rows) == expected  # with <= 2 per group: exactly 2
+  assert summary["nonzeros"] == expected
+  assert summary["epochs"] == epochs
+  assert summary["compression_target"] is None  # N:M has no global C
+  results = summary["method_results"]
+  assert results["nm"] == "2:4" and results["nm_conforms"] is True
+  assert results["nm_nonzeros"] == expected and results["nm_groups_over_n"] == 0
+
+
+def test_bad_structured_configs_are_refused_before_training():
+  params = steps.abstract_params("lenet_300_100", 10)
+  config = default_config.get_config()
+  config.method, config.nm.n, config.nm.m = "gsm_nm", 3, 2
+  with pytest.raises(config_lib.ConfigError, match=r"config.nm.m must be an integer >= "):
+    train_lib.validate_config(config)
+  config.nm.n, config.nm.m = 2, 3  # 3 divides no kernel's 784 / 300 / 100 inputs
+  train_lib.validate_config(config)
+  with pytest.raises(
+    config_lib.ConfigError, match=r"config.nm.m=3, config.nm.axis=-2: m=3 does not divide"
+  ):
+    stages.check_params(config, params)
+  config = default_config.get_config()
+  config.method, config.compression = "filter_l1", float(CHANNELS + 1)
+  with pytest.raises(config_lib.ConfigError, match=r"use 1 <= compression <= 410"):
+    stages.check_params(config, params)
+  config.compression = float(CHANNELS)
+  stages.check_params(config, params)  # Q = 1 channel
+  stored = config_lib.config_json(config)  # a workdir from before the structured methods
+  del stored["nm"], stored["channels"]
+  assert config_lib.config_differences(stored, config) == []
