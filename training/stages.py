@@ -31,6 +31,13 @@ function ``ctx -> list[Stage]`` (and the checks of its config section) to
   the GSM-trained weights (``"gsm"``: a GSM stage of ``gsm.epochs``, or the
   ``final_model`` of an earlier GSM run given in ``lottery.gsm_checkpoint``);
   theta_0 * mask is retrained with the dense schedule and masked gradients.
+* ``gsm_channels`` / ``filter_l1`` (Li et al. 2017): C counts output channels
+  (``config.channels.axis``): ``gsm.epochs`` of ``gsm_optax.gsm_channels`` then
+  ``prune_channels`` with no fine-tuning / ``prune_channels`` of the dense
+  model then ``finetune.epochs`` of masked fine-tuning.
+* ``gsm_nm`` / ``magnitude_nm`` (NVIDIA ASP): ``config.nm`` N of every M:
+  ``gsm.epochs`` of ``gsm_optax.gsm_nm`` then ``prune_nm`` / ``prune_nm`` of the
+  dense model then ``finetune.epochs`` of masked retraining.
 
 The method notes: docs/METHOD.md; the config fields: docs/TRAINING.md.
 """
