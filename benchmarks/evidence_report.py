@@ -82,7 +82,8 @@ def by_compression(
   mine = [r for r in rows if r["model"] == model and r["budget"] == budget and r["stage"] == "grid"]
   cs = sorted({r["compression"] for r in mine})
   methods = [m for m in ORDER if any(r["method"] == m for r in mine)]
-  methods += [m for m in ORDER if m not in methods and any(k[1] == m for k in diverged)]
+  failed_here = {k[1] for k in diverged if (k[0], k[3]) == (model, budget)}
+  methods += [m for m in ORDER if m not in methods and m in failed_here]
   if not mine:
     return []
   lines = [

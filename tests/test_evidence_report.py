@@ -45,10 +45,13 @@ def test_tables_and_verdicts_follow_the_two_standard_error_rule(tmp_path):
   )
   records += _records("ticket_gsm", 60.0, [0.80, 0.82], "ticket", 30)
   records += _records("ticket_magnitude", 60.0, [0.70, 0.71], "ticket", 30)
+  records += _records("gsm", 60.0, [0.87], budget=15)
+  records += [dict(r, status="diverged") for r in _records("admm", 60.0, [0.1, 0.1])]
   (tmp_path / "evidence_raw.json").write_text(json.dumps({"records": records}))
   text = evidence_report.section(str(tmp_path))
   assert f"| gsm | 0.03 | {_std_text(gsm)} |" in text
   assert f"| gmp | 0.03 | {_std_text(gmp)} |" in text
+  assert "| admm | - | 2 diverged |" in text and text.count("| admm |") == 1  # its table only
 
   def label(a, b):
     d = 100 * (np.mean(a) - np.mean(b))
