@@ -314,32 +314,6 @@ def mask_by_global_channel_taylor(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _gsm_chain(
-  mask: optax.GradientTransformation,
-  learning_rate: optax.ScalarOrSchedule,
-  momentum: float,
-  weight_decay: optax.ScalarOrSchedule,
-  nesterov: bool,
-  pool: _pool.Pool,
-) -> optax.GradientTransformationExtraArgs:
-  """mask -> add_decayed_weights(eta, pool) -> trace(beta) -> scale_by_learning_rate(alpha)."""
-  chain = optax.chain(
-    mask,
-    optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),
-    optax.trace(decay=momentum, nesterov=nesterov),
-    optax.scale_by_learning_rate(learning_rate),
-  )
-
-  def init_fn(params):
-    state = chain.init(params)
-    if not _checks.is_placeholder(params):
-      decay = transform._passive_decay_per_step(learning_rate, weight_decay, momentum)
-      transform._warn_if_decay_underflows(params, pool, decay)
-    return state
-
-  return optax.GradientTransformationExtraArgs(init_fn, chain.update)
-
-
 def gsm_channels(
   learning_rate: optax.ScalarOrSchedule,
   compression: optax.ScalarOrSchedule,
@@ -358,7 +332,7 @@ def gsm_channels(
   pool) are neither masked nor decayed.
   """
   mask = mask_by_global_channel_taylor(compression, pool=pool, channel_axis=channel_axis)
-  return _gsm_chain(mask, learning_rate, momentum, weight_decay, nesterov, pool)
+  return transform.gsm_chain([mask], learning_rate, momentum, weight_decay, nesterov, pool)
 
 
 # --------------------------------------------------------------------------
@@ -436,7 +410,7 @@ def gsm_nm(
   about 0 and `prune_nm` cuts them.
   """
   mask = mask_by_nm_taylor(n, m, pool=pool, axis=axis)
-  return _gsm_chain(mask, learning_rate, momentum, weight_decay, nesterov, pool)
+  return transform.gsm_chain([mask], learning_rate, momentum, weight_decay, nesterov, pool)
 
 
 # --------------------------------------------------------------------------

@@ -565,13 +565,28 @@ def gsm(
   growth, horizon = check_passive_decay(
     passive_decay_growth, passive_decay_horizon, ("passive_decay_growth", "passive_decay_horizon")
   )
-  decay_mask = _pool.default_pool if pool is None else pool
-  mask = [mask_by_global_taylor(compression, pool=pool, score_ema=score_ema)]
+  masks = [mask_by_global_taylor(compression, pool=pool, score_ema=score_ema)]
   if growth > 0:
-    mask.append(add_passive_age_decay(weight_decay, growth, horizon, pool=pool))
+    masks.append(add_passive_age_decay(weight_decay, growth, horizon, pool=pool))
+  return gsm_chain(masks, learning_rate, momentum, weight_decay, nesterov, pool)
+
+
+def gsm_chain(
+  masks: list[optax.GradientTransformation],
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float,
+  weight_decay: optax.ScalarOrSchedule,
+  nesterov: bool,
+  pool: _pool.Pool,
+) -> optax.GradientTransformationExtraArgs:
+  """masks -> add_decayed_weights(eta, pool) -> trace(beta) -> scale_by_learning_rate(alpha).
+
+  The GSM update of eq. 7-8 around any gradient masks (per weight, per channel,
+  N:M); `init` warns when the dtype cannot represent the passive weights' shrink.
+  """
   chain = optax.chain(
-    *mask,
-    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    *masks,
+    optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),
     optax.trace(decay=momentum, nesterov=nesterov),
     optax.scale_by_learning_rate(learning_rate),
   )

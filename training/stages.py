@@ -807,30 +807,27 @@ def gsm_nm_stages(ctx: Context) -> list[Stage]:
   ]
 
 
-def filter_l1_stages(ctx: Context) -> list[Stage]:
-  """L1-norm filter pruning (Li et al. 2017) of the dense model, then masked fine-tuning."""
-  config = ctx.config
+def _cut_then_finetune(ctx: Context, cut: Callable[[Any], Any]) -> list[Stage]:
+  """``cut`` of the dense model, then ``finetune.epochs`` of masked fine-tuning."""
+  finetune = ctx.config.finetune
   return [
     Stage(
       "finetune",
-      config.finetune.epochs,
-      ctx.phase("finetune", masked_sgd, config.finetune),
-      _pruning(ctx, channel_cut(config)),
+      finetune.epochs,
+      ctx.phase("finetune", masked_sgd, finetune),
+      _pruning(ctx, cut),
     )
   ]
+
+
+def filter_l1_stages(ctx: Context) -> list[Stage]:
+  """L1-norm filter pruning (Li et al. 2017) of the dense model, then masked fine-tuning."""
+  return _cut_then_finetune(ctx, channel_cut(ctx.config))
 
 
 def magnitude_nm_stages(ctx: Context) -> list[Stage]:
   """ASP's recipe: the magnitude N:M cut of the dense model, then masked retraining."""
-  config = ctx.config
-  return [
-    Stage(
-      "finetune",
-      config.finetune.epochs,
-      ctx.phase("finetune", masked_sgd, config.finetune),
-      _pruning(ctx, nm_cut(config)),
-    )
-  ]
+  return _cut_then_finetune(ctx, nm_cut(ctx.config))
 
 
 def _check_axis(config: ml_collections.ConfigDict, field: str) -> None:
