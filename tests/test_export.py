@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import bench_export
 import gsm_optax
 from gsm_optax import export
 from models import count_params
@@ -26,15 +27,7 @@ from models.resnet_cifar import ResNetCifar
 
 def _lenet300_params(seed: int = 0) -> dict:
   """LeNet-300-100-shaped kernels and non-zero biases (NumPy float32)."""
-  rng = np.random.default_rng(seed)
-  shapes = [(784, 300), (300, 100), (100, 10)]
-  return {
-    f"fc{i + 1}": {
-      "kernel": (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32),
-      "bias": (0.1 * rng.standard_normal(s[1:])).astype(np.float32),
-    }
-    for i, s in enumerate(shapes)
-  }
+  return bench_export.lenet300_params(seed)
 
 
 @functools.cache
