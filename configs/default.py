@@ -30,15 +30,19 @@ docs/TRAINING.md; in short:
   magnitude, lottery: the fields of those methods.
   channels.axis: the output-channel axis of every pooled kernel (-1: the
     ``out`` features of Linear and Conv kernels) for gsm_channels and
-    filter_l1. One global ranking of channels over the whole pool, by the SUM
-    over a channel of |g * w| (GSM) or |w| (the cut, filter_l1): a channel
-    with a larger fan-in (a fully connected layer after a conv, a conv with
-    more input channels) sums more weights and tends to rank higher; the rule
-    is the library's (``gsm_optax.structured``), not normalised by fan-in.
+    filter_l1. channels.layers: the pooled layers, top-level names separated
+    by commas ("conv2,fc1"); "" pools every kernel but the classifier's (its
+    output channels are the classes). One global ranking of channels over the
+    pool, by the SUM over a channel of |g * w| (GSM) or |w| (the cut,
+    filter_l1) with channels.score="sum": a channel with a larger fan-in sums
+    more weights and tends to rank higher (on LeNet-5, every conv1 channel goes
+    first; docs/RESULTS.md); channels.score="mean" divides by the channel's
+    number of weights.
   nm.n, nm.m, nm.axis: N:M sparsity for gsm_nm and magnitude_nm: N non-zeros
     in every group of M consecutive weights along ``axis`` (-2: the input
     features of Linear and Conv kernels); M must divide that axis of every
-    pooled kernel.
+    pooled kernel. nm.layers: the pooled layers ("" every kernel; LeNet-5's
+    conv1 has one input channel: "conv2,fc1,fc2").
   dense_checkpoint: load this dense model (a run's ``dense_model/`` or its
     workdir) instead of training one; skip_dense: start from the random init.
   mesh.fsdp: devices that split the params and optimizer state (1: replicated).
@@ -115,8 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.lottery.gsm_checkpoint = config_dict.placeholder(str)
 
   # Structured methods (gsm_channels, filter_l1: C counts output channels; gsm_nm, magnitude_nm).
-  config.channels = ml_collections.ConfigDict(dict(axis=-1))  # the output-channel axis
-  config.nm = ml_collections.ConfigDict(dict(n=2, m=4, axis=-2))  # N of every M along axis
+  # channels.layers / nm.layers: "" (every kernel; channels: but the classifier's) or "conv2,fc1".
+  config.channels = ml_collections.ConfigDict(dict(axis=-1, score="sum", layers=""))
+  config.nm = ml_collections.ConfigDict(dict(n=2, m=4, axis=-2, layers=""))  # N of every M
 
   # Devices: the batch is split over all of them; fsdp > 1 also splits the params and
   # the optimizer state over that many devices (docs/TRAINING.md, "Devices and hosts").

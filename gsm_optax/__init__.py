@@ -24,6 +24,7 @@ from gsm_optax.report import SparsityReport
 from gsm_optax.report import sparsity_report
 from gsm_optax.selection import global_kth_largest
 from gsm_optax.selection import global_kth_largest_magnitude
+from gsm_optax.structured import CHANNEL_SCORES
 from gsm_optax.structured import ChannelReport
 from gsm_optax.structured import LeafChannels
 from gsm_optax.structured import LeafNM
@@ -51,6 +52,7 @@ from gsm_optax.transform import mask_by_global_taylor
 __version__ = "0.1.0"
 
 __all__ = [
+  "CHANNEL_SCORES",
   "ChannelReport",
   "LeafChannels",
   "LeafNM",

@@ -150,10 +150,30 @@ def _broadcast_along(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
   return vector.reshape(shape)
 
 
-def channel_scores(grad: jax.Array, param: jax.Array, axis: int) -> jax.Array:
-  """S_j = sum over channel j's weights of |g * w| (float32), j along `axis`."""
-  score = transform.taylor_score(grad, param)
-  return jnp.sum(score, axis=tuple(a for a in range(score.ndim) if a != axis))
+CHANNEL_SCORES = ("sum", "mean")
+
+
+def _check_channel_score(channel_score: str) -> None:
+  if channel_score not in CHANNEL_SCORES:
+    raise ValueError(
+      f"channel_score={channel_score!r}: use 'sum' (S_j = sum over the channel's weights) "
+      "or 'mean' (S_j / the channel's number of weights)."
+    )
+
+
+def reduce_channels(score: jax.Array, axis: int, channel_score: str = "sum") -> jax.Array:
+  """S_j = sum of `score` over channel j's entries ('sum'), or that / their number ('mean')."""
+  total = jnp.sum(score, axis=tuple(a for a in range(score.ndim) if a != axis))
+  if channel_score == "mean":
+    return total / (score.size // score.shape[axis])
+  return total
+
+
+def channel_scores(
+  grad: jax.Array, param: jax.Array, axis: int, channel_score: str = "sum"
+) -> jax.Array:
+  """S_j = sum (or mean) over channel j's weights of |g * w| (float32), j along `axis`."""
+  return reduce_channels(transform.taylor_score(grad, param), axis, channel_score)
 
 
 def nm_top(score: jax.Array, n: int, m: int, axis: int) -> jax.Array:
@@ -168,10 +188,10 @@ def nm_top(score: jax.Array, n: int, m: int, axis: int) -> jax.Array:
   return jnp.moveaxis((rank < n).reshape(s.shape), -1, axis)
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _mask_channels(grads, weights, keep, axes):
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _mask_channels(grads, weights, keep, axes, channel_score):
   """(masked grads, threshold, num_active) of channel GSM over the pool."""
-  scores = [channel_scores(g, w, a) for g, w, a in zip(grads, weights, axes)]
+  scores = [channel_scores(g, w, a, channel_score) for g, w, a in zip(grads, weights, axes)]
   size = sum(s.size for s in scores)
   threshold = selection.select_score_threshold(scores, keep).threshold
   keep_all = keep >= size
@@ -243,6 +263,7 @@ def mask_by_global_channel_taylor(
   *,
   pool: _pool.Pool = None,
   channel_axis: Axis = -1,
+  channel_score: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps the loss gradient of the Q pooled channels with the greatest sum |g * w|.
 
@@ -256,6 +277,10 @@ def mask_by_global_channel_taylor(
   A channel is a slice of a pooled kernel at one index of `channel_axis` (an
   int for every leaf, or a pytree / callable of ints per leaf; default -1, the
   output features of Flax Dense (in, out) and Conv (h, w, in, out) kernels).
+  ``channel_score="mean"`` ranks S_j / (channel j's number of weights) instead:
+  with "sum" a channel of a larger fan-in sums more weights and tends to rank
+  higher across layers; "mean" compares channels of different layers per weight.
+
   The bias and BatchNorm after a channel are outside the pool and not masked:
   after the cut the channel outputs a constant (its bias, or what BatchNorm makes of it;
   docs/METHOD.md section 7), which exporting a smaller network must fold into the
@@ -266,6 +291,7 @@ def mask_by_global_channel_taylor(
       for a `channel_axis` a pooled leaf does not have, or C > #channels.
   """
   transform._check_compression_arg(compression)
+  _check_channel_score(channel_score)
 
   def state_with_keep(keep):
     return MaskByGlobalChannelTaylorState(
@@ -299,7 +325,7 @@ def mask_by_global_channel_taylor(
     keep, invalid = transform._keep_for_step(
       _num_channels(params, mask, axes), compression, state.count
     )
-    masked, threshold, num_active = _mask_channels(grads, weights, keep, axes)
+    masked, threshold, num_active = _mask_channels(grads, weights, keep, axes, channel_score)
     for i, g in zip(pooled, masked):
       flat[i] = g
     new_state = MaskByGlobalChannelTaylorState(
@@ -323,6 +349,7 @@ def gsm_channels(
   nesterov: bool = False,
   pool: _pool.Pool = None,
   channel_axis: Axis = -1,
+  channel_score: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   """Channel GSM: z <- beta * z + eta * w + B_channel * dL/dw;  w <- w - alpha * z.
 
@@ -331,7 +358,9 @@ def gsm_channels(
   about 0 and `prune_channels` cuts them. Biases and BatchNorm (outside the
   pool) are neither masked nor decayed.
   """
-  mask = mask_by_global_channel_taylor(compression, pool=pool, channel_axis=channel_axis)
+  mask = mask_by_global_channel_taylor(
+    compression, pool=pool, channel_axis=channel_axis, channel_score=channel_score
+  )
   return transform.gsm_chain([mask], learning_rate, momentum, weight_decay, nesterov, pool)
 
 
@@ -429,25 +458,30 @@ def _with_pooled(params: Any, pool_mask: Any, pooled_masks: list[jax.Array]) -> 
 
 
 def global_channel_mask(
-  params: Any, compression: float, *, pool: _pool.Pool = None, channel_axis: Axis = -1
+  params: Any,
+  compression: float,
+  *,
+  pool: _pool.Pool = None,
+  channel_axis: Axis = -1,
+  channel_score: str = "sum",
 ) -> Any:
   """Keeps exactly the Q = int(#pooled channels / C) channels of greatest sum |w|.
 
-  Ties go to the channel earlier in the pool: leaves in tree order, then by
-  channel index (a stable sort of -score; NaN scores last). Leaves outside
-  the pool are all True.
+  ``channel_score="mean"``: greatest mean |w| over the channel's weights. Ties
+  go to the channel earlier in the pool: leaves in tree order, then by channel
+  index (a stable sort of -score; NaN scores last). Leaves outside the pool
+  are all True.
 
   Returns:
     A pytree of bool arrays with the structure of `params`.
   """
+  _check_channel_score(channel_score)
   mask = _pool.resolve_pool(params, pool)
   axes = resolve_axes(params, mask, channel_axis, "channel_axis")
   keep = channel_keep_count(_num_channels(params, mask, axes), compression)
   leaves = _pool.pool_leaves(params, mask)
   scores = [
-    jnp.sum(
-      jnp.abs(jnp.asarray(p).astype(jnp.float32)), axis=tuple(i for i in range(p.ndim) if i != a)
-    )
+    reduce_channels(jnp.abs(jnp.asarray(p).astype(jnp.float32)), a, channel_score)
     for p, a in zip(leaves, axes)
   ]
   flat = jnp.concatenate(scores)
@@ -466,10 +500,17 @@ def global_channel_mask(
 
 
 def prune_channels(
-  params: Any, compression: float, *, pool: _pool.Pool = None, channel_axis: Axis = -1
+  params: Any,
+  compression: float,
+  *,
+  pool: _pool.Pool = None,
+  channel_axis: Axis = -1,
+  channel_score: str = "sum",
 ) -> Any:
-  """Zeroes every pooled channel but the Q of greatest sum |w| (`global_channel_mask`)."""
-  mask = global_channel_mask(params, compression, pool=pool, channel_axis=channel_axis)
+  """Zeroes every pooled channel but the Q of greatest sum (or mean) |w| (`global_channel_mask`)."""
+  mask = global_channel_mask(
+    params, compression, pool=pool, channel_axis=channel_axis, channel_score=channel_score
+  )
   return pruning.apply_mask(params, mask)
 
 

@@ -71,6 +71,8 @@ class DenseNetCifar(nnx.Module):
   ``layers_per_block`` BN-ReLU-conv3x3 layers, transitions without
   compression."""
 
+  classifier = "fc"  # the output layer: its channels are the classes
+
   def __init__(
     self,
     layers_per_block: int,

@@ -29,6 +29,8 @@ class LeNet300100(nnx.Module):
   sets the two hidden layers (a narrow export, models/narrow.py).
   """
 
+  classifier = "fc3"  # the output layer: its channels are the classes
+
   def __init__(
     self,
     *,
@@ -70,6 +72,8 @@ class LeNet5(nnx.Module):
   biases 20 + 50 + 500 + 10 = 580, 431,080 in total. ``widths`` sets conv1,
   conv2 and fc1 (a narrow export, models/narrow.py).
   """
+
+  classifier = "fc2"  # the output layer: its channels are the classes
 
   def __init__(
     self,

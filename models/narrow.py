@@ -208,6 +208,24 @@ def narrow_resnet(model: ResNetCifar) -> ResNetCifar:
 # Multiply-accumulates.
 
 
+def narrow(model: nnx.Module) -> nnx.Module:
+  """The narrowed copy of a LeNet-300-100, LeNet-5 or CIFAR ResNet (the functions above).
+
+  Raises:
+    TypeError: for a model with no narrowing.
+  """
+  for cls, fn in (
+    (LeNet300100, narrow_lenet300),
+    (LeNet5, narrow_lenet5),
+    (ResNetCifar, narrow_resnet),
+  ):
+    if isinstance(model, cls):
+      return fn(model)
+  raise TypeError(
+    f"no narrowing for {type(model).__name__}: LeNet300100, LeNet5 and ResNetCifar have one"
+  )
+
+
 def _jaxpr_macs(jaxpr: jex.Jaxpr) -> int:
   total = 0
   for eqn in jaxpr.eqns:

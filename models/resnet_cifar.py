@@ -76,6 +76,8 @@ class ResNetCifar(nnx.Module):
   16 / 32 / 64; n = 9 gives ResNet-56.
   """
 
+  classifier = "fc"  # the output layer: its channels are the classes
+
   def __init__(
     self,
     blocks_per_stage: int,

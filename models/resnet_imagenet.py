@@ -68,6 +68,8 @@ class ResNet50(nnx.Module):
   7x7 stem, [3, 4, 6, 3] bottleneck blocks, projection shortcuts;
   25,557,032 parameters for 1000 classes."""
 
+  classifier = "fc"  # the output layer: its channels are the classes
+
   def __init__(self, *, num_classes: int = 1000, in_channels: int = 3, rngs: nnx.Rngs):
     self.conv = conv(in_channels, 64, 7, 2, rngs)
     self.bn = batch_norm(64, rngs)

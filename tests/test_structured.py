@@ -47,9 +47,15 @@ def _others(a: np.ndarray, axis: int) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------
 
 
-def ref_channel_mask(grads, weights, keep: int, axis: int = -1) -> list[np.ndarray]:
+def ref_channel_scores(tensors, axis: int = -1, how: str = "sum") -> list[np.ndarray]:
+  """Per tensor, the sum (or mean) of |x| over each channel along axis."""
+  sums = [np.abs(x).sum(axis=_others(x, axis)) for x in tensors]
+  return sums if how == "sum" else [s / (x.size // s.size) for s, x in zip(sums, tensors)]
+
+
+def ref_channel_mask(grads, weights, keep: int, axis: int = -1, how: str = "sum") -> list:
   """Per pooled leaf, the bool mask of its active channels (a vector)."""
-  scores = [np.abs(g * w).sum(axis=_others(w, axis)) for g, w in zip(grads, weights)]
+  scores = ref_channel_scores([g * w for g, w in zip(grads, weights)], axis, how)
   flat = np.concatenate(scores)
   threshold = np.sort(flat)[-keep]
   keep_all = keep == flat.size
@@ -129,21 +135,21 @@ def _run(opt, mask_transform, ref_masks, use_jit: bool):
 COMPRESSION = 2.5  # 10 pooled channels (4 + 6): Q = 4
 
 
-def _channel_masks(grads, weights):
-  vectors = ref_channel_mask(grads, weights, keep=4)
-  return [np.broadcast_to(_along(v, w.ndim, -1), w.shape) for v, w in zip(vectors, weights)]
-
-
+@pytest.mark.parametrize("how", ["sum", "mean"])
 @pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-def test_gsm_channels_matches_reference(use_jit):
-  opt = gsm_optax.gsm_channels(LR, COMPRESSION, momentum=BETA, weight_decay=ETA)
-  mask = gsm_optax.mask_by_global_channel_taylor(COMPRESSION)
-  params, state = _run(opt, mask, _channel_masks, use_jit)
+def test_gsm_channels_matches_reference(use_jit, how):
+  def masks(grads, weights):
+    vectors = ref_channel_mask(grads, weights, keep=4, how=how)
+    return [np.broadcast_to(_along(v, w.ndim, -1), w.shape) for v, w in zip(vectors, weights)]
+
+  opt = gsm_optax.gsm_channels(LR, COMPRESSION, momentum=BETA, weight_decay=ETA, channel_score=how)
+  mask = gsm_optax.mask_by_global_channel_taylor(COMPRESSION, channel_score=how)
+  params, state = _run(opt, mask, masks, use_jit)
   assert int(state.keep) == 4 and int(state.num_active) == 4 and int(state.count) == STEPS
 
-  # The final cut: exactly Q channels, those of greatest sum |w|.
-  pruned = gsm_optax.prune_channels(params, COMPRESSION)
-  scores = np.concatenate([np.abs(w).sum(axis=_others(w, -1)) for w in _pooled(params)])
+  # The final cut: exactly Q channels, those of greatest sum (mean) |w|.
+  pruned = gsm_optax.prune_channels(params, COMPRESSION, channel_score=how)
+  scores = np.concatenate(ref_channel_scores(_pooled(params), -1, how))
   kept = np.zeros(10, bool)
   kept[np.argsort(-scores, kind="stable")[:4]] = True
   alive = np.concatenate([np.any(w != 0, axis=_others(w, -1)) for w in _pooled(pruned)])
@@ -279,6 +285,10 @@ def test_bad_input_raises():
     gsm_optax.gsm_channels(0.1, 2.0, channel_axis=2).init(params)
   with pytest.raises(ValueError, match=r"compression must be finite and >= 1"):
     gsm_optax.gsm_channels(0.1, 0.5)
+  with pytest.raises(ValueError, match=r"channel_score='max': use 'sum' .* or 'mean'"):
+    gsm_optax.gsm_channels(0.1, 2.0, channel_score="max")
+  with pytest.raises(ValueError, match=r"channel_score='l2': use 'sum'"):
+    gsm_optax.prune_channels(params, 2.0, channel_score="l2")
   with pytest.raises(ValueError, match=r"keeps Q = int\(10 / 11.0\) = 0 of 10 pooled channels"):
     gsm_optax.mask_by_global_channel_taylor(11.0).init(params)
   with pytest.raises(ValueError, match=r"keeps Q = int\(10 / 11.0\) = 0 of 10 pooled channels"):

@@ -223,6 +223,9 @@ ADDED_FIELDS = {
   "nm.n": 2,
   "nm.m": 4,
   "nm.axis": -2,
+  "channels.score": "sum",
+  "channels.layers": "",
+  "nm.layers": "",
 }
 
 

@@ -284,6 +284,13 @@ class Dataset:
     )
 
 
+def image_shape(name: str) -> tuple[int, int, int]:
+  """(H, W, C) of the images of dataset ``name``."""
+  if name not in _SPECS:
+    raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  return _SPECS[name].image_shape
+
+
 def validation_indices(num_train: int, num_validation: int) -> np.ndarray:
   """The training examples held out for validation, sorted: a fixed draw, not the run's seed."""
   order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(num_train)

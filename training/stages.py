@@ -61,8 +61,11 @@ import optax
 
 import gsm_optax
 from gsm_optax import baselines
+import models
+from models import narrow as narrow_lib
 from training import checkpoints
 from training import config as config_lib
+from training import data as data_lib
 from training import steps
 from training.steps import TrainState
 
@@ -716,62 +719,160 @@ def check_lottery(config: ml_collections.ConfigDict) -> None:
 # Structured methods: whole output channels (C counts channels), and N:M groups
 
 
-def gsm_channels_optimizer(cfg: Any, steps_per_epoch: int, compression: float, axis: int):
+def layer_names(layers: str) -> tuple[str, ...]:
+  """``"conv2,fc1"`` -> ("conv2", "fc1"): the top-level layers of a structured pool."""
+  return tuple(name.strip() for name in layers.split(",") if name.strip())
+
+
+def _top_name(path: tuple) -> str:
+  key = path[0]
+  return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def layer_pool(layers: str, exclude: str | None = None) -> Callable[[Any], Any]:
+  """params -> the kernels (``ndim >= 2``) of the named top-level layers; with
+  ``layers`` empty, every kernel but those of the layer ``exclude``."""
+  names = layer_names(layers)
+
+  def pool(params: Any) -> Any:
+    def pooled(path, flag):
+      name = _top_name(path)
+      return flag and (name in names if names else name != exclude)
+
+    return jax.tree_util.tree_map_with_path(pooled, gsm_optax.resolve_pool(params, None))
+
+  return pool
+
+
+def channel_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """The channel methods' pool: ``config.channels.layers``, or every kernel but
+  the classifier's (its output channels are the classes)."""
+  classifier = getattr(models.MODELS[config.model], "classifier", None)
+  return layer_pool(config.channels.layers, exclude=classifier)
+
+
+def _structured(config: ml_collections.ConfigDict) -> tuple:
+  """The hashable fields the structured optimizers read (``steps.make_phase`` caches on them)."""
+  return (
+    config.model,
+    float(config.compression),
+    tuple(sorted(config.channels.to_dict().items())),
+    tuple(sorted(config.nm.to_dict().items())),
+  )
+
+
+def _structured_config(fields: tuple) -> ml_collections.ConfigDict:
+  model, compression, channels, nm = fields
+  return ml_collections.ConfigDict(
+    dict(model=model, compression=compression, channels=dict(channels), nm=dict(nm))
+  )
+
+
+def nm_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """The N:M methods' pool: ``config.nm.layers``, or every kernel."""
+  return layer_pool(config.nm.layers)
+
+
+def gsm_channels_optimizer(
+  cfg: Any, steps_per_epoch: int, fields: tuple
+) -> tuple[optax.GradientTransformation, Any]:
   """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate."""
+  config = _structured_config(fields)
   lr = steps.section_schedule(cfg, steps_per_epoch)
   tx = gsm_optax.gsm_channels(
     lr,
-    compression,
+    float(config.compression),
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    channel_axis=axis,
+    pool=channel_pool(config),
+    channel_axis=config.channels.axis,
+    channel_score=config.channels.score,
   )
   return tx, lr
 
 
-def gsm_nm_optimizer(cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int):
+def gsm_nm_optimizer(
+  cfg: Any, steps_per_epoch: int, fields: tuple
+) -> tuple[optax.GradientTransformation, Any]:
   """``gsm_optax.gsm_nm`` with the section's learning rate."""
+  config = _structured_config(fields)
   lr = steps.section_schedule(cfg, steps_per_epoch)
   tx = gsm_optax.gsm_nm(
     lr,
-    n,
-    m,
+    config.nm.n,
+    config.nm.m,
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    axis=axis,
+    pool=nm_pool(config),
+    axis=config.nm.axis,
   )
   return tx, lr
 
 
 def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """params -> the Q = int(#pooled channels / C) channels of greatest sum |w| kept."""
-  compression, axis = float(config.compression), config.channels.axis
-  return jax.jit(lambda p: gsm_optax.prune_channels(p, compression, channel_axis=axis))
+  """params -> the Q = int(#pooled channels / C) channels of greatest sum (mean) |w| kept."""
+  cut = functools.partial(
+    gsm_optax.prune_channels,
+    compression=float(config.compression),
+    pool=channel_pool(config),
+    channel_axis=config.channels.axis,
+    channel_score=config.channels.score,
+  )
+  return jax.jit(cut)
 
 
 def nm_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   """params -> the N of greatest |w| of every group of M kept."""
   n, m, axis = config.nm.n, config.nm.m, config.nm.axis
-  return jax.jit(lambda p: gsm_optax.prune_nm(p, n, m, axis=axis))
+  return jax.jit(lambda p: gsm_optax.prune_nm(p, n, m, pool=nm_pool(config), axis=axis))
+
+
+def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int]:
+  """Multiply-accumulates of one forward pass of the model and of its narrowed
+  copy (``models.narrow``: dead channels removed); {} for a model with no
+  narrowing or params not all on this process."""
+  leaves = jax.tree.leaves(params)
+  if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return {}
+  classifier = getattr(models.MODELS[config.model], "classifier", None)
+  num_classes = int(np.shape(params[classifier]["kernel"])[-1]) if classifier else 10
+  model = models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.device_get(params))
+  nnx.update(model, state)
+  try:
+    narrowed = narrow_lib.narrow(model)
+  except TypeError:
+    return {}
+  shape = data_lib.image_shape(config.dataset)
+  return {
+    "macs_dense": narrow_lib.count_macs(model, shape),
+    "macs_narrow": narrow_lib.count_macs(narrowed, shape),
+  }
 
 
 def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
-  """What a channel method reached: channels kept of all pooled ones, both compressions."""
-  report = gsm_optax.channel_report(params, channel_axis=config.channels.axis)
+  """What a channel method reached: channels kept of all pooled ones, both
+  compressions, and the MACs of the narrowed model."""
+  report = gsm_optax.channel_report(
+    params, pool=channel_pool(config), channel_axis=config.channels.axis
+  )
   return {
     "channels_total": report.total_channels,
     "channels_kept": report.total_channels_kept,
+    "channels_kept_per_layer": {row.path: row.channels_kept for row in report.rows},
     "channel_compression_reached": report.channel_compression,
     "weight_compression_reached": report.compression,
+    **narrow_macs(config, params),
   }
 
 
 def nm_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
   """What an N:M method reached: whether every group holds at most N non-zeros."""
   n, m = config.nm.n, config.nm.m
-  report = gsm_optax.nm_report(params, n, m, axis=config.nm.axis)
+  report = gsm_optax.nm_report(params, n, m, pool=nm_pool(config), axis=config.nm.axis)
   return {
     "nm": f"{n}:{m}",
     "nm_conforms": report.conforms,
@@ -784,12 +885,11 @@ def nm_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]
 def gsm_channels_stages(ctx: Context) -> list[Stage]:
   """Channel GSM, then the channel cut to C (in channels) with no fine-tuning."""
   config = ctx.config
-  compression, axis = float(config.compression), config.channels.axis
   return [
     Stage(
       "gsm",
       config.gsm.epochs,
-      ctx.phase("gsm", gsm_channels_optimizer, config.gsm, compression, axis),
+      ctx.phase("gsm", gsm_channels_optimizer, config.gsm, _structured(config)),
     ),
     Stage("cut", 0, None, _pruning(ctx, channel_cut(config))),
   ]
@@ -798,10 +898,9 @@ def gsm_channels_stages(ctx: Context) -> list[Stage]:
 def gsm_nm_stages(ctx: Context) -> list[Stage]:
   """N:M GSM, then the N:M cut with no fine-tuning."""
   config = ctx.config
-  nm = config.nm
   return [
     Stage(
-      "gsm", config.gsm.epochs, ctx.phase("gsm", gsm_nm_optimizer, config.gsm, nm.n, nm.m, nm.axis)
+      "gsm", config.gsm.epochs, ctx.phase("gsm", gsm_nm_optimizer, config.gsm, _structured(config))
     ),
     Stage("cut", 0, None, _pruning(ctx, nm_cut(config))),
   ]
@@ -836,6 +935,25 @@ def _check_axis(config: ml_collections.ConfigDict, field: str) -> None:
 
 def check_channels(config: ml_collections.ConfigDict) -> None:
   _check_axis(config, "channels.axis")
+  config_lib.check(
+    config, "channels.score", lambda x: x in gsm_optax.CHANNEL_SCORES, "'sum' or 'mean'"
+  )
+  config_lib.check(config, "channels.layers", lambda x: isinstance(x, str), "a string")
+
+
+def _check_layers(config: ml_collections.ConfigDict, field: str, params: Any) -> None:
+  """Every name in ``config.<field>`` is a top-level layer of the model with a kernel."""
+  have = sorted({_top_name(p) for p, f in _flat_pool(params) if f})
+  for name in layer_names(config_lib.get_field(config, field)):
+    if name not in have:
+      raise config_lib.ConfigError(
+        f"config.{field} names {name!r}, which is not a layer of {config.model} with a "
+        f"kernel; its layers: {', '.join(have)}"
+      )
+
+
+def _flat_pool(params: Any) -> list:
+  return jax.tree_util.tree_flatten_with_path(gsm_optax.resolve_pool(params, None))[0]
 
 
 def check_nm(config: ml_collections.ConfigDict) -> None:
@@ -847,6 +965,7 @@ def check_nm(config: ml_collections.ConfigDict) -> None:
     f"an integer >= config.nm.n={config.nm.n}",
   )
   _check_axis(config, "nm.axis")
+  check("nm.layers", lambda x: isinstance(x, str), "a string")
 
 
 def check_gsm_channels(config: ml_collections.ConfigDict) -> None:
@@ -871,6 +990,7 @@ def check_magnitude_nm(config: ml_collections.ConfigDict) -> None:
 
 def check_channel_params(config: ml_collections.ConfigDict, params: Any) -> None:
   """C (in channels) keeps 1 <= Q <= #pooled channels, along an axis every pooled leaf has."""
+  _check_layers(config, "channels.layers", params)
   try:
     jax.eval_shape(channel_cut(config), params)
   except ValueError as err:
@@ -882,6 +1002,7 @@ def check_channel_params(config: ml_collections.ConfigDict, params: Any) -> None
 
 def check_nm_params(config: ml_collections.ConfigDict, params: Any) -> None:
   """M divides config.nm.axis of every pooled leaf."""
+  _check_layers(config, "nm.layers", params)
   try:
     jax.eval_shape(nm_cut(config), params)
   except ValueError as err:
