@@ -29,7 +29,7 @@ nbformat = pytest.importorskip("nbformat")
 from training import data  # noqa: E402
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("quickstart", "gsm_vs_magnitude", "winning_tickets")
+NOTEBOOKS = ("quickstart", "gsm_vs_magnitude", "winning_tickets", "structured")
 CELL_TIMEOUT_S = 300
 SMOKE_TRAIN_EXAMPLES = 2048  # max_train_examples of the notebooks' smoke mode
 
