@@ -100,7 +100,22 @@ CONFIGS = {
 METHODS = ("gsm", "gsm_gradual", "magnitude", "gmp", "admm")  # swept
 VARIANTS = ("gsm_ema", "gsm_age", "gsm_ft")  # GSM variants, not swept: gsm's rate
 TICKETS = ("ticket_magnitude", "ticket_gsm")
-RATE_OF = {v: "gsm" for v in VARIANTS}
+STRUCTURED = ("gsm_channels", "filter_l1", "gsm_nm", "magnitude_nm")  # --grid structured
+RATE_OF = {v: "gsm" for v in VARIANTS} | {
+  "gsm_channels": "gsm",
+  "gsm_nm": "gsm",
+  "filter_l1": "magnitude",
+  "magnitude_nm": "magnitude",
+}
+# LeNet-5's channel cells prune conv2's 50 channels only, so a C fixes the MACs for every method
+# (conv1's 20 channels feed conv2 and carry 13% of the MACs): int(50 / 2.38) = 21 channels,
+# 1,133,000 MACs, 2.02x fewer than 2,293,000; int(50 / 7.1) = 7, 573,000 MACs, 4.00x fewer.
+CHANNEL_COMPRESSIONS = {"lenet5": (2.38, 7.1), "lenet_300_100": ()}
+STRUCTURED_FIELDS = {  # LeNet-5's conv1 has 1 input channel: no group of 4 along it
+  "lenet5": {"channels.layers": "conv2", "nm.layers": "conv2,fc1,fc2"},
+  "lenet_300_100": {},
+}
+NM_COMPRESSION = 2.0  # 2:4 keeps half the pool: the C in an N:M cell's name
 TRAIN_METHOD = {m: "gsm" for m in ("gsm_gradual", *VARIANTS)} | dict.fromkeys(TICKETS, "lottery")
 GRADUAL_RAMP = 0.25  # gsm_gradual: C reaches its target after this fraction of the budget
 SCORE_EMA = 0.9  # gsm_ema
@@ -154,13 +169,19 @@ class Cell:
 # --------------------------------------------------------------------------- #
 
 
-def grid_groups(model: str = "lenet_300_100") -> list[tuple[str, float, int]]:
-  """(method, C, B) of issue 13.
+def grid_groups(
+  model: str = "lenet_300_100", grid: str = "methods"
+) -> list[tuple[str, float, int]]:
+  """(method, C, B) of issue 13 (``grid="methods"``) or of issue 14 (``"structured"``).
 
   LeNet-300-100: 4 C at B = 60, 2 C at B = 120, a budget curve at 60x, then the
   variants at 60x and 120x, B = 60. LeNet-5: every method and variant at 125x
-  and 300x, B = 60.
+  and 300x, B = 60. Structured: channel GSM and L1 filter pruning at 2x and 4x
+  fewer MACs (LeNet-5), 2:4 GSM and magnitude 2:4 (both), B = 60.
   """
+  if grid == "structured":
+    groups = [(m, c, 60) for c in CHANNEL_COMPRESSIONS[model] for m in STRUCTURED[:2]]
+    return groups + [(m, NM_COMPRESSION, 60) for m in STRUCTURED[2:]]
   if model == "lenet5":
     return [(m, c, 60) for c in (125.0, 300.0) for m in METHODS + VARIANTS]
   groups = [(m, c, 60) for c in (10.0, 30.0, 60.0, 120.0) for m in METHODS]
@@ -176,10 +197,14 @@ def all_cells(
   epochs: int | None,
   model: str = "lenet_300_100",
   sweep: bool = True,
+  grid: str = "methods",
 ) -> list[Cell]:
   """The dense cells, the sweep (first seed), the grid and the tickets, in the order they run."""
   budget = lambda b: b if epochs is None else epochs  # noqa: E731
   cells = [Cell("dense", "dense", 1.0, dense_epochs, s, model=model) for s in seeds]
+  if grid == "structured":  # the rates of an earlier sweep (--rates_from), no tickets
+    groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model, grid))
+    return cells + [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   if sweep:
     cells += [
       Cell("sweep", m, SWEEP_COMPRESSION, budget(SWEEP_BUDGET), seeds[0], lr, model)
@@ -270,7 +295,14 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
       source = ticket_source(cell, args.epochs)
       fields["lottery.gsm_checkpoint"] = os.path.join(args.workdir_root, source.name)
     return fields
-  if cell.method == "gsm_ft":
+  if cell.method in STRUCTURED:
+    fields.update(STRUCTURED_FIELDS[cell.model])
+    if cell.method.startswith("gsm"):
+      fields.update(_sgd("gsm", b, lr))
+      fields["gsm.warmup_epochs"] = min(5.0, b / 4)
+    else:
+      fields.update(_sgd("finetune", b, lr))
+  elif cell.method == "gsm_ft":
     tune = max(1, b // FINETUNE_SHARE)
     fields.update(_sgd("gsm", b - tune, lr))
     fields["gsm.warmup_epochs"] = min(5.0, (b - tune) / 4)
@@ -383,6 +415,7 @@ def record(cell: Cell, lr: float | None, argv: list[str], workdir: str, status: 
       "compression_reached",
       "epochs",
       "wall_time_s",
+      "method_results",
     )
     rec.update({key: summary.get(key) for key in keys})
   return rec
@@ -437,6 +470,9 @@ def aggregate(records: list[dict]) -> list[dict[str, Any]]:
     for key in ("accuracy_final", "validation_accuracy_final", "dense_accuracy"):
       values = np.array([r[key] for r in rs], np.float64)
       row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    macs = [r.get("method_results") or {} for r in rs]
+    if all("macs_narrow" in m for m in macs):  # channel methods: the narrowed model's MACs
+      row["macs_fraction"] = float(np.mean([m["macs_narrow"] / m["macs_dense"] for m in macs]))
     rows.append(row)
   return rows
 
@@ -455,15 +491,19 @@ def markdown(
     "",
     "Tickets (`ticket_*`): theta_0 * mask retrained for the dense epochs (the epochs column).",
     "",
+    "Channel methods: C counts channels; MACs: the narrowed model's, as a fraction of the dense "
+    "model's (mean over seeds).",
+    "",
     "| model | C | epochs | method | lr | seeds | test accuracy % | validation accuracy % "
-    "| dense test accuracy % |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| dense test accuracy % | MACs |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     cells = [f"{100 * r[k][0]:.2f} ± {100 * r[k][1]:.2f}" for k in _ACCURACIES]
+    macs = f"{r['macs_fraction']:.3f}" if "macs_fraction" in r else "-"
     lines.append(
       f"| {r['model']} | {r['compression']:g} | {r['budget']} | {r['method']} | "
-      f"{_rate(r['learning_rate'])} | {r['seeds']} | {' | '.join(cells)} |"
+      f"{_rate(r['learning_rate'])} | {r['seeds']} | {' | '.join(cells)} | {macs} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -560,6 +600,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--tag", default="evidence", help="output names: <tag>_raw.json, <tag>.md, ...")
   p.add_argument("--machine", default="", help="a line on the hardware, for the table")
   p.add_argument("--stage", choices=("all", "sweep", "grid", "ticket"), default="all")
+  p.add_argument(
+    "--grid",
+    choices=("methods", "structured"),
+    default="methods",
+    help="issue 13's methods, or issue 14's structured methods (needs --rates_from)",
+  )
   p.add_argument("--only", default="", help="field=value,... over the cell fields")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--plan", action="store_true", help="print the cells left and the time")
@@ -700,7 +746,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args.finetune_rate = None  # magnitude's chosen rate, set by the runner
   only = dict(item.split("=", 1) for item in args.only.split(",") if item)
   seeds = [int(s) for s in args.seeds.split(",")]
-  cells = all_cells(seeds, args.dense_epochs, args.epochs, args.model, not args.rates_from)
+  cells = all_cells(
+    seeds, args.dense_epochs, args.epochs, args.model, not args.rates_from, args.grid
+  )
+  if args.grid == "structured" and not (args.rates_from or args.learning_rate):
+    sys.exit("--grid structured takes the sweep's rates: give --rates_from (or --learning_rate)")
   cells = select(cells, only, args.stage)
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args, cells)

@@ -88,8 +88,11 @@ def _fake_train(started: list[str]):
       assert os.path.exists(os.path.join(source, "summary.json")), (workdir, source)
     started.append(os.path.relpath(workdir, os.path.dirname(os.path.dirname(dense or workdir))))
     os.makedirs(workdir, exist_ok=True)
+    summary = {"accuracy_final": float(flags["config.seed"]) / 10, "flags": flags}
+    if flags.get("config.method") in ("gsm_channels", "filter_l1"):
+      summary["method_results"] = {"macs_narrow": 1 + int(flags["config.seed"]), "macs_dense": 4}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({"accuracy_final": float(flags["config.seed"]) / 10, "flags": flags}, f)
+      json.dump(summary, f)
     return 0
 
   return run_cell
@@ -154,3 +157,34 @@ def test_a_deadline_starts_no_cell_and_reports_what_was_not_run(tmp_path, monkey
   assert (
     "lenet_300_100/grid/gsm_c60_e60/seed0: not run (the deadline passed)" in capsys.readouterr().out
   )
+
+
+def test_structured_grid_takes_the_sweeps_rates_and_prunes_conv2(tmp_path, monkeypatch):
+  rates = tmp_path / "lr.json"
+  rates.write_text(json.dumps({"chosen": {"gsm": 0.03, "magnitude": 0.1}}))
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
+  common = ["--model=lenet5", "--grid=structured", "--seeds=0,1", f"--out={tmp_path / 'out'}"]
+  with pytest.raises(SystemExit, match="--grid structured takes the sweep's rates"):
+    evidence.main(common)
+  args = [*common, f"--rates_from={rates}", f"--workdir_root={tmp_path / 'runs'}", "--tag=s"]
+  assert evidence.main(args) == 0
+  assert len(started) == 2 + 2 * 6  # dense, then 2 channel methods x 2 C + 2 N:M methods
+
+  def flags(name):
+    with open(tmp_path / "runs" / "lenet5" / "grid" / name / "summary.json") as f:
+      return json.load(f)["flags"]
+
+  channels = flags("gsm_channels_c2.38_e60/seed0")
+  assert channels["config.method"] == "gsm_channels" and channels["config.compression"] == "2.38"
+  assert channels["config.channels.layers"] == "conv2" and channels["config.gsm.epochs"] == "60"
+  assert channels["config.gsm.learning_rate"] == "0.03"
+  l1 = flags("filter_l1_c7.1_e60/seed1")
+  assert l1["config.finetune.learning_rate"] == "0.1" and l1["config.finetune.epochs"] == "60"
+  nm = flags("magnitude_nm_c2_e60/seed0")
+  assert nm["config.method"] == "magnitude_nm" and nm["config.nm.layers"] == "conv2,fc1,fc2"
+  table = (tmp_path / "out" / "s.md").read_text()
+  # seeds 0 and 1: MACs 1/4 and 2/4 of the dense model's, mean 0.375
+  assert "| lenet5 | 7.1 | 60 | filter_l1 | 0.1 | 2 | 5.00 ± 7.07 |" in table
+  assert table.count("| 0.375 |") == 4 and table.count("| - |\n") == 2
