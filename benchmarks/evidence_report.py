@@ -51,8 +51,26 @@ SOURCES = (
     "LeNet-5, full Fashion-MNIST, one H200 GPU",
     "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S (its first runner), run twice",
   ),
+  (
+    "evidence_lenet5_tickets_raw.json",
+    "LeNet-5 winning tickets, full Fashion-MNIST, one H200 GPU (new dense models)",
+    "bash benchmarks/structured_gpu.sh OUT DATA_DIR DEADLINE_S (its third runner)",
+  ),
+  (
+    "structured_lenet5_raw.json",
+    "Structured pruning (issue 14), LeNet-5, full Fashion-MNIST, one H200 GPU: channel GSM vs "
+    "L1 filter pruning of conv2 (C = 2.38 / 7.1 keep 21 / 7 of its 50 channels: 2.02x / 4.00x "
+    "fewer MACs), 2:4 GSM vs magnitude 2:4 + retraining (the 2x column; conv2, fc1, fc2)",
+    "bash benchmarks/structured_gpu.sh OUT DATA_DIR DEADLINE_S (its first runner)",
+  ),
+  (
+    "structured_lenet300_raw.json",
+    "Structured pruning (issue 14), LeNet-300-100, one H200 GPU: 2:4 GSM vs magnitude 2:4 + "
+    "retraining (every kernel)",
+    "bash benchmarks/structured_gpu.sh OUT DATA_DIR DEADLINE_S (its second runner)",
+  ),
 )
-ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS
+ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS + evidence.STRUCTURED
 NO_FINETUNE_VARIANTS = ("gsm_gradual", "gsm_ema", "gsm_age")
 
 
@@ -92,7 +110,7 @@ def by_compression(
     "| method | lr | " + " | ".join(f"{c:g}x" for c in cs) + " |",
     "|---|---|" + "---|" * len(cs),
   ]
-  dense = [r for r in mine if r["method"] in ("gsm", "magnitude")]
+  dense = [r for r in mine if r["method"] in ("gsm", "magnitude", *evidence.STRUCTURED)]
   for m in methods:
     cells = []
     for c in cs:
@@ -102,6 +120,13 @@ def by_compression(
       cells.append(f"{text}{'; ' if text else ''}{failed} diverged" if failed else text)
     lr = next((r["learning_rate"] for r in mine if r["method"] == m), None)
     lines.append(f"| {m} | {evidence._rate(lr)} | " + " | ".join(cells) + " |")
+  macs = {c: r["macs_fraction"] for r in mine if "macs_fraction" in r for c in [r["compression"]]}
+  if macs:
+    lines.append(
+      "| *MACs of the narrowed model / dense* | | "
+      + " | ".join(f"{macs[c]:.3f}" if c in macs else "" for c in cs)
+      + " |"
+    )
   if dense:
     lines.append(
       "| *dense model* | | "
