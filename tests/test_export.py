@@ -267,3 +267,16 @@ def test_narrow_resnet56_equals_the_masked_model_in_eval_mode():
   x = jax.random.normal(jax.random.key(10), (2, 32, 32, 3))
   np.testing.assert_allclose(_logits(narrow, x), _logits(model, x), rtol=1e-4, atol=1e-4)
   assert count_params(narrow) < count_params(model) * 0.6
+
+
+def test_bench_export_conv2_models_have_the_experiments_mac_ratios():
+  for keep, ratio in zip(bench_export.CONV2_KEEP, (2.02, 4.00)):
+    masked = bench_export.conv2_masked(keep)
+    narrow = narrow_lenet5(masked)
+    widths = [layer.kernel.shape[-1] for layer in (narrow.conv1, narrow.conv2, narrow.fc1)]
+    assert widths == [20, keep, 500]
+    macs = count_macs(masked, (28, 28, 1)) / count_macs(narrow, (28, 28, 1))
+    assert round(macs, 2) == ratio
+    x = jax.random.normal(jax.random.key(3), (4, 28, 28, 1))
+    np.testing.assert_allclose(_logits(narrow, x), _logits(masked, x), rtol=1e-4, atol=1e-4)
+    assert bench_export.model_bytes(narrow) < bench_export.model_bytes(masked)
