@@ -32,6 +32,7 @@ from gsm_optax.structured import MaskByGlobalChannelTaylorState
 from gsm_optax.structured import MaskByNMTaylorState
 from gsm_optax.structured import NMReport
 from gsm_optax.structured import channel_report
+from gsm_optax.structured import channel_stats
 from gsm_optax.structured import global_channel_mask
 from gsm_optax.structured import gsm_channels
 from gsm_optax.structured import gsm_nm
@@ -39,6 +40,7 @@ from gsm_optax.structured import mask_by_global_channel_taylor
 from gsm_optax.structured import mask_by_nm_taylor
 from gsm_optax.structured import nm_mask
 from gsm_optax.structured import nm_report
+from gsm_optax.structured import nm_stats
 from gsm_optax.structured import prune_channels
 from gsm_optax.structured import prune_nm
 from gsm_optax.transform import MaskByGlobalTaylorState
@@ -68,6 +70,7 @@ __all__ = [
   "add_passive_age_decay",
   "apply_mask",
   "baselines",
+  "channel_stats",
   "channel_report",
   "default_pool",
   "global_channel_mask",
@@ -88,6 +91,7 @@ __all__ = [
   "nm_decompress",
   "nm_mask",
   "nm_report",
+  "nm_stats",
   "nm_storage_bytes",
   "passive_decay",
   "pool_size",

@@ -364,6 +364,23 @@ def gsm_channels(
   return transform.gsm_chain([mask], learning_rate, momentum, weight_decay, nesterov, pool)
 
 
+def channel_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Logging view of the one `MaskByGlobalChannelTaylorState` in `opt_state` (any nesting).
+
+  Returns:
+    A dict with "step", "keep" (Q channels), "threshold", "num_active"
+    (active channels) and "num_invalid_compression".
+  """
+  state = transform.single_state(opt_state, MaskByGlobalChannelTaylorState, "channel_stats")
+  return {
+    "step": state.count,
+    "keep": state.keep,
+    "threshold": state.threshold,
+    "num_active": state.num_active,
+    "num_invalid_compression": state.num_invalid_compression,
+  }
+
+
 # --------------------------------------------------------------------------
 # N:M GSM.
 
@@ -444,6 +461,12 @@ def gsm_nm(
 
 # --------------------------------------------------------------------------
 # Final cuts.
+
+
+def nm_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Logging view of the one `MaskByNMTaylorState` in `opt_state`: "step", "num_active"."""
+  state = transform.single_state(opt_state, MaskByNMTaylorState, "nm_stats")
+  return {"step": state.count, "num_active": state.num_active}
 
 
 def _with_pooled(params: Any, pool_mask: Any, pooled_masks: list[jax.Array]) -> Any:

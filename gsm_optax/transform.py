@@ -601,12 +601,20 @@ def gsm_chain(
   return optax.GradientTransformationExtraArgs(init_fn, chain.update)
 
 
-def _find_states(state: Any) -> list[MaskByGlobalTaylorState]:
+def _find_states(state: Any, kind: type = MaskByGlobalTaylorState) -> list[Any]:
   return [
-    s
-    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, MaskByGlobalTaylorState))
-    if isinstance(s, MaskByGlobalTaylorState)
+    s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind)) if isinstance(s, kind)
   ]
+
+
+def single_state(opt_state: Any, kind: type, caller: str) -> Any:
+  """The one state of type `kind` in `opt_state` (any nesting); a ValueError otherwise."""
+  found = _find_states(opt_state, kind)
+  if len(found) != 1:
+    raise ValueError(
+      f"{caller} expects exactly one {kind.__name__} in the optimizer state, found {len(found)}."
+    )
+  return found[0]
 
 
 def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -622,13 +630,7 @@ def gsm_stats(opt_state: Any) -> dict[str, jax.Array]:
   Raises:
     ValueError: `opt_state` holds no such state, or more than one.
   """
-  found = _find_states(opt_state)
-  if len(found) != 1:
-    raise ValueError(
-      "gsm_stats expects exactly one MaskByGlobalTaylorState in the "
-      f"optimizer state, found {len(found)}."
-    )
-  state = found[0]
+  state = single_state(opt_state, MaskByGlobalTaylorState, "gsm_stats")
   return {
     "step": state.count,
     "keep": state.keep,

@@ -313,3 +313,21 @@ def test_inject_hyperparams_needs_static_shape_args():
   opt = optax.inject_hyperparams(gsm_optax.gsm_nm, static_args=("n", "m", "axis"))(LR, 2, 4)
   _, state = jax.jit(opt.update)(params, opt.init(params), params)
   assert int(state.inner_state[0].num_active) == 168
+
+
+def test_stats_find_the_mask_state_in_any_nesting():
+  params = _params(0)
+  grads = _grads(params, _params(1))
+  opt = optax.chain(optax.identity(), gsm_optax.gsm_channels(LR, COMPRESSION))
+  state = opt.update(grads, opt.init(params), params)[1]
+  stats = gsm_optax.channel_stats(state)
+  assert (int(stats["step"]), int(stats["keep"]), int(stats["num_active"])) == (1, 4, 4)
+  nm = optax.inject_hyperparams(gsm_optax.gsm_nm, static_args=("n", "m"))(LR, n=2, m=4)
+  nm_state = nm.update(grads, nm.init(params), params)[1]
+  assert int(gsm_optax.nm_stats(nm_state)["num_active"]) == (3 * 3 * 8 * 4 + 8 * 6) // 2
+  with pytest.raises(
+    ValueError, match="channel_stats expects exactly one MaskByGlobalChannelTaylorState .* found 0"
+  ):
+    gsm_optax.channel_stats(optax.sgd(0.1).init(params))
+  with pytest.raises(ValueError, match="nm_stats expects exactly one MaskByNMTaylorState"):
+    gsm_optax.nm_stats(state)

@@ -8,6 +8,7 @@ model; the N:M methods conform, with exactly N non-zeros in every group of
 M, so |pool| * N / M non-zeros in all.
 """
 
+import json
 import os
 import sys
 
@@ -37,6 +38,12 @@ HIDDEN = {"fc1": True, "fc2": True, "fc3": False}
 
 def _pool(params, layers=HIDDEN):
   return {k: {"kernel": layers.get(k, False), "bias": False} for k in params}
+
+
+def _metrics(workdir) -> list[dict]:
+  """The rows of the run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 def _macs(k1: int, k2: int) -> int:
@@ -86,6 +93,10 @@ def test_channel_methods_keep_exactly_q_channels(data_dir, tmp_path, method, epo
   assert results["channel_compression_reached"] == pytest.approx(CHANNELS / CHANNEL_KEEP)
   assert results["macs_dense"] == _macs(300, 100) == 266_200
   assert results["macs_narrow"] == _macs(max(k1, 1), max(k2, 1))  # narrow keeps >= 1 per layer
+  if method == "gsm_channels":  # the epoch rows log the channel mask
+    row = _metrics(tmp_path / method)[-1]
+    assert row["keep_channels"] == CHANNEL_KEEP and row["active_channels"] >= CHANNEL_KEEP
+    assert row["invalid_compression_steps"] == 0
 
 
 def test_channel_layers_and_mean_score(data_dir, tmp_path):  # noqa: F811
@@ -116,6 +127,8 @@ def test_nm_methods_keep_exactly_n_of_every_m(data_dir, tmp_path, method, epochs
   results = summary["method_results"]
   assert results["nm"] == "2:4" and results["nm_conforms"] is True
   assert results["nm_nonzeros"] == expected and results["nm_groups_over_n"] == 0
+  if method == "gsm_nm":  # exactly N of every M get the gradient
+    assert _metrics(tmp_path / method)[-1]["active_weights"] == expected
 
 
 def test_bad_structured_configs_are_refused_before_training():

@@ -882,6 +882,26 @@ def nm_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]
   }
 
 
+def _channel_bar_stats(state: TrainState) -> dict[str, Any]:
+  stats = gsm_optax.channel_stats(state.opt_state)
+  return {"active": int(stats["num_active"]), "thresh": f"{float(stats['threshold']):.3g}"}
+
+
+def _channel_epoch_stats(state: TrainState) -> dict[str, Any]:
+  """Active channels (Q, or more on ties), Q, the channel score threshold, clamped-C steps."""
+  stats = gsm_optax.channel_stats(state.opt_state)
+  return {
+    "active_channels": int(stats["num_active"]),
+    "keep_channels": int(stats["keep"]),
+    "threshold": float(stats["threshold"]),
+    "invalid_compression_steps": int(stats["num_invalid_compression"]),
+  }
+
+
+def _nm_stats(state: TrainState) -> dict[str, Any]:
+  return {"active_weights": int(gsm_optax.nm_stats(state.opt_state)["num_active"])}
+
+
 def gsm_channels_stages(ctx: Context) -> list[Stage]:
   """Channel GSM, then the channel cut to C (in channels) with no fine-tuning."""
   config = ctx.config
@@ -890,6 +910,8 @@ def gsm_channels_stages(ctx: Context) -> list[Stage]:
       "gsm",
       config.gsm.epochs,
       ctx.phase("gsm", gsm_channels_optimizer, config.gsm, _structured(config)),
+      bar_stats=_channel_bar_stats,
+      epoch_stats=_channel_epoch_stats,
     ),
     Stage("cut", 0, None, _pruning(ctx, channel_cut(config))),
   ]
@@ -900,7 +922,11 @@ def gsm_nm_stages(ctx: Context) -> list[Stage]:
   config = ctx.config
   return [
     Stage(
-      "gsm", config.gsm.epochs, ctx.phase("gsm", gsm_nm_optimizer, config.gsm, _structured(config))
+      "gsm",
+      config.gsm.epochs,
+      ctx.phase("gsm", gsm_nm_optimizer, config.gsm, _structured(config)),
+      bar_stats=_nm_stats,
+      epoch_stats=_nm_stats,
     ),
     Stage("cut", 0, None, _pruning(ctx, nm_cut(config))),
   ]
