@@ -9,6 +9,9 @@ sizes and speeds do not depend on the values):
   * LeNet-5 as the structured experiment's conv2-only results (issue 14): conv2
     keeps its first 21 or 7 of 50 output channels (2.02x, 4.00x fewer MACs), conv1
     and fc1 full; the same measures and bytes of an `np.savez` of the params;
+  * CIFAR ResNet-56 in eval mode, the inner conv (conv1) of every basic block keeping
+    its first half of output channels: the same measures, masked vs
+    `models.narrow.narrow_resnet` (few repeats: `--resnet_repeats`);
   * LeNet-300-100, `gsm_optax.prune` at densities 1/60, 1/10, 1/2: jitted forward
     with BCOO kernels (`gsm_optax.to_bcoo`) vs dense masked kernels, and bytes on
     disk of `gsm_optax.save_sparse` vs `np.savez` of the dense params;
@@ -17,7 +20,7 @@ sizes and speeds do not depend on the values):
 Latency: median over interleaved samples of CHAIN forwards dispatched back to
 back (bench_update.time_interleaved). Writes benchmarks/results/bench_export.{json,md}.
 
-  python benchmarks/bench_export.py [--repeats 15]
+  python benchmarks/bench_export.py [--repeats 15] [--resnet_repeats 3]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import platform
 import sys
 import tempfile
 from typing import Any
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -46,21 +50,30 @@ from models import count_params  # noqa: E402
 from models.lenet import LeNet5  # noqa: E402
 from models.narrow import count_macs  # noqa: E402
 from models.narrow import narrow_lenet5  # noqa: E402
+from models.narrow import narrow_resnet  # noqa: E402
+from models.resnet_cifar import ResNet56  # noqa: E402
 
 CHAIN = 10
 BATCHES = (1, 256)
 CONV2_KEEP = (21, 7)  # of conv2's 50 output channels
+LENET5_INPUT = (28, 28, 1)
+RESNET_INPUT = (32, 32, 3)
 
 
 def random_model(build, seed: int) -> nnx.Module:
-  """`build()`'s module with NumPy-drawn kernels and non-zero biases."""
+  """`build()`'s module with NumPy-drawn kernels, non-zero biases and BatchNorm statistics."""
   rng = np.random.default_rng(seed)
   model = nnx.eval_shape(build)
   for path, variable in nnx.iter_graph(model):
-    if isinstance(variable, nnx.Param):
-      shape = variable.get_value().shape
+    if not isinstance(variable, (nnx.Param, nnx.BatchStat)):
+      continue
+    shape = variable.get_value().shape
+    if path[-1] == "var":
+      value = rng.uniform(0.5, 2.0, shape)
+    else:
       scale = 1 / np.sqrt(np.prod(shape[:-1])) if path[-1] == "kernel" else 0.1
-      variable.set_value(jnp.asarray(scale * rng.standard_normal(shape), jnp.float32))
+      value = scale * rng.standard_normal(shape)
+    variable.set_value(jnp.asarray(value, jnp.float32))
   return model
 
 
@@ -92,28 +105,36 @@ def times(steps: dict[str, Any], repeats: int) -> dict[str, float]:
   return ms
 
 
-def compare_narrow(masked: LeNet5, repeats: int) -> dict[str, Any]:
-  """Sizes, MACs, savez bytes and latencies of `masked` vs `narrow_lenet5(masked)`."""
-  narrow = narrow_lenet5(masked)
+def lenet5_widths(narrow: LeNet5) -> list[int]:
+  """Output widths of a LeNet-5's conv1, conv2 and fc1."""
+  return [layer.kernel.shape[-1] for layer in (narrow.conv1, narrow.conv2, narrow.fc1)]
+
+
+def compare_narrow(
+  masked: nnx.Module,
+  repeats: int,
+  narrow_fn: Callable[[Any], nnx.Module] = narrow_lenet5,
+  widths: Callable[[Any], list[int]] = lenet5_widths,
+  input_shape: tuple[int, ...] = LENET5_INPUT,
+) -> dict[str, Any]:
+  """Sizes, MACs, savez bytes, latencies and max |diff| of the logits of `masked` vs
+  `narrow_fn(masked)` (LeNet-5 by default); `widths` of the narrow model recorded."""
+  narrow = narrow_fn(masked)
   models = dict(masked=masked, narrow=narrow)
   out: dict[str, Any] = dict(
-    widths=[
-      narrow.conv1.kernel.shape[-1],
-      narrow.conv2.kernel.shape[-1],
-      narrow.fc1.kernel.shape[-1],
-    ],
+    widths=widths(narrow),
     params={k: count_params(m) for k, m in models.items()},
-    macs={k: count_macs(m, (28, 28, 1)) for k, m in models.items()},
+    macs={k: count_macs(m, input_shape) for k, m in models.items()},
     bytes={k: model_bytes(m) for k, m in models.items()},
     latency_ms={},
   )
-  x_all = jnp.asarray(np.random.default_rng(1).standard_normal((256, 28, 28, 1)), jnp.float32)
+  x_all = np.random.default_rng(1).standard_normal((max(BATCHES), *input_shape))
   for batch in BATCHES:
-    x = x_all[:batch]
-    diff = float(jnp.max(jnp.abs(narrow(x) - masked(x))))
-    ms = times({"masked": forward_step(masked, x), "narrow": forward_step(narrow, x)}, repeats)
-    out["latency_ms"][str(batch)] = ms
-    out[f"max_abs_diff_batch_{batch}"] = diff
+    x = jnp.asarray(x_all[:batch], jnp.float32)
+    steps = {k: forward_step(m, x) for k, m in models.items()}
+    diff = jnp.max(jnp.abs(steps["narrow"](None, 0) - steps["masked"](None, 0)))
+    out["latency_ms"][str(batch)] = times(steps, repeats)
+    out[f"max_abs_diff_batch_{batch}"] = float(diff)
   return out
 
 
@@ -135,6 +156,28 @@ def conv2_masked(keep: int, seed: int = 0) -> LeNet5:
 def bench_lenet5_conv2(repeats: int) -> list[dict[str, Any]]:
   """The conv2-only channel-pruned LeNet-5s (CONV2_KEEP), masked vs narrow."""
   return [dict(keep=k, **compare_narrow(conv2_masked(k), repeats)) for k in CONV2_KEEP]
+
+
+def resnet56_masked(seed: int = 4) -> ResNet56:
+  """A random ResNet-56 in eval mode whose blocks' conv1 kernels are zero but for
+  their first half of output channels (what `narrow_resnet` removes)."""
+  model = random_model(lambda: ResNet56(rngs=nnx.Rngs(0)), seed)
+  for block in model.blocks:
+    kernel = block.conv1.kernel
+    value = kernel.get_value()
+    kernel.set_value(value.at[..., value.shape[-1] // 2 :].set(0.0))
+  model.eval()
+  return model
+
+
+def resnet_widths(narrow: nnx.Module) -> list[int]:
+  """Inner (conv1) width of every basic block."""
+  return [block.conv1.kernel.shape[-1] for block in narrow.blocks]
+
+
+def bench_resnet56(repeats: int) -> dict[str, Any]:
+  """ResNet-56, half of every block's inner channels cut, masked vs `narrow_resnet`."""
+  return compare_narrow(resnet56_masked(), repeats, narrow_resnet, resnet_widths, RESNET_INPUT)
 
 
 def lenet300_params(seed: int = 2) -> dict:
@@ -163,9 +206,13 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> int:
 
 
 def model_bytes(model: nnx.Module) -> int:
-  """Bytes of an `np.savez` of the model's parameters (a layer-name / param-name dict)."""
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return npz_bytes({"/".join(k): np.asarray(v) for k, v in _flat(params)})
+  """Bytes of an `np.savez` of the model's variables (parameters, BatchNorm statistics,
+  folded constants; no RNG state), keyed by their "/"-joined paths."""
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.RngState)))
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return npz_bytes(
+    {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
+  )
 
 
 def bench_lenet300(compression: float, repeats: int) -> dict[str, Any]:
@@ -240,6 +287,24 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def resnet_markdown(results: dict[str, Any]) -> list[str]:
+  """The ResNet-56 caption and table."""
+  rn = results["resnet56"]
+  stages = [rn["widths"][i] for i in range(0, len(rn["widths"]), 9)]
+  return [
+    "CIFAR ResNet-56 (eval mode, random weights and BN statistics), conv1 of every basic block "
+    f"zero but for its first half of output channels (inner widths {stages} in the three "
+    "stages, of 16, 32, 64); narrow = `narrow_resnet` (max |diff| of the logits "
+    f"{rn['max_abs_diff_batch_256']:.1e}); input 32x32x3; savez bytes = `np.savez` of the "
+    "params, BN statistics and (narrow) folded constants; latency: median of "
+    f"{results['resnet_repeats']} interleaved samples of {CHAIN} jitted forwards",
+    "",
+    "| | masked | narrow | narrow / masked |",
+    "|---|---:|---:|---:|",
+    *comparison_rows([rn]),
+  ]
+
+
 def markdown(results: dict[str, Any]) -> str:
   le = results["lenet5"]
   c2 = results["lenet5_conv2"]
@@ -270,6 +335,8 @@ def markdown(results: dict[str, Any]) -> str:
     + " |",
     "|---|" + "---:|---:|---:|" * len(c2),
     *comparison_rows(c2),
+    "",
+    *resnet_markdown(results),
     "",
     "LeNet-300-100, unstructured global magnitude cut (`prune`): BCOO kernels (`to_bcoo`, "
     "`sparse_dense`) vs the dense masked kernels; bytes of `save_sparse` vs `np.savez` dense",
@@ -335,23 +402,37 @@ def verdict(results: dict[str, Any]) -> str:
       )
       + "."
     )
+  rn = results["resnet56"]
+  text += (
+    f" ResNet-56, half of the inner channels: {rn['macs']['narrow'] / rn['macs']['masked']:.2f}x "
+    "the MACs, "
+    + ", ".join(
+      f"{ms['narrow'] / ms['masked']:.2f}x the time at batch {b}"
+      for b, ms in rn["latency_ms"].items()
+    )
+    + "."
+  )
   return text
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--resnet_repeats", type=int, default=3, help="samples for ResNet-56")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
   results: dict[str, Any] = dict(
     machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
     jax=jax.__version__,
     repeats=args.repeats,
+    resnet_repeats=args.resnet_repeats,
     chain=CHAIN,
-    command="python benchmarks/bench_export.py" + f" --repeats {args.repeats}",
+    command="python benchmarks/bench_export.py"
+    + f" --repeats {args.repeats} --resnet_repeats {args.resnet_repeats}",
   )
   results["lenet5"] = bench_lenet5(args.repeats)
   results["lenet5_conv2"] = bench_lenet5_conv2(args.repeats)
+  results["resnet56"] = bench_resnet56(args.resnet_repeats)
   results["lenet300"] = [bench_lenet300(c, args.repeats) for c in (60.0, 10.0, 2.0)]
   results["nm_2_4"] = bench_nm()
   results["verdict"] = verdict(results)

@@ -280,3 +280,11 @@ def test_bench_export_conv2_models_have_the_experiments_mac_ratios():
     x = jax.random.normal(jax.random.key(3), (4, 28, 28, 1))
     np.testing.assert_allclose(_logits(narrow, x), _logits(masked, x), rtol=1e-4, atol=1e-4)
     assert bench_export.model_bytes(narrow) < bench_export.model_bytes(masked)
+
+
+def test_bench_export_resnet56_is_masked_in_eval_mode_and_narrows_to_half():
+  masked = bench_export.resnet56_masked()
+  assert all(b.bn1.use_running_average for b in masked.blocks)
+  narrow = narrow_resnet(masked)
+  assert bench_export.resnet_widths(narrow) == [8] * 9 + [16] * 9 + [32] * 9
+  assert bench_export.model_bytes(narrow) < bench_export.model_bytes(masked)
