@@ -69,7 +69,7 @@ def test_tiny_grid_runs_once_resumes_as_a_no_op_and_aggregates_the_raw_records(
     values = 100 * np.array([r[key] for r in grid])
     std = np.sqrt(np.sum((values - values.mean()) ** 2) / (len(values) - 1))
     cells.append(f"{values.mean():.2f} ± {std:.2f}")
-  expected = f"| lenet_300_100 | 60 | 1 | gsm | 0.03 | 2 | {' | '.join(cells)} |"
+  expected = f"| lenet_300_100 | 60 | 1 | gsm | 0.03 | 2 | {' | '.join(cells)} | - |"  # no MACs: not a channel method
   table = (tmp_path / "out" / "evidence.md").read_text()
   assert expected in table.splitlines()
   assert (tmp_path / "out" / "evidence.png").stat().st_size > 0
