@@ -90,6 +90,8 @@ def test_channel_methods_keep_exactly_q_channels(data_dir, tmp_path, method, epo
   assert results["channels_kept"] == CHANNEL_KEEP
   k1, k2 = (row.channels_kept for row in report.rows)
   assert results["channels_kept_per_layer"] == {"['fc1']['kernel']": k1, "['fc2']['kernel']": k2}
+  dead = [path for path, k in results["channels_kept_per_layer"].items() if k == 0]
+  assert results["layers_without_channels"] == dead
   assert results["channel_compression_reached"] == pytest.approx(CHANNELS / CHANNEL_KEEP)
   assert results["macs_dense"] == _macs(300, 100) == 266_200
   assert results["macs_narrow"] == _macs(max(k1, 1), max(k2, 1))  # narrow keeps >= 1 per layer
@@ -105,6 +107,7 @@ def test_channel_layers_and_mean_score(data_dir, tmp_path):  # noqa: F811
   report = gsm_optax.channel_report(params, pool=_pool(params, {"fc1": True, "fc2": True}))
   assert [row.channels_kept for row in report.rows] == [300, 10]
   assert summary["method_results"]["channels_total"] == 100
+  assert summary["method_results"]["layers_without_channels"] == []
   assert summary["method_results"]["macs_narrow"] == _macs(300, 10)
 
 

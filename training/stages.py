@@ -52,6 +52,7 @@ import os
 from typing import Any
 from typing import NamedTuple
 
+from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -859,7 +860,15 @@ def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str,
   report = gsm_optax.channel_report(
     params, pool=channel_pool(config), channel_axis=config.channels.axis
   )
+  dead = [row.path for row in report.rows if row.channels_kept == 0]
+  if dead:
+    logging.warning(
+      "the channel cut left no channel in %s: nothing but a constant passes there; rank per "
+      "weight (config.channels.score='mean') or choose the pooled layers (config.channels.layers)",
+      ", ".join(dead),
+    )
   return {
+    "layers_without_channels": dead,
     "channels_total": report.total_channels,
     "channels_kept": report.total_channels_kept,
     "channels_kept_per_layer": {row.path: row.channels_kept for row in report.rows},
