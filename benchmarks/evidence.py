@@ -516,21 +516,26 @@ _ACCURACIES = ("accuracy_final", "validation_accuracy_final", "dense_accuracy")
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-  """Test accuracy vs C (one line per method and budget) and vs budget at each C, error bars."""
+  """Test accuracy vs C (one line per method and budget) and, when some method has several
+  budgets, vs budget at each C; error bars: the std over seeds."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = [r for r in rows if r["stage"] == "grid"]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, x, line in ((axes[0], "compression", "budget"), (axes[1], "budget", "compression")):
+  rows = [r for r in rows if r["stage"] in ("grid", "ticket")]  # tickets: budget = dense epochs
+  curves = len({(r["method"], r["compression"], r["budget"]) for r in rows}) > len(
+    {(r["method"], r["compression"]) for r in rows}
+  )  # some method was run at several budgets: the second panel
+  fig, axes = plt.subplots(1, 1 + curves, figsize=(5.5 * (1 + curves), 4), squeeze=False)
+  panels = (("compression", "budget"), ("budget", "compression"))[: 1 + curves]
+  for ax, (x, line) in zip(axes[0], panels):
     keys = sorted({(r["method"], r[line]) for r in rows})
     for method, value in keys:
       rs = sorted(
         (r for r in rows if (r["method"], r[line]) == (method, value)), key=lambda r: r[x]
       )
-      if len(rs) < 2 and ax is axes[1]:
+      if len(rs) < 2 and x == "budget":
         continue
       ax.errorbar(
         [r[x] for r in rs],
