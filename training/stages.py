@@ -745,69 +745,54 @@ def layer_pool(layers: str, exclude: str | None = None) -> Callable[[Any], Any]:
   return pool
 
 
-def channel_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """The channel methods' pool: ``config.channels.layers``, or every kernel but
-  the classifier's (its output channels are the classes)."""
-  classifier = getattr(models.MODELS[config.model], "classifier", None)
-  return layer_pool(config.channels.layers, exclude=classifier)
+def channel_pool(model: str, layers: str) -> Callable[[Any], Any]:
+  """The channel methods' pool: ``layers`` (``config.channels.layers``), or every
+  kernel but the classifier's (its output channels are the classes)."""
+  return layer_pool(layers, exclude=models.MODELS[model].classifier)
 
 
-def _structured(config: ml_collections.ConfigDict) -> tuple:
-  """The hashable fields the structured optimizers read (``steps.make_phase`` caches on them)."""
-  return (
-    config.model,
-    float(config.compression),
-    tuple(sorted(config.channels.to_dict().items())),
-    tuple(sorted(config.nm.to_dict().items())),
-  )
-
-
-def _structured_config(fields: tuple) -> ml_collections.ConfigDict:
-  model, compression, channels, nm = fields
-  return ml_collections.ConfigDict(
-    dict(model=model, compression=compression, channels=dict(channels), nm=dict(nm))
-  )
-
-
-def nm_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """The N:M methods' pool: ``config.nm.layers``, or every kernel."""
-  return layer_pool(config.nm.layers)
+def _channel_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  return channel_pool(config.model, config.channels.layers)
 
 
 def gsm_channels_optimizer(
-  cfg: Any, steps_per_epoch: int, fields: tuple
+  cfg: Any,
+  steps_per_epoch: int,
+  compression: float,
+  model: str,
+  layers: str,
+  axis: int,
+  score: str,
 ) -> tuple[optax.GradientTransformation, Any]:
   """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate."""
-  config = _structured_config(fields)
   lr = steps.section_schedule(cfg, steps_per_epoch)
   tx = gsm_optax.gsm_channels(
     lr,
-    float(config.compression),
+    compression,
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    pool=channel_pool(config),
-    channel_axis=config.channels.axis,
-    channel_score=config.channels.score,
+    pool=channel_pool(model, layers),
+    channel_axis=axis,
+    channel_score=score,
   )
   return tx, lr
 
 
 def gsm_nm_optimizer(
-  cfg: Any, steps_per_epoch: int, fields: tuple
+  cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int, layers: str
 ) -> tuple[optax.GradientTransformation, Any]:
   """``gsm_optax.gsm_nm`` with the section's learning rate."""
-  config = _structured_config(fields)
   lr = steps.section_schedule(cfg, steps_per_epoch)
   tx = gsm_optax.gsm_nm(
     lr,
-    config.nm.n,
-    config.nm.m,
+    n,
+    m,
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    pool=nm_pool(config),
-    axis=config.nm.axis,
+    pool=layer_pool(layers),
+    axis=axis,
   )
   return tx, lr
 
@@ -817,7 +802,7 @@ def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   cut = functools.partial(
     gsm_optax.prune_channels,
     compression=float(config.compression),
-    pool=channel_pool(config),
+    pool=_channel_pool(config),
     channel_axis=config.channels.axis,
     channel_score=config.channels.score,
   )
@@ -827,7 +812,8 @@ def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
 def nm_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   """params -> the N of greatest |w| of every group of M kept."""
   n, m, axis = config.nm.n, config.nm.m, config.nm.axis
-  return jax.jit(lambda p: gsm_optax.prune_nm(p, n, m, pool=nm_pool(config), axis=axis))
+  pool = layer_pool(config.nm.layers)
+  return jax.jit(lambda p: gsm_optax.prune_nm(p, n, m, pool=pool, axis=axis))
 
 
 def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int]:
@@ -837,8 +823,8 @@ def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int
   leaves = jax.tree.leaves(params)
   if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
     return {}
-  classifier = getattr(models.MODELS[config.model], "classifier", None)
-  num_classes = int(np.shape(params[classifier]["kernel"])[-1]) if classifier else 10
+  classifier = models.MODELS[config.model].classifier
+  num_classes = int(np.shape(params[classifier]["kernel"])[-1])
   model = models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.device_get(params))
@@ -858,7 +844,7 @@ def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str,
   """What a channel method reached: channels kept of all pooled ones, both
   compressions, and the MACs of the narrowed model."""
   report = gsm_optax.channel_report(
-    params, pool=channel_pool(config), channel_axis=config.channels.axis
+    params, pool=_channel_pool(config), channel_axis=config.channels.axis
   )
   dead = [row.path for row in report.rows if row.channels_kept == 0]
   if dead:
@@ -881,7 +867,7 @@ def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str,
 def nm_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
   """What an N:M method reached: whether every group holds at most N non-zeros."""
   n, m = config.nm.n, config.nm.m
-  report = gsm_optax.nm_report(params, n, m, pool=nm_pool(config), axis=config.nm.axis)
+  report = gsm_optax.nm_report(params, n, m, pool=layer_pool(config.nm.layers), axis=config.nm.axis)
   return {
     "nm": f"{n}:{m}",
     "nm_conforms": report.conforms,
@@ -911,34 +897,29 @@ def _nm_stats(state: TrainState) -> dict[str, Any]:
   return {"active_weights": int(gsm_optax.nm_stats(state.opt_state)["num_active"])}
 
 
+def _gsm_then_cut(
+  ctx: Context, phase: Callable, cut: Callable, bar_stats: Callable, epoch_stats: Callable
+) -> list[Stage]:
+  """``gsm.epochs`` of a structured GSM ``phase``, then ``cut`` with no fine-tuning."""
+  return [
+    Stage("gsm", ctx.config.gsm.epochs, phase, bar_stats=bar_stats, epoch_stats=epoch_stats),
+    Stage("cut", 0, None, _pruning(ctx, cut)),
+  ]
+
+
 def gsm_channels_stages(ctx: Context) -> list[Stage]:
   """Channel GSM, then the channel cut to C (in channels) with no fine-tuning."""
-  config = ctx.config
-  return [
-    Stage(
-      "gsm",
-      config.gsm.epochs,
-      ctx.phase("gsm", gsm_channels_optimizer, config.gsm, _structured(config)),
-      bar_stats=_channel_bar_stats,
-      epoch_stats=_channel_epoch_stats,
-    ),
-    Stage("cut", 0, None, _pruning(ctx, channel_cut(config))),
-  ]
+  config, ch = ctx.config, ctx.config.channels
+  extra = (float(config.compression), config.model, ch.layers, ch.axis, ch.score)
+  phase = ctx.phase("gsm", gsm_channels_optimizer, config.gsm, *extra)
+  return _gsm_then_cut(ctx, phase, channel_cut(config), _channel_bar_stats, _channel_epoch_stats)
 
 
 def gsm_nm_stages(ctx: Context) -> list[Stage]:
   """N:M GSM, then the N:M cut with no fine-tuning."""
-  config = ctx.config
-  return [
-    Stage(
-      "gsm",
-      config.gsm.epochs,
-      ctx.phase("gsm", gsm_nm_optimizer, config.gsm, _structured(config)),
-      bar_stats=_nm_stats,
-      epoch_stats=_nm_stats,
-    ),
-    Stage("cut", 0, None, _pruning(ctx, nm_cut(config))),
-  ]
+  config, nm = ctx.config, ctx.config.nm
+  phase = ctx.phase("gsm", gsm_nm_optimizer, config.gsm, nm.n, nm.m, nm.axis, nm.layers)
+  return _gsm_then_cut(ctx, phase, nm_cut(config), _nm_stats, _nm_stats)
 
 
 def _cut_then_finetune(ctx: Context, cut: Callable[[Any], Any]) -> list[Stage]:
