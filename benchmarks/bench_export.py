@@ -60,8 +60,9 @@ LENET5_INPUT = (28, 28, 1)
 RESNET_INPUT = (32, 32, 3)
 
 
-def random_model(build, seed: int) -> nnx.Module:
-  """`build()`'s module with NumPy-drawn kernels, non-zero biases and BatchNorm statistics."""
+def random_model(build, seed: int, bias_scale: float = 0.1) -> nnx.Module:
+  """`build()`'s module with NumPy-drawn kernels, non-zero biases (and other params; std
+  `bias_scale`) and BatchNorm statistics, so that cut channels output constants."""
   rng = np.random.default_rng(seed)
   model = nnx.eval_shape(build)
   for path, variable in nnx.iter_graph(model):
@@ -71,20 +72,22 @@ def random_model(build, seed: int) -> nnx.Module:
     if path[-1] == "var":
       value = rng.uniform(0.5, 2.0, shape)
     else:
-      scale = 1 / np.sqrt(np.prod(shape[:-1])) if path[-1] == "kernel" else 0.1
+      scale = 1 / np.sqrt(np.prod(shape[:-1])) if path[-1] == "kernel" else bias_scale
       value = scale * rng.standard_normal(shape)
     variable.set_value(jnp.asarray(value, jnp.float32))
   return model
 
 
-def channel_prune(model: nnx.Module, compression: float, names: list[str]) -> None:
-  """`gsm_optax.prune_channels` of each named layer's kernel, one cut per layer."""
+def channel_prune(model: nnx.Module, compression: float, layers: list[str]) -> None:
+  """`gsm_optax.prune_channels` of the kernel of each layer (a key path such as
+  "['conv1']" or "['blocks'][0]['conv1']"), one cut per layer (a global cut by sum |w|
+  favours the layers of greatest fan-in)."""
   params = nnx.state(model, nnx.Param)
-  for name in names:
+  for layer in layers:
 
-    def pool(tree, name=name):
+    def pool(tree, layer=layer):
       paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-      flags = [jax.tree_util.keystr(p).startswith(f"['{name}']['kernel']") for p, _ in paths]
+      flags = [jax.tree_util.keystr(p).startswith(layer + "['kernel']") for p, _ in paths]
       return jax.tree.unflatten(jax.tree.structure(tree), flags)
 
     params = gsm_optax.prune_channels(params, compression, pool=pool)
@@ -141,7 +144,7 @@ def compare_narrow(
 def bench_lenet5(repeats: int) -> dict[str, Any]:
   """Half of the channels of conv1, conv2 and fc1 cut, masked vs narrow."""
   masked = random_model(lambda: LeNet5(rngs=nnx.Rngs(0)), 0)
-  channel_prune(masked, 2.0, ["conv1", "conv2", "fc1"])
+  channel_prune(masked, 2.0, ["['conv1']", "['conv2']", "['fc1']"])
   return compare_narrow(masked, repeats)
 
 

@@ -170,22 +170,8 @@ def test_nm_storage_bytes_packed():
 
 
 def _random_model(build, seed: int) -> nnx.Module:
-  """The module `build()` makes, with random kernels, non-zero biases and BatchNorm
-  statistics (so that cut channels output constants); NumPy draws, nothing compiles."""
-  rng = np.random.default_rng(seed)
-  model = nnx.eval_shape(build)
-  for path, variable in nnx.iter_graph(model):
-    if not isinstance(variable, (nnx.Param, nnx.BatchStat)):
-      continue
-    shape = variable.get_value().shape
-    if path[-1] == "kernel":
-      value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    elif path[-1] == "var":
-      value = rng.uniform(0.5, 2.0, shape)
-    else:
-      value = 0.5 * rng.standard_normal(shape)
-    variable.set_value(jnp.asarray(value, jnp.float32))
-  return model
+  """`bench_export.random_model` with larger biases (std 0.5): cut channels output constants."""
+  return bench_export.random_model(build, seed, bias_scale=0.5)
 
 
 @nnx.jit
@@ -193,24 +179,9 @@ def _logits(model: nnx.Module, x: jax.Array) -> jax.Array:
   return model(x)
 
 
-def _channel_prune(model: nnx.Module, compression: float, cut: list[str]) -> None:
-  """`gsm_optax.prune_channels` of each kernel whose key path starts with one of `cut`,
-  one cut per kernel (a global cut by sum |w| favours the layers of greatest fan-in)."""
-  params = nnx.state(model, nnx.Param)
-  for prefix in cut:
-
-    def pool(tree, prefix=prefix):
-      paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-      flags = [jax.tree_util.keystr(p).startswith(prefix + "['kernel']") for p, _ in paths]
-      return jax.tree.unflatten(jax.tree.structure(tree), flags)
-
-    params = gsm_optax.prune_channels(params, compression, pool=pool)
-  nnx.update(model, params)
-
-
 def test_narrow_lenet5_equals_the_masked_model():
   model = _random_model(lambda: LeNet5(rngs=nnx.Rngs(0)), 1)
-  _channel_prune(model, 2.0, ["['conv1']", "['conv2']", "['fc1']"])
+  bench_export.channel_prune(model, 2.0, ["['conv1']", "['conv2']", "['fc1']"])
   narrow = narrow_lenet5(model)
   widths = [layer.kernel.shape[-1] for layer in (narrow.conv1, narrow.conv2, narrow.fc1)]
   assert widths == [10, 25, 250]
@@ -223,7 +194,7 @@ def test_narrow_lenet5_equals_the_masked_model():
 
 def test_narrow_lenet300_equals_the_masked_model():
   model = _random_model(lambda: LeNet300100(rngs=nnx.Rngs(0)), 3)
-  _channel_prune(model, 4.0, ["['fc1']", "['fc2']"])
+  bench_export.channel_prune(model, 4.0, ["['fc1']", "['fc2']"])
   narrow = narrow_lenet300(model)
   assert narrow.fc1.kernel.shape[1] + narrow.fc2.kernel.shape[1] == 100
   x = jax.random.normal(jax.random.key(4), (4, 28, 28, 1))
@@ -234,7 +205,7 @@ def test_narrow_lenet300_equals_the_masked_model():
 def test_narrow_resnet_equals_the_masked_model_in_eval_mode():
   model = _random_model(lambda: ResNetCifar(1, rngs=nnx.Rngs(0)), 5)  # ResNet-8: ResNet-56's blocks
   inner = [f"['blocks'][{i}]['conv1']" for i in range(len(model.blocks))]
-  _channel_prune(model, 2.0, inner)
+  bench_export.channel_prune(model, 2.0, inner)
   model.eval()
   narrow = narrow_resnet(model)
   widths = [b.conv1.kernel.shape[-1] for b in narrow.blocks]
@@ -247,7 +218,7 @@ def test_narrow_resnet_equals_the_masked_model_in_eval_mode():
 
 def test_save_sparse_round_trips_an_nnx_model(tmp_path):
   model = _random_model(lambda: LeNet300100(rngs=nnx.Rngs(0)), 7)
-  _channel_prune(model, 4.0, ["['fc1']"])
+  bench_export.channel_prune(model, 4.0, ["['fc1']"])
   state = nnx.state(model, nnx.Param)
   path = os.path.join(tmp_path, "lenet.npz")
   export.save_sparse(path, nnx.to_pure_dict(state))
@@ -260,7 +231,7 @@ def test_save_sparse_round_trips_an_nnx_model(tmp_path):
 @pytest.mark.slow
 def test_narrow_resnet56_equals_the_masked_model_in_eval_mode():
   model = _random_model(lambda: ResNet56(rngs=nnx.Rngs(0)), 9)
-  _channel_prune(model, 2.0, [f"['blocks'][{i}]['conv1']" for i in range(27)])
+  bench_export.channel_prune(model, 2.0, [f"['blocks'][{i}]['conv1']" for i in range(27)])
   model.eval()
   narrow = narrow_resnet(model)
   assert [b.conv1.kernel.shape[-1] for b in narrow.blocks] == [8] * 9 + [16] * 9 + [32] * 9
