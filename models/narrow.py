@@ -33,8 +33,6 @@ from models.lenet import LeNet5
 from models.lenet import LeNet300100
 from models.resnet_cifar import BasicBlock
 from models.resnet_cifar import ResNetCifar
-from models.resnet_cifar import batch_norm
-from models.resnet_cifar import conv
 
 # --------------------------------------------------------------------------
 # Helpers.
@@ -146,12 +144,7 @@ class NarrowBasicBlock(BasicBlock):
   an all-ones image with conv2's zero padding (None when nothing was cut)."""
 
   def __init__(self, cin: int, width: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-    self.stride = stride
-    self.pad_channels = cout - cin
-    self.conv1 = conv(cin, width, 3, stride, rngs)
-    self.bn1 = batch_norm(width, rngs)
-    self.conv2 = conv(width, cout, 3, 1, rngs)
-    self.bn2 = batch_norm(cout, rngs)
+    super().__init__(cin, cout, stride, width=width, rngs=rngs)
     self.fold = nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -46,12 +46,13 @@ class BasicBlock(nnx.Module):
   symmetric zero-padding of the channels when the shape changes.
   """
 
-  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+  def __init__(self, cin: int, cout: int, stride: int, *, width: int | None = None, rngs: nnx.Rngs):
+    width = cout if width is None else width  # inner channels (conv1's outputs)
     self.stride = stride
     self.pad_channels = cout - cin
-    self.conv1 = conv(cin, cout, 3, stride, rngs)
-    self.bn1 = batch_norm(cout, rngs)
-    self.conv2 = conv(cout, cout, 3, 1, rngs)
+    self.conv1 = conv(cin, width, 3, stride, rngs)
+    self.bn1 = batch_norm(width, rngs)
+    self.conv2 = conv(width, cout, 3, 1, rngs)
     self.bn2 = batch_norm(cout, rngs)
 
   def shortcut(self, x: jax.Array) -> jax.Array:
