@@ -56,7 +56,7 @@ SOURCES = (
     "LeNet-5 winning tickets and 300x repeated with 3 seeds, full Fashion-MNIST, one H200 GPU "
     "(new dense models: gsm and the tickets from those of the first command, 91.88 ± 0.08; the "
     "other 300x rows from those retrained by the second, 91.97 ± 0.24)",
-    "bash benchmarks/structured_gpu.sh OUT DATA_DIR DEADLINE_S (its third runner), then python3 "
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S structured (its third runner), then python3 "
     "benchmarks/evidence.py --model lenet5 --tag evidence_lenet5_tickets --only "
     "'method=gsm_gradual|magnitude|gmp|admm|gsm_ema|gsm_age|gsm_ft,compression=300,budget=60' "
     "--rates_from benchmarks/results/evidence_lr.json --jobs 12 --deadline 170",
@@ -66,13 +66,13 @@ SOURCES = (
     "Structured pruning (issue 14), LeNet-5, full Fashion-MNIST, one H200 GPU: channel GSM vs "
     "L1 filter pruning of conv2 (C = 2.38 / 7.1 keep 21 / 7 of its 50 channels: 2.02x / 4.00x "
     "fewer MACs), 2:4 GSM vs magnitude 2:4 + retraining (the 2x column; conv2, fc1, fc2)",
-    "bash benchmarks/structured_gpu.sh OUT DATA_DIR DEADLINE_S (its first runner)",
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S structured (its first runner)",
   ),
   (
     "structured_lenet300_raw.json",
     "Structured pruning (issue 14), LeNet-300-100, one H200 GPU: 2:4 GSM vs magnitude 2:4 + "
     "retraining (every kernel)",
-    "bash benchmarks/structured_gpu.sh OUT DATA_DIR DEADLINE_S (its second runner)",
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S structured (its second runner)",
   ),
 )
 ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS + evidence.STRUCTURED
