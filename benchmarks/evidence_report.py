@@ -56,8 +56,8 @@ SOURCES = (
     "LeNet-5 winning tickets and 300x repeated with 3 seeds, full Fashion-MNIST, one H200 GPU "
     "(new dense models: gsm and the tickets from those of the first command, 91.88 ± 0.08; the "
     "other 300x rows from those retrained by the second, 91.97 ± 0.24)",
-    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S structured (its third runner), then python3 "
-    "benchmarks/evidence.py --model lenet5 --tag evidence_lenet5_tickets --only "
+    "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S structured (its third runner), "
+    "then python3 benchmarks/evidence.py --model lenet5 --tag evidence_lenet5_tickets --only "
     "'method=gsm_gradual|magnitude|gmp|admm|gsm_ema|gsm_age|gsm_ft,compression=300,budget=60' "
     "--rates_from benchmarks/results/evidence_lr.json --jobs 12 --deadline 170",
   ),
@@ -125,7 +125,7 @@ def by_compression(
       cells.append(f"{text}{'; ' if text else ''}{failed} diverged" if failed else text)
     lr = next((r["learning_rate"] for r in mine if r["method"] == m), None)
     lines.append(f"| {m} | {evidence._rate(lr)} | " + " | ".join(cells) + " |")
-  macs = {c: r["macs_fraction"] for r in mine if "macs_fraction" in r for c in [r["compression"]]}
+  macs = {r["compression"]: r["macs_fraction"] for r in mine if "macs_fraction" in r}
   if macs:
     lines.append(
       "| *MACs of the narrowed model / dense* | | "
