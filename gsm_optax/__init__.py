@@ -16,6 +16,8 @@ from gsm_optax.export import nm_storage_bytes
 from gsm_optax.export import save_sparse
 from gsm_optax.export import sparse_dense
 from gsm_optax.export import to_bcoo
+from gsm_optax.paths import key_path_name
+from gsm_optax.paths import path_pool
 from gsm_optax.pruning import apply_mask
 from gsm_optax.pruning import global_magnitude_mask
 from gsm_optax.pruning import prune
@@ -82,6 +84,7 @@ __all__ = [
   "gsm_nm",
   "gsm_stats",
   "keep_count",
+  "key_path_name",
   "load_sparse",
   "mask_by_global_channel_taylor",
   "mask_by_global_taylor",
@@ -94,6 +97,7 @@ __all__ = [
   "nm_stats",
   "nm_storage_bytes",
   "passive_decay",
+  "path_pool",
   "pool_size",
   "prune",
   "prune_channels",
