@@ -1,6 +1,9 @@
 """Flax NNX models for the GSM experiments and a name -> class registry.
 
-All models take NHWC float32 images and return logits ``[batch, num_classes]``.
+The image models take NHWC float32 images and return logits ``[batch,
+num_classes]``; ``gpt`` takes int32 tokens ``[batch, T]`` and returns logits
+``[batch, T, num_classes]``. Transformer models (``gpt``, ``vit``) also name
+their default GSM pool by key-path regexes (``pool_include``, ``pool_exclude``).
 Models with batch norm are built in training mode (batch statistics, running
 averages updated on every call); switch with ``model.eval()`` / ``model.train()``
 (or ``nnx.view(model, use_running_average=True)`` for an eval view sharing the
@@ -15,10 +18,12 @@ from flax import nnx
 import jax
 
 from models.densenet import DenseNet40
+from models.gpt import GPT
 from models.lenet import LeNet5
 from models.lenet import LeNet300100
 from models.resnet_cifar import ResNet56
 from models.resnet_imagenet import ResNet50
+from models.vit import ViT
 
 MODELS: dict[str, type[nnx.Module]] = {
   "lenet_300_100": LeNet300100,
@@ -26,6 +31,8 @@ MODELS: dict[str, type[nnx.Module]] = {
   "resnet56": ResNet56,
   "densenet40": DenseNet40,
   "resnet50": ResNet50,
+  "gpt": GPT,
+  "vit": ViT,
 }
 
 
@@ -49,10 +56,12 @@ def count_params(model: nnx.Module) -> int:
 __all__ = [
   "MODELS",
   "DenseNet40",
+  "GPT",
   "LeNet300100",
   "LeNet5",
   "ResNet50",
   "ResNet56",
+  "ViT",
   "count_params",
   "create_model",
 ]
