@@ -23,10 +23,19 @@ docs/TRAINING.md; in short:
     (keep int(|pool| / C) weights; for gsm_channels and filter_l1 C counts
     output channels: keep int(#pooled channels / C) channels; the N:M methods
     ignore it).
-  dense, gsm, finetune, gmp, admm: SGD sections (``sgd_section``): epochs,
-    learning rate x ``decay_factor`` at each of ``boundaries`` (epochs),
+  dense, gsm, finetune, gmp, admm: optimizer sections (``sgd_section``):
+    epochs, learning rate x ``decay_factor`` at each of ``boundaries`` (epochs),
     ``warmup_epochs`` of linear warm-up, momentum, Nesterov, weight decay on
-    the pool (kernels) only; gmp and admm add their own fields.
+    the kernels only; ``optimizer="adamw"`` (b1, b2, eps, decoupled weight
+    decay) instead of momentum SGD, ``schedule="cosine"`` (warm-up, then cosine
+    to 0 at the section's end) instead of the piecewise-constant rate,
+    ``clip_norm`` > 0 clips the gradient's global norm; gmp and admm add their
+    own fields. gsm.passive_shrink: with AdamW, GSM's passive weights shrink to
+    exp(-passive_shrink) of their size over the GSM epochs
+    (``gsm_optax.gsm_adamw``, docs/METHOD.md).
+  pool.include, pool.exclude: the pool as regular expressions over parameter
+    key paths (``gsm_optax.path_pool``); empty: the model's default (every
+    kernel; for the transformers their attention and MLP kernels).
   magnitude, lottery: the fields of those methods.
   channels.axis: the output-channel axis of every pooled kernel (-1: the
     ``out`` features of Linear and Conv kernels) for gsm_channels and
@@ -70,6 +79,12 @@ def sgd_section(**fields) -> ml_collections.ConfigDict:
       boundaries=(),
       decay_factor=0.1,
       warmup_epochs=0.0,
+      optimizer="sgd",  # or "adamw"
+      b1=0.9,  # AdamW's moment decays and epsilon
+      b2=0.999,
+      eps=1e-8,
+      schedule="piecewise",  # or "cosine"
+      clip_norm=0.0,  # global-norm gradient clipping (0: off)
     )
   )
   section.update(fields)
@@ -100,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsm.passive_decay_growth = 0.0  # extra decay of long-passive weights (0: none)
   config.gsm.passive_decay_horizon_epochs = 1.0  # ... reached after this long passive
   config.gsm.finetune = False  # masked fine-tuning (the finetune section) after the cut
+  config.gsm.passive_shrink = 10.0  # AdamW only: passive weights end at exp(-10) of their size
 
   # Baselines: SGD like the dense phase, masked where pruned.
   config.finetune = sgd_section(epochs=60, boundaries=(48,))
@@ -126,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices: the batch is split over all of them; fsdp > 1 also splits the params and
   # the optimizer state over that many devices (docs/TRAINING.md, "Devices and hosts").
   config.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+
+  # The pool: regexes over key paths ("blocks/0/attn/query/kernel"); empty: the model's default.
+  config.pool = ml_collections.ConfigDict(dict(include=(), exclude=()))
 
   config.dense_checkpoint = config_dict.placeholder(str)
   config.skip_dense = False

@@ -30,6 +30,7 @@ from test_train import tiny_config  # noqa: E402
 
 import train  # noqa: E402
 from training import checkpoints  # noqa: E402
+from training import data  # noqa: E402
 from training import stages  # noqa: E402
 from training import train_lib  # noqa: E402
 
@@ -298,7 +299,7 @@ def test_resume_jumps_straight_to_the_saved_batch(data_dir, tmp_path, monkeypatc
     train_lib.train_and_evaluate(config, workdir)
   monkeypatch.undo()
   calls = []
-  real = train_lib.data.load_dataset
+  real = data.load_dataset
 
   def recording(*args, **kwargs):
     dataset = real(*args, **kwargs)
@@ -311,7 +312,7 @@ def test_resume_jumps_straight_to_the_saved_batch(data_dir, tmp_path, monkeypatc
     monkeypatch.setattr(dataset, "train_batches", train_batches)
     return dataset
 
-  monkeypatch.setattr(train_lib.data, "load_dataset", recording)
+  monkeypatch.setattr(data, "load_dataset", recording)
   train_lib.train_and_evaluate(config, workdir)
   assert calls[0] == (1, 5)  # data epoch 1, from batch 5: batches 0-4 are never read
 

@@ -228,9 +228,7 @@ class _CtrlCDataset:
 
 def _load_with_ctrl_c(monkeypatch, at):
   real = data.load_dataset  # the unpatched one: monkeypatch.undo() ran before
-  monkeypatch.setattr(
-    train_lib.data, "load_dataset", lambda *a, **k: _CtrlCDataset(real(*a, **k), at)
-  )
+  monkeypatch.setattr(data, "load_dataset", lambda *a, **k: _CtrlCDataset(real(*a, **k), at))
 
 
 def _assert_trees_equal(a, b, path=""):

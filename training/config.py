@@ -49,6 +49,19 @@ SGD_FIELDS = (
   "warmup_epochs",
 )
 
+# Optional fields of every optimizer section (absent: SGD with a piecewise-constant rate, as
+# before they existed); docs/TRAINING.md documents them.
+OPTIMIZER_FIELDS = ("optimizer", "b1", "b2", "eps", "schedule", "clip_norm")
+OPTIMIZER_DEFAULTS = {
+  "optimizer": "sgd",
+  "b1": 0.9,
+  "b2": 0.999,
+  "eps": 1e-8,
+  "schedule": "piecewise",
+  "clip_norm": 0.0,
+}
+OPTIMIZER_SECTIONS = ("dense", "gsm", "finetune", "gmp", "admm")
+
 _COMMON_FIELDS = (
   "model",
   "dataset",
@@ -130,6 +143,21 @@ def check_sgd_section(config: Any, section: str) -> None:
   }
   for name in SGD_FIELDS:
     check(config, f"{section}.{name}", *rules[name])
+  cfg = config[section]
+  optional = {
+    "optimizer": (lambda x: x in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+    "b1": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
+    "b2": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
+    "eps": (lambda x: is_number(x) and 0 <= x < math.inf, "a finite number >= 0"),
+    "schedule": (lambda x: x in ("piecewise", "cosine"), "'piecewise' or 'cosine'"),
+    "clip_norm": (
+      lambda x: is_number(x) and 0 <= x < math.inf,
+      "a finite number >= 0 (0: no gradient clipping)",
+    ),
+  }
+  for name, rule in optional.items():
+    if name in cfg:
+      check(config, f"{section}.{name}", *rule)
 
 
 def validate_common(
@@ -226,6 +254,12 @@ ADDED_FIELDS = {
   "channels.score": "sum",
   "channels.layers": "",
   "nm.layers": "",
+  "pool.include": [],
+  "pool.exclude": [],
+  "gsm.passive_shrink": 10.0,
+  **{
+    f"{s}.{name}": value for s in OPTIMIZER_SECTIONS for name, value in OPTIMIZER_DEFAULTS.items()
+  },
 }
 
 

@@ -67,29 +67,32 @@ def plot_curves(
   history: Sequence[Mapping[str, Any]],
   path: str,
   *,
-  accuracy_final: float | None = None,
+  metric: str = "accuracy",
+  final: float | None = None,
   title: str = "",
 ) -> None:
-  """Accuracy and loss against the epoch, with the GSM phase shaded.
+  """The task's headline metric and the loss against the epoch, with the GSM phase shaded.
 
   Args:
       history: the per-epoch rows of ``metrics.jsonl`` (keys ``epoch``, ``phase``,
-          ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``).
+          ``train_loss``, ``test_loss``, ``train_<metric>``, ``test_<metric>``).
       path: the PNG file to write.
-      accuracy_final: test accuracy of the final (pruned) model, drawn as a star
-          at the last epoch.
+      metric: "accuracy" (drawn in %) or another metric (bits per byte).
+      final: the metric of the final (pruned) model on the test split, drawn
+          as a star at the last epoch.
       title: figure title.
   """
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+  scale = 100.0 if metric == "accuracy" else 1.0
   epochs = [row["epoch"] for row in history]
-  for key, label, style in (("train_accuracy", "train", "--"), ("test_accuracy", "test", "-")):
-    ax_acc.plot(epochs, [100.0 * row[key] for row in history], style, label=label)
+  for key, label, style in ((f"train_{metric}", "train", "--"), (f"test_{metric}", "test", "-")):
+    ax_acc.plot(epochs, [scale * row[key] for row in history], style, label=label)
   for key, label, style in (("train_loss", "train", "--"), ("test_loss", "test", "-")):
     ax_loss.plot(epochs, [row[key] for row in history], style, label=label)
-  if accuracy_final is not None:
+  if final is not None:
     ax_acc.plot(
       [epochs[-1] if epochs else 0],
-      [100.0 * accuracy_final],
+      [scale * final],
       "r*",
       markersize=12,
       label="final model (test)",
@@ -107,10 +110,10 @@ def plot_curves(
       )
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
-  ax_acc.set_ylabel("accuracy (%)")
+  ax_acc.set_ylabel("accuracy (%)" if metric == "accuracy" else metric.replace("_", " "))
   ax_loss.set_ylabel("cross-entropy loss")
   ax_loss.set_yscale("log")
-  ax_acc.legend(loc="lower right")
+  ax_acc.legend(loc="lower right" if metric == "accuracy" else "upper right")
   ax_loss.legend(loc="upper right")
   if title:
     fig.suptitle(title)

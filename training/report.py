@@ -2,15 +2,19 @@
 
 Every method writes the same schema (docs/TRAINING.md lists every field):
 
-* run: ``schema_version``, ``model``, ``dataset``, ``data_source``,
+* run: ``schema_version``, ``task``, ``model``, ``dataset``, ``data_source``,
   ``num_train``, ``num_test``, ``method``, ``compression_target`` (None for
   the ``dense`` method), ``dense_source``, ``epochs`` ({phase: epochs trained});
-* accuracies: ``dense_accuracy``, ``accuracy_before_prune`` and
-  ``accuracy_after_prune`` (around the last pruning step, before any
-  fine-tuning), ``accuracy_final`` and ``loss_final`` (the final model);
-* validation (``config.validation_examples`` held-out training examples, else
-  0 and None): ``num_validation``, ``dense_validation_accuracy``,
-  ``validation_accuracy_before_prune``, ``validation_accuracy_final``;
+* for every metric m of the task (``accuracy``; for language modelling
+  ``bits_per_byte`` too): ``dense_m``, ``m_before_prune`` and
+  ``m_after_prune`` (around the last pruning step, before any fine-tuning),
+  ``m_final`` (the final model); ``loss_final``;
+* validation (a fixed split for text; ``config.validation_examples`` held-out
+  training examples for images, else 0 and None): ``num_validation``, and for
+  every metric ``dense_validation_m``, ``validation_m_before_prune``,
+  ``validation_m_final``;
+* ``samples`` (language modelling): greedy continuations of a fixed prompt by
+  the dense and the final model;
 * sparsity of the final model: ``pool_size``, ``keep`` (Q), ``nonzeros``,
   ``compression_reached``, ``layers`` (``gsm_optax.SparsityReport``);
 * ``method_results``: what the method's transitions recorded besides the two
@@ -22,6 +26,7 @@ Every method writes the same schema (docs/TRAINING.md lists every field):
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 import json
 import math
 import os
@@ -30,9 +35,9 @@ from typing import Any
 import gsm_optax
 from training import checkpoints
 from training import plots
+from training.tasks.base import format_metric
 
 SCHEMA_VERSION = 1
-_ACCURACY_RESULTS = ("accuracy_before_prune", "accuracy_after_prune")
 
 
 def finite_json(obj: Any) -> Any:
@@ -76,13 +81,18 @@ def build_summary(
   params: Any,
   final: Mapping[str, float],
   prunes: bool,
+  task: Any,
+  pool: Any = None,
+  num_validation: int = 0,
 ) -> dict[str, Any]:
   """The summary.json dict (without ``wall_time_s``) of a finished run."""
-  sparsity = gsm_optax.sparsity_report(params)
+  sparsity = gsm_optax.sparsity_report(params, pool=pool)
   results = dict(progress.results)
   compression = float(config.compression) if prunes else None
-  return {
+  dense, dense_validation = progress.dense_metrics, progress.dense_validation_metrics or {}
+  summary = {
     "schema_version": SCHEMA_VERSION,
+    "task": task.name,
     "model": config.model,
     "dataset": config.dataset,
     "data_source": dataset.source,
@@ -92,38 +102,42 @@ def build_summary(
     "compression_target": compression,
     "dense_source": progress.dense_source,
     "epochs": epochs_per_phase(progress.history),
-    "dense_accuracy": progress.dense_accuracy,
-    "accuracy_before_prune": results.pop("accuracy_before_prune", None),
-    "accuracy_after_prune": results.pop("accuracy_after_prune", None),
-    "accuracy_final": final["accuracy"],
-    "num_validation": int(config.validation_examples),
-    "dense_validation_accuracy": progress.dense_validation_accuracy,
-    "validation_accuracy_before_prune": results.pop("validation_accuracy_before_prune", None),
-    "validation_accuracy_final": final.get("validation_accuracy"),
-    "loss_final": final["loss"],
-    "pool_size": int(sparsity.total_size),
-    "keep": gsm_optax.keep_count(params, compression) if prunes else int(sparsity.total_size),
-    "nonzeros": int(sparsity.total_nonzeros),
-    "compression_reached": float(sparsity.total_size) / max(int(sparsity.total_nonzeros), 1),
-    "layers": sparsity.to_dict()["leaves"],
-    "method_results": results,
   }
+  for m in task.metrics:
+    summary[f"dense_{m}"] = dense.get(m)
+    summary[f"{m}_before_prune"] = results.pop(f"{m}_before_prune", None)
+    summary[f"{m}_after_prune"] = results.pop(f"{m}_after_prune", None)
+    summary[f"{m}_final"] = final[m]
+  summary["num_validation"] = int(num_validation)
+  for m in task.metrics:
+    summary[f"dense_validation_{m}"] = dense_validation.get(m)
+    summary[f"validation_{m}_before_prune"] = results.pop(f"validation_{m}_before_prune", None)
+    summary[f"validation_{m}_final"] = final.get(f"validation_{m}")
+  keep = gsm_optax.keep_count(params, compression, pool=pool) if prunes else sparsity.total_size
+  summary.update(
+    loss_final=final["loss"],
+    pool_size=int(sparsity.total_size),
+    keep=int(keep),
+    nonzeros=int(sparsity.total_nonzeros),
+    compression_reached=float(sparsity.total_size) / max(int(sparsity.total_nonzeros), 1),
+    layers=sparsity.to_dict()["leaves"],
+    method_results=results,
+  )
+  return summary
 
 
-def _pct(x: float | None) -> str:
-  return "n/a" if x is None else f"{100.0 * x:.2f}%"
-
-
-def summary_line(summary: Mapping[str, Any]) -> str:
-  """One line: the accuracies along the run, the compression reached, the epochs."""
-  parts = [f"dense {_pct(summary['dense_accuracy'])}"]
-  if summary["accuracy_after_prune"] is not None:
-    if summary["accuracy_before_prune"] is not None:
-      parts.append(f"before pruning {_pct(summary['accuracy_before_prune'])}")
-    parts.append(f"after pruning {_pct(summary['accuracy_after_prune'])}")
-  parts.append(f"final {_pct(summary['accuracy_final'])}")
+def summary_line(summary: Mapping[str, Any], metric: str = "accuracy") -> str:
+  """One line: the metric along the run, the compression reached, the epochs."""
+  show = functools.partial(format_metric, metric)
+  parts = [f"dense {show(summary[f'dense_{metric}'])}"]
+  if summary[f"{metric}_after_prune"] is not None:
+    if summary[f"{metric}_before_prune"] is not None:
+      parts.append(f"before pruning {show(summary[f'{metric}_before_prune'])}")
+    parts.append(f"after pruning {show(summary[f'{metric}_after_prune'])}")
+  parts.append(f"final {show(summary[f'{metric}_final'])}")
+  name = "" if metric == "accuracy" else f"{metric.replace('_', ' ')} "
   line = (
-    f"{summary['method']}: {' -> '.join(parts)}; compression "
+    f"{summary['method']}: {name}{' -> '.join(parts)}; compression "
     f"{summary['compression_reached']:.1f}x ({summary['nonzeros']:,} of "
     f"{summary['pool_size']:,} pooled weights); epochs {summary['epochs']}"
   )
@@ -148,6 +162,10 @@ def write_report(
   prunes: bool,
   wall_time_s: Mapping[str, float],
   devices: Mapping[str, Any],
+  task: Any,
+  pool: Any = None,
+  num_validation: int = 0,
+  samples: Mapping[str, str] | None = None,
   write: bool = True,
 ) -> dict[str, Any]:
   """Writes ``final_model/``, ``summary.json`` and the plots, prints the table; the summary.
@@ -167,7 +185,12 @@ def write_report(
     params=state.params,
     final=final,
     prunes=prunes,
+    task=task,
+    pool=pool,
+    num_validation=num_validation,
   )
+  if samples is not None:
+    summary["samples"] = dict(samples)
   summary["devices"] = dict(devices)
   summary["wall_time_s"] = dict(wall_time_s)
   if not write:
@@ -180,9 +203,12 @@ def write_report(
     plots.plot_curves(
       progress.history,
       os.path.join(workdir, "curves.png"),
-      accuracy_final=final["accuracy"] if prunes else None,
+      metric=task.headline,
+      final=final[task.headline] if prunes else None,
       title=title,
     )
-  print(gsm_optax.sparsity_report(state.params))
-  print(summary_line(summary))
+  print(gsm_optax.sparsity_report(state.params, pool=pool))
+  for name, text in (samples or {}).items():
+    print(f"sample of the {name} model: {text!r}")
+  print(summary_line(summary, task.headline))
   return summary

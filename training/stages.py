@@ -107,10 +107,12 @@ class Context(NamedTuple):
       template for loading exported models.
     results: what the transitions so far recorded (restored on resume);
       stages read back the values they need from it.
-    evaluate: (state, params) -> test accuracy of ``params`` with the
-      state's batch statistics.
-    validate: (state, params) -> their accuracy on the held-out training
-      examples (``config.validation_examples``); None without them.
+    evaluate: (state, params) -> {metric: value} of ``params`` with the
+      state's batch statistics on the test split, for the task's metrics
+      (``{"accuracy": ...}``; language modelling adds ``bits_per_byte``).
+    validate: (state, params) -> the same on the validation split; None
+      without one.
+    metrics: the names ``evaluate`` returns.
     mesh: the device mesh the phases compile for (None: one device, no
       sharding constraints).
     place: state -> the state with its arrays on the mesh (after a transition
@@ -123,8 +125,9 @@ class Context(NamedTuple):
   graphdef: nnx.GraphDef
   variables: dict[str, Any]
   results: MutableMapping[str, Any]
-  evaluate: Callable[[TrainState, Any], float]
-  validate: Callable[[TrainState, Any], float | None] = lambda state, params: None
+  evaluate: Callable[[TrainState, Any], dict[str, float]]
+  validate: Callable[[TrainState, Any], dict[str, float] | None] = lambda state, params: None
+  metrics: tuple[str, ...] = ("accuracy",)
   mesh: Any = None
   place: Callable[[Any], Any] = lambda tree: tree
 
@@ -156,6 +159,56 @@ class Method(NamedTuple):
   final_results: Callable[[ml_collections.ConfigDict, Any], dict[str, Any]] | None = None
 
 
+PoolSpec = tuple[tuple[str, ...], tuple[str, ...]] | None  # (include, exclude) regexes, hashable
+
+
+def pool_spec(config: ml_collections.ConfigDict) -> PoolSpec:
+  """The run's pool as (include, exclude) key-path patterns, or None for every kernel.
+
+  ``config.pool.include`` / ``config.pool.exclude`` when given; else the
+  model's own default (``pool_include`` / ``pool_exclude`` of its class: the
+  transformers pool their attention and MLP kernels); else None (every
+  floating leaf with ndim >= 2, the reference code's pool).
+  """
+  section = config.get("pool") or {}
+  include, exclude = tuple(section.get("include", ())), tuple(section.get("exclude", ()))
+  model = models.MODELS[config.model]
+  if not include:
+    include = tuple(getattr(model, "pool_include", ()))
+    exclude = exclude or tuple(getattr(model, "pool_exclude", ()))
+  if not include and not exclude:
+    return None
+  return include, exclude
+
+
+@functools.lru_cache(maxsize=32)
+def pool_from_spec(spec: PoolSpec) -> gsm_optax.Pool:
+  """The library pool of a spec: ``gsm_optax.path_pool(include, exclude)``, or None."""
+  return None if spec is None else gsm_optax.path_pool(*spec)
+
+
+def model_pool(config: ml_collections.ConfigDict) -> gsm_optax.Pool:
+  """The pool every method of the run prunes (``pool_spec``)."""
+  return pool_from_spec(pool_spec(config))
+
+
+def check_pool_fields(config: ml_collections.ConfigDict) -> None:
+  """``config.pool.include`` / ``exclude``: sequences of regular expressions (absent: defaults)."""
+  if "pool" not in config:
+    return
+  for name in ("pool.include", "pool.exclude"):
+    config_lib.check(
+      config,
+      name,
+      lambda x: isinstance(x, (list, tuple)) and all(isinstance(p, str) and p for p in x),
+      "a sequence of regular expressions over key paths such as 'blocks/0/attn/query/kernel'",
+    )
+  try:
+    pool_from_spec(pool_spec(config))
+  except ValueError as err:
+    raise config_lib.ConfigError(f"config.pool: {err}") from None
+
+
 def check_params(config: ml_collections.ConfigDict, params: Any) -> None:
   """Checks the pool-dependent values of ``config`` against the model, before training.
 
@@ -166,9 +219,13 @@ def check_params(config: ml_collections.ConfigDict, params: Any) -> None:
     ConfigError: one line naming the field and the largest value allowed.
   """
   method = METHODS[config.method]
+  try:
+    gsm_optax.resolve_pool(params, model_pool(config))
+  except (ValueError, TypeError) as err:
+    raise config_lib.ConfigError(f"the pool of {config.model} (config.pool): {err}") from None
   if method.prunes:
     try:
-      gsm_optax.keep_count(params, float(config.compression))
+      gsm_optax.keep_count(params, float(config.compression), pool=model_pool(config))
     except ValueError as err:
       raise config_lib.ConfigError(f"config.compression={config.compression:g}: {err}") from None
   if method.check_params is not None:
@@ -181,7 +238,7 @@ def _check_layerwise(field: str) -> Callable[[ml_collections.ConfigDict, Any], N
   def check(config, params):
     if not config_lib.get_field(config, field):
       return
-    pool = gsm_optax.resolve_pool(params, None)
+    pool = gsm_optax.resolve_pool(params, model_pool(config))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, leaf), pooled in zip(flat, jax.tree.leaves(pool)):
       size = int(np.prod(leaf.shape))
@@ -222,10 +279,29 @@ def passive_decay_horizon_steps(horizon_epochs: float, steps_per_epoch: int) -> 
   return max(1, round(horizon_epochs * steps_per_epoch))
 
 
-def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float):
-  """``gsm_optax.gsm`` with the section's piecewise-constant learning rate (and C ramp),
-  and the opt-in variants ``score_ema`` and ``passive_decay_growth`` (0: off)."""
+def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float, spec: PoolSpec = None):
+  """``gsm_optax.gsm`` with the section's learning rate (and C ramp), and the
+  opt-in variants ``score_ema`` and ``passive_decay_growth`` (0: off); with
+  ``cfg.optimizer == "adamw"``, ``gsm_optax.gsm_adamw`` whose passive weights
+  shrink to exp(-``cfg.passive_shrink``) of their size over the section's
+  epochs (``gsm_optax.budget_shrink_rate``). Either way ``clip_norm > 0``
+  clips the gradient's global norm first."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
+  pool = pool_from_spec(spec)
+  if cfg.get("optimizer", "sgd") == "adamw":
+    total_steps = max(int(cfg.epochs * steps_per_epoch), 1)
+    tx = gsm_optax.gsm_adamw(
+      lr,
+      compression,
+      passive_shrink=gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink),
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      weight_decay_mask=steps.pool_mask,
+      pool=pool,
+    )
+    return optax.chain(*steps.clipping(cfg), tx), lr
   ramp_steps = round(cfg.get("ramp_epochs", 0.0) * steps_per_epoch)
   horizon = passive_decay_horizon_steps(
     cfg.get("passive_decay_horizon_epochs", 1.0), steps_per_epoch
@@ -239,20 +315,26 @@ def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float):
     score_ema=cfg.get("score_ema", 0.0),
     passive_decay_growth=cfg.get("passive_decay_growth", 0.0),
     passive_decay_horizon=horizon,
+    pool=pool,
   )
+  if cfg.get("clip_norm", 0.0):
+    tx = optax.chain(*steps.clipping(cfg), tx)
   return tx, lr
 
 
-def nonzero_pool_mask(params: Any) -> Any:
+def nonzero_pool_mask(params: Any, pool: gsm_optax.Pool = None) -> Any:
   """True on the pooled entries that are non-zero and on every entry outside the pool."""
-  pool = gsm_optax.resolve_pool(params, None)
+  pool = gsm_optax.resolve_pool(params, pool)
   return jax.tree.map(lambda p, f: (p != 0) if f else jnp.ones(jnp.shape(p), bool), params, pool)
 
 
-def masked_sgd(cfg: Any, steps_per_epoch: int):
-  """``steps.sgd`` followed by ``keep_masked``: the zeros at init stay zero."""
-  tx, lr = steps.sgd(cfg, steps_per_epoch)
-  return optax.chain(tx, baselines.keep_masked(nonzero_pool_mask)), lr
+def masked_sgd(cfg: Any, steps_per_epoch: int, spec: PoolSpec = None):
+  """``steps.optimizer`` (SGD or AdamW) followed by ``keep_masked``: the pooled
+  zeros at init stay zero."""
+  tx, lr = steps.optimizer(cfg, steps_per_epoch)
+  pool = pool_from_spec(spec)
+  keep = baselines.keep_masked(functools.partial(nonzero_pool_mask, pool=pool))
+  return optax.chain(tx, keep), lr
 
 
 def gmp_end_step(epochs: int, steps_per_epoch: int, update_every: int) -> int:
@@ -260,9 +342,11 @@ def gmp_end_step(epochs: int, steps_per_epoch: int, update_every: int) -> int:
   return ((epochs * steps_per_epoch - 1) // update_every) * update_every
 
 
-def gmp_optimizer(cfg: Any, steps_per_epoch: int, compression: float, end_step: int):
-  """SGD followed by ``gradual_magnitude_pruning`` reaching C at ``end_step``."""
-  tx, lr = steps.sgd(cfg, steps_per_epoch)
+def gmp_optimizer(
+  cfg: Any, steps_per_epoch: int, compression: float, end_step: int, spec: PoolSpec = None
+):
+  """SGD (or AdamW) followed by ``gradual_magnitude_pruning`` reaching C at ``end_step``."""
+  tx, lr = steps.optimizer(cfg, steps_per_epoch)
   prune = baselines.gradual_magnitude_pruning(
     compression,
     begin_step=0,
@@ -270,13 +354,14 @@ def gmp_optimizer(cfg: Any, steps_per_epoch: int, compression: float, end_step: 
     update_every=cfg.update_every_steps,
     initial_sparsity=cfg.initial_sparsity,
     layerwise=cfg.layerwise,
+    pool=pool_from_spec(spec),
   )
   return optax.chain(tx, prune), lr
 
 
 def admm_optimizer(cfg: Any, steps_per_epoch: int, treedef: Any, counts: tuple):
   """ADMM W-steps (penalty on the raw gradients, Z/U inside) followed by SGD."""
-  tx, lr = steps.sgd(cfg, steps_per_epoch)
+  tx, lr = steps.optimizer(cfg, steps_per_epoch)
   w_step = baselines.add_admm_penalty(
     cfg.rho,
     keep_count_tree(treedef, counts),
@@ -295,14 +380,14 @@ def _apply_mask(params, mask):
   return gsm_optax.apply_mask(params, mask)
 
 
-def global_cut(params: Any, compression: float) -> Any:
+def global_cut(params: Any, compression: float, pool: gsm_optax.Pool = None) -> Any:
   """The global magnitude cut to C: the Q pooled weights of greatest |w| stay."""
-  return _apply_mask(params, gsm_optax.global_magnitude_mask(params, compression))
+  return _apply_mask(params, gsm_optax.global_magnitude_mask(params, compression, pool=pool))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _magnitudes_at_rank(params, keep: int) -> tuple[jax.Array, jax.Array]:
-  mask = gsm_optax.resolve_pool(params, None)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _magnitudes_at_rank(params, keep: int, spec: PoolSpec = None) -> tuple[jax.Array, jax.Array]:
+  mask = gsm_optax.resolve_pool(params, pool_from_spec(spec))
   pooled = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   size = sum(leaf.size for leaf in pooled)
   kth = gsm_optax.global_kth_largest_magnitude
@@ -310,14 +395,16 @@ def _magnitudes_at_rank(params, keep: int) -> tuple[jax.Array, jax.Array]:
   return largest_passive, kth(pooled, keep)
 
 
-def pool_magnitudes_at_cut(params: Any, compression: float) -> tuple[float, float]:
+def pool_magnitudes_at_cut(
+  params: Any, compression: float, spec: PoolSpec = None
+) -> tuple[float, float]:
   """(largest passive |w|, smallest kept |w|) over the pool, for Q = int(|pool| / C).
 
   The largest passive |w| is the (Q+1)-th largest, the most the final cut can
   remove from one weight; the smallest kept one is the Q-th largest.
   """
-  keep = gsm_optax.keep_count(params, compression)
-  return tuple(float(x) for x in _magnitudes_at_rank(params, keep))
+  keep = gsm_optax.keep_count(params, compression, pool=pool_from_spec(spec))
+  return tuple(float(x) for x in _magnitudes_at_rank(params, keep, spec))
 
 
 def _pruning(
@@ -328,9 +415,13 @@ def _pruning(
   def enter(state):
     before = ctx.evaluate(state, state.params)
     results = extra(state.params) if extra else {}
-    results["validation_accuracy_before_prune"] = ctx.validate(state, state.params)
+    validation = ctx.validate(state, state.params)
+    for name in before:
+      results[f"validation_{name}_before_prune"] = None if validation is None else validation[name]
     pruned = prune(state.params)
-    results.update(accuracy_before_prune=before, accuracy_after_prune=ctx.evaluate(state, pruned))
+    after = ctx.evaluate(state, pruned)
+    results.update({f"{name}_before_prune": value for name, value in before.items()})
+    results.update({f"{name}_after_prune": value for name, value in after.items()})
     return state._replace(params=pruned), results
 
   return enter
@@ -344,9 +435,10 @@ def gsm_stages(ctx: Context) -> list[Stage]:
   """GSM training, then the global magnitude cut with no fine-tuning (with
   ``gsm.finetune``: then ``finetune.epochs`` of masked fine-tuning)."""
   compression = float(ctx.config.compression)
+  spec = pool_spec(ctx.config)
 
   def cut_diagnostics(params):
-    largest_passive, smallest_kept = pool_magnitudes_at_cut(params, compression)
+    largest_passive, smallest_kept = pool_magnitudes_at_cut(params, compression, spec)
     return {
       "largest_passive_abs_weight_before_cut": largest_passive,
       "smallest_kept_abs_weight_before_cut": smallest_kept,
@@ -358,16 +450,19 @@ def gsm_stages(ctx: Context) -> list[Stage]:
       "cut",
       0,
       None,
-      _pruning(ctx, lambda p: global_cut(p, compression), cut_diagnostics),
+      _pruning(ctx, lambda p: global_cut(p, compression, pool_from_spec(spec)), cut_diagnostics),
     ),
   ]
   if ctx.config.gsm.get("finetune", False):
     finetune = ctx.config.finetune
-    stages.append(Stage("finetune", finetune.epochs, ctx.phase("finetune", masked_sgd, finetune)))
+    phase = ctx.phase("finetune", masked_sgd, finetune, spec)
+    stages.append(Stage("finetune", finetune.epochs, phase))
   return stages
 
 
 def _gsm_stage(ctx: Context, compression: float) -> Stage:
+  spec = pool_spec(ctx.config)
+
   def bar_stats(state):
     stats = gsm_optax.gsm_stats(state.opt_state)
     return {"active": int(stats["num_active"]), "thresh": f"{float(stats['threshold']):.3g}"}
@@ -380,13 +475,13 @@ def _gsm_stage(ctx: Context, compression: float) -> Stage:
       "active_weights": int(stats["num_active"]),
       "keep": int(stats["keep"]),
       "threshold": float(stats["threshold"]),
-      "largest_passive_abs_weight": pool_magnitudes_at_cut(state.params, compression)[0],
+      "largest_passive_abs_weight": pool_magnitudes_at_cut(state.params, compression, spec)[0],
     }
 
   return Stage(
     "gsm",
     ctx.config.gsm.epochs,
-    ctx.phase("gsm", gsm_optimizer, ctx.config.gsm, compression),
+    ctx.phase("gsm", gsm_optimizer, ctx.config.gsm, compression, spec),
     bar_stats=bar_stats,
     epoch_stats=epoch_stats,
   )
@@ -409,6 +504,18 @@ def check_gsm_variants(config: ml_collections.ConfigDict) -> None:
   check = functools.partial(config_lib.check, config)
   is_number = config_lib.is_number
   cfg = config.gsm
+  if cfg.get("optimizer", "sgd") == "adamw":
+    check(
+      "gsm.passive_shrink",
+      lambda x: is_number(x) and 0 < x < float("inf"),
+      "a finite number > 0 (passive weights end at exp(-passive_shrink) of their size)",
+    )
+    for name in ("ramp_epochs", "score_ema", "passive_decay_growth"):
+      if cfg.get(name, 0.0):
+        raise config_lib.ConfigError(
+          f"config.gsm.{name}={cfg[name]!r} is a variant of the paper's momentum-SGD GSM; "
+          "with config.gsm.optimizer='adamw' set it to 0"
+        )
   if "score_ema" in cfg:
     check("gsm.score_ema", lambda x: is_number(x) and 0 <= x < 1, "a number in [0, 1)")
   if "passive_decay_growth" in cfg:
@@ -445,19 +552,23 @@ def magnitude_stages(ctx: Context) -> list[Stage]:
   rounds = config.magnitude.rounds
   schedule = baselines.iterative_compression_schedule(float(config.compression), rounds)
   per_round = config.finetune.epochs // rounds
+  spec = pool_spec(config)
   stages = []
   for r, c_r in enumerate(schedule, start=1):
     name = "finetune" if rounds == 1 else f"finetune{r}"
 
     def prune(params, c_r=c_r):
-      return baselines.magnitude_prune(params, c_r, layerwise=config.magnitude.layerwise)[0]
+      layerwise, pool = config.magnitude.layerwise, pool_from_spec(spec)
+      return baselines.magnitude_prune(params, c_r, layerwise=layerwise, pool=pool)[0]
 
     def enter(state, prune=prune, r=r):
       state, results = _pruning(ctx, prune)(state)
-      results[f"accuracy_after_prune_round{r}"] = results["accuracy_after_prune"]
+      for metric in ctx.metrics:
+        results[f"{metric}_after_prune_round{r}"] = results[f"{metric}_after_prune"]
       return state, results
 
-    stages.append(Stage(name, per_round, ctx.phase(name, masked_sgd, config.finetune), enter))
+    phase = ctx.phase(name, masked_sgd, config.finetune, spec)
+    stages.append(Stage(name, per_round, phase, enter))
   return stages
 
 
@@ -479,14 +590,15 @@ def gmp_stages(ctx: Context) -> list[Stage]:
   config = ctx.config
   compression = float(config.compression)
   cfg = config.gmp
+  spec = pool_spec(config)
   end_step = gmp_end_step(cfg.epochs, ctx.steps_per_epoch, cfg.update_every_steps)
   return [
-    Stage("gmp", cfg.epochs, ctx.phase("gmp", gmp_optimizer, cfg, compression, end_step)),
+    Stage("gmp", cfg.epochs, ctx.phase("gmp", gmp_optimizer, cfg, compression, end_step, spec)),
     Stage(
       "finetune",
       config.finetune.epochs,
-      ctx.phase("finetune", masked_sgd, config.finetune),
-      _pruning(ctx, lambda p: global_cut(p, compression)),
+      ctx.phase("finetune", masked_sgd, config.finetune, spec),
+      _pruning(ctx, lambda p: global_cut(p, compression, pool_from_spec(spec))),
     ),
   ]
 
@@ -514,6 +626,7 @@ def admm_keep_counts(config: ml_collections.ConfigDict, params: Any) -> tuple[An
   """Per-layer targets l_i of ADMM (a keep-count pytree) and where they come from."""
   cfg = config.admm
   compression = float(config.compression)
+  pool = model_pool(config)
   if cfg.densities_from:
     path = _summary_path(cfg.densities_from)
     with open(path) as f:
@@ -530,10 +643,10 @@ def admm_keep_counts(config: ml_collections.ConfigDict, params: Any) -> tuple[An
     densities = [float(d) for d in cfg.densities]
     source = "config.admm.densities"
   else:
-    densities = gsm_optax.sparsity_report(global_cut(params, compression))
+    densities = gsm_optax.sparsity_report(global_cut(params, compression, pool), pool=pool)
     source = "per-layer densities of the global magnitude cut of the dense model"
   try:
-    counts = baselines.layer_keep_counts_from_density(params, densities)
+    counts = baselines.layer_keep_counts_from_density(params, densities, pool=pool)
   except (ValueError, TypeError) as err:
     raise config_lib.ConfigError(f"ADMM per-layer targets: {err}") from None
   return counts, source
@@ -585,7 +698,7 @@ def admm_stages(ctx: Context) -> list[Stage]:
     Stage(
       "finetune",
       config.finetune.epochs,
-      ctx.phase("finetune", masked_sgd, config.finetune),
+      ctx.phase("finetune", masked_sgd, config.finetune, pool_spec(config)),
       _pruning(ctx, hard_prune),
     ),
   ]
@@ -595,7 +708,8 @@ def check_admm_params(config: ml_collections.ConfigDict, params: Any) -> None:
   """Explicit per-layer densities must name every pooled layer."""
   if config.admm.densities:
     try:
-      baselines.layer_keep_counts_from_density(params, list(config.admm.densities))
+      densities = list(config.admm.densities)
+      baselines.layer_keep_counts_from_density(params, densities, pool=model_pool(config))
     except (ValueError, TypeError) as err:
       raise config_lib.ConfigError(f"config.admm.densities: {err}") from None
 
@@ -652,6 +766,8 @@ def lottery_stages(ctx: Context) -> list[Stage]:
   config = ctx.config
   compression = float(config.compression)
   ticket, gsm_source = config.lottery.ticket, config.lottery.gsm_checkpoint
+  spec = pool_spec(config)
+  pool = pool_from_spec(spec)
   stages = []
   if ticket == "gsm" and not gsm_source:
     stages.append(_gsm_stage(ctx, compression))
@@ -668,19 +784,18 @@ def lottery_stages(ctx: Context) -> list[Stage]:
       results["ticket_source"] = f"checkpoint:{os.path.abspath(path)}"
     else:
       results["ticket_source"] = "dense model" if ticket == "magnitude" else "gsm stage"
-    results["source_accuracy_after_cut"] = ctx.evaluate(state, global_cut(source, compression))
-    mask = baselines.ticket_mask(source, compression)
+    cut = ctx.evaluate(state, global_cut(source, compression, pool))
+    results.update({f"source_{name}_after_cut": value for name, value in cut.items()})
+    mask = baselines.ticket_mask(source, compression, pool=pool)
     initial = load(initial_model_dir(config, ctx.workdir))
     params = ctx.place(baselines.apply_ticket(initial["params"], mask))
     state = state._replace(params=params, batch_stats=initial["batch_stats"])
-    results["accuracy_after_prune"] = ctx.evaluate(state, params)
+    after = ctx.evaluate(state, params)
+    results.update({f"{name}_after_prune": value for name, value in after.items()})
     return state, results
 
-  stages.append(
-    Stage(
-      "ticket", config.dense.epochs, ctx.phase("ticket", masked_sgd, config.dense), enter_ticket
-    )
-  )
+  phase = ctx.phase("ticket", masked_sgd, config.dense, spec)
+  stages.append(Stage("ticket", config.dense.epochs, phase, enter_ticket))
   return stages
 
 
@@ -730,29 +845,36 @@ def _top_name(path: tuple) -> str:
   return str(getattr(key, "key", getattr(key, "name", key)))
 
 
-def layer_pool(layers: str, exclude: str | None = None) -> Callable[[Any], Any]:
-  """params -> the kernels (``ndim >= 2``) of the named top-level layers; with
-  ``layers`` empty, every kernel but those of the layer ``exclude``."""
+def layer_pool(
+  layers: str, exclude: str | None = None, spec: PoolSpec = None
+) -> Callable[[Any], Any]:
+  """params -> the pooled kernels (``spec``; None: ``ndim >= 2``) of the named
+  top-level layers; with ``layers`` empty, every one but those of the layer ``exclude``."""
   names = layer_names(layers)
+  base = pool_from_spec(spec)
 
   def pool(params: Any) -> Any:
     def pooled(path, flag):
       name = _top_name(path)
       return flag and (name in names if names else name != exclude)
 
-    return jax.tree_util.tree_map_with_path(pooled, gsm_optax.resolve_pool(params, None))
+    return jax.tree_util.tree_map_with_path(pooled, gsm_optax.resolve_pool(params, base))
 
   return pool
 
 
-def channel_pool(model: str, layers: str) -> Callable[[Any], Any]:
+def channel_pool(model: str, layers: str, spec: PoolSpec = None) -> Callable[[Any], Any]:
   """The channel methods' pool: ``layers`` (``config.channels.layers``), or every
-  kernel but the classifier's (its output channels are the classes)."""
-  return layer_pool(layers, exclude=models.MODELS[model].classifier)
+  pooled kernel but the classifier's (its output channels are the classes)."""
+  return layer_pool(layers, exclude=models.MODELS[model].classifier, spec=spec)
 
 
 def _channel_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  return channel_pool(config.model, config.channels.layers)
+  return channel_pool(config.model, config.channels.layers, pool_spec(config))
+
+
+def _nm_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  return layer_pool(config.nm.layers, spec=pool_spec(config))
 
 
 def gsm_channels_optimizer(
@@ -763,6 +885,7 @@ def gsm_channels_optimizer(
   layers: str,
   axis: int,
   score: str,
+  spec: PoolSpec = None,
 ) -> tuple[optax.GradientTransformation, Any]:
   """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
@@ -772,7 +895,7 @@ def gsm_channels_optimizer(
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    pool=channel_pool(model, layers),
+    pool=channel_pool(model, layers, spec),
     channel_axis=axis,
     channel_score=score,
   )
@@ -780,7 +903,7 @@ def gsm_channels_optimizer(
 
 
 def gsm_nm_optimizer(
-  cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int, layers: str
+  cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int, layers: str, spec: PoolSpec = None
 ) -> tuple[optax.GradientTransformation, Any]:
   """``gsm_optax.gsm_nm`` with the section's learning rate."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
@@ -791,7 +914,7 @@ def gsm_nm_optimizer(
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    pool=layer_pool(layers),
+    pool=layer_pool(layers, spec=spec),
     axis=axis,
   )
   return tx, lr
@@ -812,7 +935,7 @@ def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
 def nm_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   """params -> the N of greatest |w| of every group of M kept."""
   n, m, axis = config.nm.n, config.nm.m, config.nm.axis
-  pool = layer_pool(config.nm.layers)
+  pool = _nm_pool(config)
   return jax.jit(lambda p: gsm_optax.prune_nm(p, n, m, pool=pool, axis=axis))
 
 
@@ -825,7 +948,10 @@ def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int
     return {}
   classifier = models.MODELS[config.model].classifier
   num_classes = int(np.shape(params[classifier]["kernel"])[-1])
-  model = models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0))
+  if config.dataset not in data_lib.DATASETS:  # no narrow builder for the text models yet
+    return {}
+  options = {"size": config.model_size} if config.get("model_size") else {}
+  model = models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0), **options)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.device_get(params))
   nnx.update(model, state)
@@ -867,7 +993,7 @@ def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str,
 def nm_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
   """What an N:M method reached: whether every group holds at most N non-zeros."""
   n, m = config.nm.n, config.nm.m
-  report = gsm_optax.nm_report(params, n, m, pool=layer_pool(config.nm.layers), axis=config.nm.axis)
+  report = gsm_optax.nm_report(params, n, m, pool=_nm_pool(config), axis=config.nm.axis)
   return {
     "nm": f"{n}:{m}",
     "nm_conforms": report.conforms,
@@ -910,7 +1036,7 @@ def _gsm_then_cut(
 def gsm_channels_stages(ctx: Context) -> list[Stage]:
   """Channel GSM, then the channel cut to C (in channels) with no fine-tuning."""
   config, ch = ctx.config, ctx.config.channels
-  extra = (float(config.compression), config.model, ch.layers, ch.axis, ch.score)
+  extra = (float(config.compression), config.model, ch.layers, ch.axis, ch.score, pool_spec(config))
   phase = ctx.phase("gsm", gsm_channels_optimizer, config.gsm, *extra)
   return _gsm_then_cut(ctx, phase, channel_cut(config), _channel_bar_stats, _channel_epoch_stats)
 
@@ -918,7 +1044,8 @@ def gsm_channels_stages(ctx: Context) -> list[Stage]:
 def gsm_nm_stages(ctx: Context) -> list[Stage]:
   """N:M GSM, then the N:M cut with no fine-tuning."""
   config, nm = ctx.config, ctx.config.nm
-  phase = ctx.phase("gsm", gsm_nm_optimizer, config.gsm, nm.n, nm.m, nm.axis, nm.layers)
+  extra = (nm.n, nm.m, nm.axis, nm.layers, pool_spec(config))
+  phase = ctx.phase("gsm", gsm_nm_optimizer, config.gsm, *extra)
   return _gsm_then_cut(ctx, phase, nm_cut(config), _nm_stats, _nm_stats)
 
 
@@ -929,7 +1056,7 @@ def _cut_then_finetune(ctx: Context, cut: Callable[[Any], Any]) -> list[Stage]:
     Stage(
       "finetune",
       finetune.epochs,
-      ctx.phase("finetune", masked_sgd, finetune),
+      ctx.phase("finetune", masked_sgd, finetune, pool_spec(ctx.config)),
       _pruning(ctx, cut),
     )
   ]
@@ -959,17 +1086,14 @@ def check_channels(config: ml_collections.ConfigDict) -> None:
 
 def _check_layers(config: ml_collections.ConfigDict, field: str, params: Any) -> None:
   """Every name in ``config.<field>`` is a top-level layer of the model with a kernel."""
-  have = sorted({_top_name(p) for p, f in _flat_pool(params) if f})
+  flat = jax.tree_util.tree_flatten_with_path(gsm_optax.resolve_pool(params, model_pool(config)))
+  have = sorted({_top_name(p) for p, f in flat[0] if f})
   for name in layer_names(config_lib.get_field(config, field)):
     if name not in have:
       raise config_lib.ConfigError(
         f"config.{field} names {name!r}, which is not a layer of {config.model} with a "
         f"kernel; its layers: {', '.join(have)}"
       )
-
-
-def _flat_pool(params: Any) -> list:
-  return jax.tree_util.tree_flatten_with_path(gsm_optax.resolve_pool(params, None))[0]
 
 
 def check_nm(config: ml_collections.ConfigDict) -> None:

@@ -63,38 +63,44 @@ def new_train_state(params: Any, batch_stats: Any, seed: int) -> TrainState:
 # Model
 
 
-def init_model(name: str, num_classes: int, seed: int):
+ModelOptions = tuple[tuple[str, Any], ...]  # hashable constructor keywords: (("size", "tiny"),)
+
+
+def init_model(name: str, num_classes: int, seed: int, options: ModelOptions = ()):
   """(train graphdef, eval graphdef, params, batch_stats) of a freshly built model.
 
   The graphdefs come from the abstract model switched to training mode (batch
   statistics) and to eval mode (running averages); the variables are
   initialised in one jitted call (eager initialisation compiles every random
-  op separately).
+  op separately). ``options`` are the constructor's keywords (a task's
+  ``model_options``).
   """
-  abstract = nnx.eval_shape(lambda: _build_model(name, num_classes, 0))
+  abstract = nnx.eval_shape(lambda: _build_model(name, num_classes, 0, options))
   abstract.train()
   train_graphdef = nnx.graphdef(abstract)
   abstract.eval()
   eval_graphdef = nnx.graphdef(abstract)
-  params, batch_stats = _init_variables(name, num_classes, jnp.asarray(seed, jnp.uint32))
+  params, batch_stats = _init_variables(
+    name, num_classes, jnp.asarray(seed, jnp.uint32), tuple(options)
+  )
   return train_graphdef, eval_graphdef, params, batch_stats
 
 
-def abstract_params(name: str, num_classes: int) -> Any:
+def abstract_params(name: str, num_classes: int, options: ModelOptions = ()) -> Any:
   """The model's params as ``jax.ShapeDtypeStruct`` leaves: shapes without memory or compute."""
-  abstract = nnx.eval_shape(lambda: _build_model(name, num_classes, 0))
+  abstract = nnx.eval_shape(lambda: _build_model(name, num_classes, 0, options))
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
 
 
-def _build_model(name: str, num_classes: int, seed) -> nnx.Module:
+def _build_model(name: str, num_classes: int, seed, options: ModelOptions = ()) -> nnx.Module:
   rngs = nnx.Rngs(jax.random.key(seed))  # what nnx.Rngs(seed) does, for a traced seed too
-  return models.create_model(name, num_classes=num_classes, rngs=rngs)
+  return models.create_model(name, num_classes=num_classes, rngs=rngs, **dict(options))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_variables(name: str, num_classes: int, seed: jax.Array):
-  model = _build_model(name, num_classes, seed)
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _init_variables(name: str, num_classes: int, seed: jax.Array, options: ModelOptions = ()):
+  model = _build_model(name, num_classes, seed, options)
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
@@ -103,18 +109,25 @@ def _init_variables(name: str, num_classes: int, seed: jax.Array):
 # Loss and steps
 
 
+def _per_label(mask: jax.Array, labels: jax.Array) -> jax.Array:
+  """An example mask ``[batch]`` spread over the labels ``[batch, ...]`` (positions of a text)."""
+  return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim)), labels.shape)
+
+
 def cross_entropy_loss(
   logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:
-  """Mean softmax cross-entropy over the examples where ``mask`` is true."""
+  """Mean softmax cross-entropy over the labels (every position of a text) where ``mask`` is true."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   if mask is None:
     return losses.mean()
-  mask = mask.astype(losses.dtype)
+  mask = _per_label(mask, labels).astype(losses.dtype)
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _batch_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array, mask: jax.Array):
+  """Totals of one batch; ``count`` counts labels (examples, or the bytes of text windows)."""
+  mask = _per_label(mask, labels)
   count = jnp.sum(mask.astype(jnp.int32))
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
   return {"loss_sum": loss * count, "correct": correct.astype(jnp.int32), "count": count}
@@ -247,30 +260,62 @@ def make_lr_schedule(
   return schedule
 
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("piecewise", "cosine")
+
+
 def section_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:
-  """The learning-rate schedule of an SGD config section."""
+  """The learning-rate schedule of an optimizer config section.
+
+  ``schedule="piecewise"`` (the default): ``make_lr_schedule`` (boundaries,
+  decay factor, linear warm-up). ``"cosine"``: optax's linear warm-up from 0
+  over ``warmup_epochs``, then cosine decay to 0 at the end of the section's
+  ``epochs`` (``optax.warmup_cosine_decay_schedule``).
+  """
+  if cfg.get("schedule", "piecewise") == "cosine":
+    total = max(int(cfg.epochs * steps_per_epoch), 1)
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, 0.0)
   return make_lr_schedule(
     cfg.learning_rate, cfg.boundaries, cfg.decay_factor, steps_per_epoch, cfg.warmup_epochs
   )
 
 
 def pool_mask(params: Any) -> Any:
-  """The default GSM pool (dense and conv kernels) as a bool pytree."""
+  """Where weight decay applies: every kernel (floating leaves with ndim >= 2), as a bool pytree."""
   return gsm_optax.resolve_pool(params, None)
 
 
-def sgd(cfg: Any, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum; weight decay on the pool (kernels) only, as in the reference code.
+def clipping(cfg: Any) -> list[optax.GradientTransformation]:
+  """``[optax.clip_by_global_norm(clip_norm)]``, or nothing when ``cfg.clip_norm`` is 0 or absent."""
+  clip_norm = cfg.get("clip_norm", 0.0)
+  return [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+
+
+def optimizer(
+  cfg: Any, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The plain optimizer of a config section: ``cfg.optimizer`` "sgd" or "adamw".
+
+  "sgd": SGD with momentum, weight decay on the kernels only, as in the
+  reference code (``add_decayed_weights`` then ``optax.sgd``). "adamw":
+  ``optax.adamw`` (b1, b2, eps, decoupled weight decay on the kernels). Either
+  way ``clip_norm > 0`` clips the gradient's global norm first.
 
   Returns:
-    ``(tx, learning_rate_schedule)`` for an SGD config section.
+    ``(tx, learning_rate_schedule)``.
   """
   lr = section_schedule(cfg, steps_per_epoch)
-  tx = optax.chain(
+  if cfg.get("optimizer", "sgd") == "adamw":
+    base = optax.adamw(
+      lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=pool_mask
+    )
+    return optax.chain(*clipping(cfg), base), lr
+  return optax.chain(
+    *clipping(cfg),
     optax.add_decayed_weights(cfg.weight_decay, mask=pool_mask),
     optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov),
-  )
-  return tx, lr
+  ), lr
 
 
 # ----------------------------------------------------------------------------
@@ -312,9 +357,11 @@ def make_phase(
 
   ``build`` is a module-level function; ``extra`` holds hashable arguments.
   Built once per (builder, hyperparameters, steps per epoch, model graph,
-  mesh); ``cfg.epochs`` does not enter the optimizer.
+  mesh); ``cfg.epochs`` enters the optimizer only with a cosine schedule.
   """
-  frozen = tuple(item for item in freeze(cfg) if item[0] != "epochs")
+  frozen = freeze(cfg)
+  if cfg.get("schedule", "piecewise") != "cosine":  # a cosine schedule spans the epochs
+    frozen = tuple(item for item in frozen if item[0] != "epochs")
   return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, mesh, extra)
 
 

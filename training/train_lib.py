@@ -3,8 +3,9 @@
 ``train_and_evaluate(config, workdir)`` is the whole program; ``train.py`` only
 parses flags and calls it. The pieces, in the order data flows through them:
 
-* data: ``training.data.load_dataset`` gives ``(images, labels)`` numpy
-  batches, a pure function of ``(epoch, seed)``;
+* data: the task of ``config.dataset`` (``training.tasks``: image
+  classification or language modelling) loads it; its batches are
+  ``(inputs, targets)`` numpy arrays, a pure function of ``(epoch, seed)``;
 * model, loss, steps, optimizers: ``training.steps``;
 * the method (GSM, a baseline, or none) as stages: ``training.stages``;
 * the summary, the final model and the plots: ``training.report``.
@@ -45,12 +46,12 @@ from tqdm import tqdm
 import models
 from training import checkpoints
 from training import config as config_lib
-from training import data
 from training import device_data
 from training import distributed
 from training import report
 from training import stages as stages_lib
 from training import steps
+from training import tasks as tasks_lib
 from training import tensorboard
 from training.config import ConfigError
 from training.steps import TrainState
@@ -90,8 +91,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       what is allowed.
   """
   config_lib.validate_common(
-    config, models=models.MODELS, datasets=data.DATASETS, methods=stages_lib.METHODS
+    config, models=models.MODELS, datasets=tasks_lib.DATASETS, methods=stages_lib.METHODS
   )
+  task = tasks_lib.for_dataset(config.dataset)
+  if config.model not in task.models:
+    raise ConfigError(
+      f"config.model={config.model!r} does not take the inputs of {config.dataset!r} "
+      f"({task.name}); choose one of {', '.join(task.models)}"
+    )
+  task.check(config)
+  stages_lib.check_pool_fields(config)
   stages_lib.METHODS[config.method].check(config)
 
 
@@ -113,8 +122,9 @@ class Progress:
     history: one row per epoch, as in metrics.jsonl.
     wall_time_s: seconds spent per phase.
     dense_source: "trained", "checkpoint:<path>" or "skipped".
-    dense_accuracy: test accuracy of the dense model.
-    dense_validation_accuracy: its validation accuracy (None without a validation split).
+    dense_metrics: the task's metrics of the dense model on the test split
+      ({"accuracy": ...}; for text also "bits_per_byte").
+    dense_validation_metrics: the same on the validation split (None without one).
     results: what the stages' transitions recorded.
   """
 
@@ -127,8 +137,8 @@ class Progress:
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   wall_time_s: dict[str, float] = dataclasses.field(default_factory=lambda: {"dense": 0.0})
   dense_source: str | None = None
-  dense_accuracy: float | None = None
-  dense_validation_accuracy: float | None = None
+  dense_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  dense_validation_metrics: dict[str, float] | None = None
   results: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
@@ -136,6 +146,11 @@ class Progress:
 
   @classmethod
   def from_json(cls, meta: dict[str, Any]) -> Progress:
+    meta = dict(meta)
+    if "dense_accuracy" in meta:  # checkpoints written before tasks: accuracy only
+      accuracy, validation = meta.pop("dense_accuracy"), meta.pop("dense_validation_accuracy", None)
+      meta["dense_metrics"] = {} if accuracy is None else {"accuracy": accuracy}
+      meta["dense_validation_metrics"] = None if validation is None else {"accuracy": validation}
     names = {field.name for field in dataclasses.fields(cls)}
     return cls(**{key: value for key, value in meta.items() if key in names})
 
@@ -226,7 +241,8 @@ class _Run:
 
   config: ml_collections.ConfigDict
   workdir: str
-  dataset: data.Dataset
+  task: tasks_lib.Task
+  dataset: Any
   train_graphdef: Any
   eval_step: Callable
   stop: _StopRequest
@@ -235,7 +251,7 @@ class _Run:
   writer: tensorboard.MetricsWriter
   progress: Progress = dataclasses.field(default_factory=Progress)
   train_set: device_data.TrainSet | None = None
-  validation: data.Dataset | None = None
+  validation: Any = None
 
   @property
   def eval_batch_size(self) -> int:
@@ -296,25 +312,26 @@ class _Run:
   def metrics_path(self) -> str:
     return os.path.join(self.workdir, "metrics.jsonl")
 
-  def evaluate(self, state: TrainState, params: Any = None) -> dict[str, float]:
+  def evaluate(
+    self, state: TrainState, params: Any = None, dataset: Any = None
+  ) -> dict[str, float]:
+    """The loss and the task's metrics of ``params`` (default: the state's) on the test split."""
     params = state.params if params is None else params
-    return steps.evaluate(
-      self.eval_step, params, state.batch_stats, self.dataset, self.eval_batch_size, self.topology
+    dataset = self.dataset if dataset is None else dataset
+    metrics = steps.evaluate(
+      self.eval_step, params, state.batch_stats, dataset, self.eval_batch_size, self.topology
     )
+    return self.task.derive(metrics)
 
-  def validate(self, state: TrainState, params: Any = None) -> float | None:
-    """Accuracy on the held-out training examples; None without a validation split."""
+  def validate(self, state: TrainState, params: Any = None) -> dict[str, float] | None:
+    """The task's metrics on the validation split; None without one."""
     if self.validation is None:
       return None
-    params = state.params if params is None else params
-    return steps.evaluate(
-      self.eval_step,
-      params,
-      state.batch_stats,
-      self.validation,
-      self.eval_batch_size,
-      self.topology,
-    )["accuracy"]
+    return self.reported(self.evaluate(state, params, self.validation))
+
+  def reported(self, metrics: dict[str, float]) -> dict[str, float]:
+    """The task's metrics (``task.metrics``) of an evaluation, without the loss."""
+    return {name: metrics[name] for name in self.task.metrics}
 
   def save(self, state: TrainState) -> int:
     """Checkpoints ``state`` at its step (a step already committed is kept as it is)."""
@@ -346,7 +363,8 @@ class _Run:
     with open(self.metrics_path, "a") as f:
       f.write(report.json_line(row))
     step = row["step"]
-    self.writer.scalars(step, {"accuracy": row["test_accuracy"], "loss": row["test_loss"]}, "eval")
+    names = ("loss", *self.task.metrics)
+    self.writer.scalars(step, {name: row[f"test_{name}"] for name in names}, "eval")
     extra = {k: v for k, v in row.items() if k in _GSM_TENSORBOARD}
     if extra:
       self.writer.scalars(step, {_GSM_TENSORBOARD[k]: v for k, v in extra.items()}, "gsm")
@@ -379,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   run_start = time.perf_counter()
   validate_config(config)
+  task = tasks_lib.for_dataset(config.dataset)
   topology = distributed.make_topology(config)
   _log(
     "devices: %d %s (%s) in %d process(es), mesh %s",
@@ -388,20 +407,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     topology.process_count,
     dict(topology.mesh.shape),
   )
-  dataset = data.load_dataset(
-    config.dataset,
-    data_dir=config.data_dir,
-    max_train_examples=config.max_train_examples,
-    max_test_examples=config.max_test_examples,
-    download=config.download,
-  )
-  dataset, validation = _split_validation(config, dataset)
-  if dataset.steps_per_epoch(config.batch_size) < 1:
-    raise ConfigError(
-      f"config.batch_size={config.batch_size} exceeds the {dataset.num_train} "
-      f"training examples of {dataset.name} ({dataset.source})"
-    )
-  abstract_params = steps.abstract_params(config.model, dataset.num_classes)
+  dataset, validation = task.load(config)
+  model_options = task.model_options(config)
+  abstract_params = steps.abstract_params(config.model, dataset.num_classes, model_options)
   stages_lib.check_params(config, abstract_params)
   _check_dense_checkpoint(config, abstract_params)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -418,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       dataset.num_test,
     )
     train_graphdef, eval_graphdef, params, batch_stats = steps.init_model(
-      config.model, dataset.num_classes, config.seed
+      config.model, dataset.num_classes, config.seed, model_options
     )
     method = stages_lib.METHODS[config.method]
     writer = tensorboard.MetricsWriter(
@@ -427,6 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = _Run(
       config=config,
       workdir=workdir,
+      task=task,
       dataset=dataset,
       train_graphdef=train_graphdef,
       eval_step=steps.make_eval_step(eval_graphdef),
@@ -449,7 +458,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stop.where = "during the final evaluation and report"
       start = time.perf_counter()
       final = run.evaluate(state)
-      final["validation_accuracy"] = run.validate(state)
+      validation_final = run.validate(state) or {}
+      for name in task.metrics:
+        final[f"validation_{name}"] = validation_final.get(name)
+      samples = _report_samples(run, eval_graphdef, state, variables)
       wall_time_s = dict(run.progress.wall_time_s)
       wall_time_s["final_evaluation"] = time.perf_counter() - start
       wall_time_s["this_invocation"] = time.perf_counter() - run_start
@@ -463,30 +475,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         prunes=method.prunes,
         wall_time_s=wall_time_s,
         devices=topology.describe(),
+        task=task,
+        pool=stages_lib.model_pool(config),
+        num_validation=0 if validation is None else validation.num_test,
+        samples=samples,
         write=topology.is_main,
       )
       if topology.is_main:
         writer.layer_densities(int(state.step), summary["layers"])
-        writer.scalars(int(state.step), {"accuracy": final["accuracy"]}, "final")
+        writer.scalars(int(state.step), run.reported(final), "final")
     return summary
-
-
-def _split_validation(
-  config: ml_collections.ConfigDict, dataset: data.Dataset
-) -> tuple[data.Dataset, data.Dataset | None]:
-  """(training set, validation set): ``config.validation_examples`` held out, or (dataset, None)."""
-  n = config.validation_examples
-  if not n:
-    return dataset, None
-  if n >= dataset.num_train:
-    raise ConfigError(
-      f"config.validation_examples={n} leaves none of the {dataset.num_train} training "
-      f"examples of {dataset.name} ({dataset.source})"
-    )
-  try:
-    return dataset.split_validation(n)
-  except ValueError as err:  # a streamed dataset
-    raise ConfigError(f"config.validation_examples={n}: {err}; use 0") from None
 
 
 @contextlib.contextmanager
@@ -558,7 +556,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
   config, stop = run.config, run.stop
   dense = steps.make_phase(
     "dense",
-    steps.sgd,
+    steps.optimizer,
     config.dense,
     run.steps_per_epoch,
     run.train_graphdef,
@@ -576,8 +574,9 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
       graphdef=run.train_graphdef,
       variables=variables,
       results=progress.results,
-      evaluate=lambda state, params: run.evaluate(state, params)["accuracy"],
+      evaluate=lambda state, params: run.reported(run.evaluate(state, params)),
       validate=run.validate,
+      metrics=run.task.metrics,
       mesh=run.topology.mesh,
       place=run.place,
     )
@@ -636,11 +635,13 @@ def _enter(run: _Run, state: TrainState, stage: stages_lib.Stage) -> TrainState:
   state = run.place(state)
   if stage.phase is not None:
     state = run.place(state._replace(opt_state=stage.phase().tx.init(state.params)))
-  if "accuracy_after_prune" in results:
+  headline = run.task.headline
+  if f"{headline}_after_prune" in results:
     _log(
-      "%s: accuracy after pruning, before training %.4f",
+      "%s: %s after pruning, before training %.4f",
       stage.name,
-      results["accuracy_after_prune"],
+      headline.replace("_", " "),
+      results[f"{headline}_after_prune"],
     )
   return state
 
@@ -676,15 +677,21 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
   run.stop.where = "while exporting the dense model"
   history = progress.history
   if history and history[-1]["phase"] == "dense":
-    progress.dense_accuracy = history[-1]["test_accuracy"]
+    progress.dense_metrics = {name: history[-1][f"test_{name}"] for name in run.task.metrics}
   else:
-    progress.dense_accuracy = run.evaluate(state)["accuracy"]
-  progress.dense_validation_accuracy = run.validate(state)
+    progress.dense_metrics = run.reported(run.evaluate(state))
+  progress.dense_validation_metrics = run.validate(state)
   checkpoints.save_model(
     os.path.join(run.workdir, "dense_model"),
     {"params": state.params, "batch_stats": state.batch_stats},
   )
-  _log("dense model (%s): test accuracy %.4f", progress.dense_source, progress.dense_accuracy)
+  headline = run.task.headline
+  _log(
+    "dense model (%s): test %s %.4f",
+    progress.dense_source,
+    headline.replace("_", " "),
+    progress.dense_metrics[headline],
+  )
   return state
 
 
@@ -772,6 +779,7 @@ def _epochs(run, state, phase, num_epochs, stage):
     train_loss, train_acc = show(finite_totals(totals), state)
     bar.close()
 
+    train = run.task.derive({"loss": train_loss, "accuracy": train_acc})
     test = run.evaluate(state)
     row = {
       "phase": phase.name,
@@ -779,10 +787,8 @@ def _epochs(run, state, phase, num_epochs, stage):
       "phase_epoch": epoch + 1,
       "step": int(state.step),
       "learning_rate": _learning_rate(phase, state, progress),
-      "train_loss": train_loss,
-      "train_accuracy": train_acc,
-      "test_loss": test["loss"],
-      "test_accuracy": test["accuracy"],
+      **{f"train_{name}": value for name, value in train.items()},
+      **{f"test_{name}": value for name, value in test.items()},
     }
     stats = epoch_stats(state) if epoch_stats else {}
     row.update(stats)
@@ -795,20 +801,40 @@ def _epochs(run, state, phase, num_epochs, stage):
     progress.epoch, progress.batch, progress.partial = epoch + 1, 0, steps.zero_totals()
     run.save(state)
     run.append_metrics(row)
+    headline = run.task.headline
+    short = "acc" if headline == "accuracy" else headline.replace("_", " ")
     _log(
-      "%s epoch %d/%d: train loss %.4f acc %.4f, test acc %.4f, lr %.3g%s",
+      "%s epoch %d/%d: train loss %.4f acc %.4f, test %s %.4f, lr %.3g%s",
       phase.name,
       epoch + 1,
       num_epochs,
       train_loss,
       train_acc,
-      test["accuracy"],
+      short,
+      test[headline],
       row["learning_rate"],
       "".join(f", {key} {value:.4g}" for key, value in stats.items()),
     )
     if run.stop.requested:
       raise run.interrupted(state)
   return state
+
+
+def _report_samples(
+  run: _Run, eval_graphdef: Any, state: TrainState, template: dict[str, Any]
+) -> dict[str, str] | None:
+  """The task's end-of-run report (text samples of the dense and the final model), if any."""
+  leaves = jax.tree.leaves(state.params)
+  if run.task.report is None or not all(x.is_fully_addressable for x in leaves):
+    return None  # params split over several hosts: no sample (the metrics are reported)
+  models_by_name = {}
+  dense_dir = os.path.join(run.workdir, "dense_model")
+  if os.path.isdir(dense_dir):
+    models_by_name["dense"] = jax.device_get(checkpoints.load_model(dense_dir, template))
+  models_by_name["final"] = jax.device_get(
+    {"params": state.params, "batch_stats": state.batch_stats}
+  )
+  return run.task.report(run.config, eval_graphdef, models_by_name)
 
 
 def _learning_rate(phase: steps.Phase, state: TrainState, progress: Progress) -> float:
