@@ -5,6 +5,9 @@ from gsm_optax._pool import default_pool
 from gsm_optax._pool import keep_count
 from gsm_optax._pool import pool_size
 from gsm_optax._pool import resolve_pool
+from gsm_optax.adam import GsmAdamWState
+from gsm_optax.adam import budget_shrink_rate
+from gsm_optax.adam import gsm_adamw
 from gsm_optax.diagnostics import MaskOverlap
 from gsm_optax.diagnostics import mask_overlap
 from gsm_optax.diagnostics import passive_decay
@@ -58,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
   "CHANNEL_SCORES",
   "ChannelReport",
+  "GsmAdamWState",
   "LeafChannels",
   "LeafNM",
   "LeafSparsity",
@@ -72,6 +76,7 @@ __all__ = [
   "add_passive_age_decay",
   "apply_mask",
   "baselines",
+  "budget_shrink_rate",
   "channel_stats",
   "channel_report",
   "default_pool",
@@ -80,6 +85,7 @@ __all__ = [
   "global_kth_largest_magnitude",
   "global_magnitude_mask",
   "gsm",
+  "gsm_adamw",
   "gsm_channels",
   "gsm_nm",
   "gsm_stats",

@@ -101,9 +101,36 @@ def taylor_scores(grads: list[jax.Array], params: list[jax.Array]) -> list[jax.A
   return [taylor_score(g, w) for g, w in zip(grads, params)]
 
 
+class TaylorMask(NamedTuple):
+  """B over the pool and what `MaskByGlobalTaylorState` records of it.
+
+  Attributes:
+    active: B per pooled leaf (bool arrays, in tree order).
+    threshold: t, the Q-th greatest score.
+    num_active: the number of active pooled weights.
+    num_nonfinite: pooled weights whose score was NaN or inf.
+  """
+
+  active: list[jax.Array]
+  threshold: jax.Array
+  num_active: jax.Array
+  num_nonfinite: jax.Array
+
+
+def _taylor_mask(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array) -> TaylorMask:
+  """B = the top-Q of |g * w| over the pooled leaves (`_active_by_selection`)."""
+  selected = selection.select_threshold((grads, weights), taylor_score, keep)
+  return _active_by_selection(taylor_scores(grads, weights), selected, keep)
+
+
+def _apply_active(grads: list[jax.Array], active: list[jax.Array]) -> list[jax.Array]:
+  """B * g per pooled leaf."""
+  return [jnp.where(a, g, jnp.zeros_like(g)) for g, a in zip(grads, active)]
+
+
 @jax.jit
 def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array):
-  """Masks the pooled gradients: (masked grads, threshold, num_active, num_nonfinite).
+  """Masks the pooled gradients: (masked grads, `TaylorMask`).
 
   One compiled computation: called eagerly (an `update` outside `jax.jit`),
   the selection's `lax.cond` branches are new closures at every call, so JAX
@@ -111,8 +138,23 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
   2^22-weight pool on CPU), and every other op compiled on its own; jitted,
   it compiles once per pool layout. Inside `jax.jit` it is inlined.
   """
-  selected = selection.select_threshold((grads, weights), taylor_score, keep)
-  return _mask_by_selection(grads, taylor_scores(grads, weights), selected, keep)
+  mask = _taylor_mask(grads, weights, keep)
+  return _apply_active(grads, mask.active), mask
+
+
+def _active_by_selection(
+  scores: list[jax.Array], selected: selection.ScoreSelection, keep: jax.Array
+) -> TaylorMask:
+  """B = [s >= t] & [s > 0 or Q = |pool|] per leaf, t the selected threshold."""
+  size = sum(s.size for s in scores)
+  threshold = selected.threshold
+  keep_all = keep >= size
+  # NaN >= t is False: never active. With Q = |pool| (C = 1) every weight
+  # is active; otherwise a zero score never is.
+  active = [(s >= threshold) & ((s > 0) | keep_all) for s in scores]
+  zeros_counted = (threshold == 0) & ~keep_all
+  num_active = selected.num_at_least - jnp.where(zeros_counted, selected.num_zero, 0)
+  return TaylorMask(active, threshold, num_active, selected.num_nonfinite)
 
 
 def _mask_by_selection(
@@ -123,18 +165,8 @@ def _mask_by_selection(
 ):
   """B = [s >= t] & [s > 0 or Q = |pool|] applied to the grads: (masked grads,
   threshold, num_active, num_nonfinite)."""
-  size = sum(g.size for g in grads)
-  threshold = selected.threshold
-  keep_all = keep >= size
-  masked = []
-  for g, s in zip(grads, scores):
-    # NaN >= t is False: never active. With Q = |pool| (C = 1) every weight
-    # is active; otherwise a zero score never is.
-    active = (s >= threshold) & ((s > 0) | keep_all)
-    masked.append(jnp.where(active, g, jnp.zeros_like(g)))
-  zeros_counted = (threshold == 0) & ~keep_all
-  num_active = selected.num_at_least - jnp.where(zeros_counted, selected.num_zero, 0)
-  return masked, threshold, num_active, selected.num_nonfinite
+  mask = _active_by_selection(scores, selected, keep)
+  return _apply_active(grads, mask.active), mask.threshold, mask.num_active, mask.num_nonfinite
 
 
 def _smoothed_scores(
@@ -260,6 +292,41 @@ def _next_taylor_state(state, keep, invalid, threshold, num_active, num_nonfinit
   )
 
 
+class TaylorStep(NamedTuple):
+  """One update of `mask_by_global_taylor`.
+
+  Attributes:
+    updates: the updates with B * g on the pool (unchanged elsewhere).
+    indices: the positions of the pooled leaves among the tree's leaves.
+    active: B per pooled leaf (bool arrays, in the order of `indices`).
+    state: the next `MaskByGlobalTaylorState`.
+  """
+
+  updates: Any
+  indices: list[int]
+  active: list[jax.Array]
+  state: MaskByGlobalTaylorState
+
+
+def global_taylor_step(
+  updates: Any,
+  state: MaskByGlobalTaylorState,
+  params: Any,
+  compression: optax.ScalarOrSchedule,
+  pool: _pool.Pool,
+) -> TaylorStep:
+  """B = [|g * w| >= t] over the pool, t the Q-th greatest, Q = int(|pool| / C_t);
+  the masked updates and the next state (`mask_by_global_taylor`'s update)."""
+  split = _split_pool(updates, params, pool)
+  size = sum(g.size for g in split.grads)
+  keep, invalid = _keep_for_step(size, compression, state.count)
+  masked, mask = _mask_pool(split.grads, split.weights, keep)
+  new_state = _next_taylor_state(
+    state, keep, invalid, mask.threshold, mask.num_active, mask.num_nonfinite
+  )
+  return TaylorStep(split.unflatten(masked), split.indices, mask.active, new_state)
+
+
 def mask_by_global_taylor(
   compression: optax.ScalarOrSchedule,
   *,
@@ -325,12 +392,8 @@ def mask_by_global_taylor(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    split = _split_pool(updates, params, pool)
-    size = sum(g.size for g in split.grads)
-    keep, invalid = _keep_for_step(size, compression, state.count)
-    masked, threshold, num_active, num_nonfinite = _mask_pool(split.grads, split.weights, keep)
-    new_state = _next_taylor_state(state, keep, invalid, threshold, num_active, num_nonfinite)
-    return split.unflatten(masked), new_state
+    step = global_taylor_step(updates, state, params, compression, pool)
+    return step.updates, step.state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

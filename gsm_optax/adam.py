@@ -1,0 +1,211 @@
+"""GSM with AdamW: active weights take AdamW's step, passive weights shrink geometrically.
+
+Per step t, with g the gradient, w the params and B the GSM mask of
+`mask_by_global_taylor` (top-Q of |g * w| over the pool, 1 outside it):
+
+    g^ = B * g
+    m <- b1 m + (1 - b1) g^,   v <- b2 v + (1 - b2) g^2      (every leaf)
+    u = -lr_t (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * w * decay_mask)
+    u = -r_t * w   instead, where the weight is pooled and B = 0
+
+so a weight passive for k steps in a row is w * prod(1 - r_t) over them.
+`budget_shrink_rate` sets r_t so that the product over a training budget is
+exp(-kappa). docs/METHOD.md, "GSM with Adam (transformers)", explains why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gsm_optax import _checks
+from gsm_optax import _pool
+from gsm_optax import transform
+
+
+class GsmAdamWState(NamedTuple):
+  """State of `gsm_adamw`; every leaf is an array (orbax-ready).
+
+  Attributes:
+    taylor: the `MaskByGlobalTaylorState` of the mask (what `gsm_stats` reads);
+      its `count` is the step t.
+    adamw: the state of ``optax.chain(scale_by_adam, add_decayed_weights,
+      scale_by_learning_rate)`` (m, v and the counts).
+  """
+
+  taylor: transform.MaskByGlobalTaylorState
+  adamw: Any
+
+
+def _check_number_in(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
+  """A concrete number must be in [low, high) or [low, high]; a traced one
+  (`optax.inject_hyperparams` under jit) cannot be checked."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not _checks.is_number(value):
+    raise TypeError(f"{name} must be a number, got {value!r}.")
+  x = float(value)
+  inside = low <= x < high if high_open else low <= x <= high
+  if not inside:
+    bracket = ")" if high_open else "]"
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
+
+
+def _check_schedule_or_number(
+  name: str, value: Any, low: float, high: float, high_open: bool
+) -> None:
+  """A schedule (checked by nobody: its values are known at run time) or a number."""
+  if not callable(value):
+    _check_number_in(name, value, low, high, high_open)
+
+
+def _check_args(compression, passive_shrink, b1, b2, eps, weight_decay) -> None:
+  """Checks what is known when `gsm_adamw` is built."""
+  transform._check_compression_arg(compression)
+  _check_schedule_or_number("passive_shrink", passive_shrink, 0.0, 1.0, True)
+  _check_number_in("b1", b1, 0.0, 1.0, True)
+  _check_number_in("b2", b2, 0.0, 1.0, True)
+  _check_number_in("eps", eps, 0.0, math.inf, True)
+  _check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
+
+
+def _shrink_passive(adamw_updates: Any, params: Any, step: transform.TaylorStep, rate: Any) -> Any:
+  """u = -r * w where a pooled weight is passive (B = 0), the AdamW update elsewhere."""
+  flat, treedef = jax.tree.flatten(adamw_updates)
+  flat_params = jax.tree.leaves(params)
+  for i, active in zip(step.indices, step.active):
+    u, w = flat[i], flat_params[i]
+    shrink = -(jnp.asarray(rate, u.dtype) * w.astype(u.dtype))
+    flat[i] = jnp.where(active, u, shrink)
+  return jax.tree.unflatten(treedef, flat)
+
+
+def gsm_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  compression: optax.ScalarOrSchedule,
+  *,
+  passive_shrink: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Any = None,
+  pool: _pool.Pool = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GSM with AdamW: u = -lr_t (m^ / (sqrt(v^) + eps) + wd w) if active, -r_t w if passive.
+
+  B is `mask_by_global_taylor`'s mask, computed by the same code once per step
+  (Q = int(|pool| / C_t), ties at the threshold kept, zero and NaN scores never
+  active unless C = 1); leaves outside the pool are always active. Adam's
+  moments, bias corrected as in `optax.scale_by_adam`, are kept for every leaf
+  from g^ = B * g, so a passive weight's moments decay. An active or non-pooled
+  weight takes exactly ``optax.adamw``'s update; a pooled passive one takes no
+  Adam step and no weight decay: w <- (1 - r_t) w. With C = 1 this is
+  ``optax.adamw(..., mask=weight_decay_mask)``.
+
+  Args:
+    learning_rate: lr_t, a float or an optax schedule.
+    compression: C >= 1, a float or a schedule of the step (as in `gsm`).
+    passive_shrink: r_t in [0, 1), a float or a schedule of the step; e.g.
+      ``budget_shrink_rate(learning_rate, total_steps)``.
+    b1, b2: Adam's decay rates, in [0, 1).
+    eps: >= 0, added to sqrt(v^).
+    weight_decay: wd >= 0 (decoupled, as AdamW), a float or a schedule.
+    weight_decay_mask: which leaves take weight decay, `optax.masked`'s
+      convention (a bool pytree or a callable ``params -> bool pytree``);
+      None: every floating leaf with ndim >= 2 (kernels, not biases or scales).
+    pool: prunable leaves, as in `mask_by_global_taylor`.
+
+  Under `optax.inject_hyperparams`, name `pool` and `weight_decay_mask` in
+  ``static_args`` when they are callables (it would call them as schedules).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose `update` requires
+    `params`; its state is a `GsmAdamWState`, and `init` accepts abstract params.
+  """
+  _check_args(compression, passive_shrink, b1, b2, eps, weight_decay)
+  mask = transform.mask_by_global_taylor(compression, pool=pool)
+  decay_mask = _pool.default_pool if weight_decay_mask is None else weight_decay_mask
+  adamw = optax.chain(
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+  def init_fn(params):
+    return GsmAdamWState(taylor=mask.init(params), adamw=adamw.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    step = transform.global_taylor_step(updates, state.taylor, params, compression, pool)
+    adamw_updates, adamw_state = adamw.update(step.updates, state.adamw, params, **extra_args)
+    t = state.taylor.count
+    rate = passive_shrink(t) if callable(passive_shrink) else passive_shrink
+    new_updates = _shrink_passive(adamw_updates, params, step, rate)
+    return new_updates, GsmAdamWState(taylor=step.state, adamw=adamw_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _schedule_values(learning_rate: optax.ScalarOrSchedule, total_steps: int) -> np.ndarray:
+  """lr_s for s = 0 .. total_steps - 1, as float64 (a schedule is called once on
+  all the steps, as optax's schedules allow)."""
+  if not callable(learning_rate):
+    return np.full(total_steps, float(learning_rate))
+  with jax.ensure_compile_time_eval():
+    values = np.asarray(learning_rate(jnp.arange(total_steps)), np.float64)
+  if values.ndim == 0:
+    return np.full(total_steps, float(values))
+  if values.shape != (total_steps,):
+    raise ValueError(
+      f"learning_rate(steps) for {total_steps} steps has shape {values.shape}; a schedule must "
+      "map an array of steps to an array of the same shape."
+    )
+  return values
+
+
+def budget_shrink_rate(
+  learning_rate: optax.ScalarOrSchedule, total_steps: int, kappa: float = 10.0
+) -> optax.Schedule:
+  """r_t = kappa * lr_t / sum_{s < total_steps} lr_s, so that prod_t (1 - r_t) ~ exp(-kappa).
+
+  The shrink follows the learning rate's schedule (warm-up, cosine); a
+  constant lr gives r = kappa / total_steps. Steps past the budget keep the
+  last step's rate. Over the budget sum_t r_t = kappa, and since
+  -r - r^2 <= log(1 - r) <= -r (r <= 1/2), the product is between
+  exp(-kappa - sum r_t^2) and exp(-kappa).
+
+  Raises:
+    ValueError: total_steps < 1, kappa not finite and > 0, an lr_s negative or
+      not finite, their sum 0, or some r_t >= 1 (too few steps for kappa).
+  """
+  if not _checks.is_number(total_steps, integer=True) or total_steps < 1:
+    raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}.")
+  if not _checks.is_number(kappa) or not (math.isfinite(kappa) and kappa > 0):
+    raise ValueError(f"kappa must be a finite number > 0, got {kappa!r}.")
+  total_steps, kappa = int(total_steps), float(kappa)
+  values = _schedule_values(learning_rate, total_steps)
+  if not np.all(np.isfinite(values)) or np.any(values < 0):
+    raise ValueError("learning_rate must be finite and >= 0 at every step of the budget.")
+  total = float(np.sum(values))
+  if not total > 0:
+    raise ValueError(f"the learning rate sums to {total} over {total_steps} steps; it must be > 0.")
+  if kappa * values.max() / total >= 1:
+    raise ValueError(
+      f"r_t = kappa * lr_t / sum(lr) reaches {kappa * values.max() / total:.3g} >= 1 "
+      f"(kappa = {kappa}, {total_steps} steps): use more steps or a smaller kappa."
+    )
+  scale = kappa / total
+  last = total_steps - 1
+
+  def schedule(count):
+    step = jnp.minimum(count, last)
+    lr = learning_rate(step) if callable(learning_rate) else learning_rate
+    return lr * scale
+
+  return schedule
