@@ -535,11 +535,14 @@ def _check_dense_checkpoint(config: ml_collections.ConfigDict, abstract_params: 
       f"config.dense_checkpoint={config.dense_checkpoint!r} holds no model saved by "
       f"train.py ({type(err).__name__})"
     ) from None
+  # A list index (the transformers' blocks) is a string key in the saved model: compare unquoted.
   expected = {
-    f"['params']{jax.tree_util.keystr(p)}": tuple(leaf.shape)
+    f"[params]{jax.tree_util.keystr(p)}".replace("'", ""): tuple(leaf.shape)
     for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   }
-  found = {key: shape for key, shape in shapes.items() if key.startswith("['params']")}
+  found = {
+    key.replace("'", ""): shape for key, shape in shapes.items() if key.startswith("['params']")
+  }
   if found != expected:
     differ = sorted(set(found) ^ set(expected)) or [
       key for key in expected if found.get(key) != expected[key]
