@@ -19,6 +19,9 @@ from gsm_optax.export import nm_storage_bytes
 from gsm_optax.export import save_sparse
 from gsm_optax.export import sparse_dense
 from gsm_optax.export import to_bcoo
+from gsm_optax.passive import ShrinkPassiveState
+from gsm_optax.passive import gsm_sgd_shrink
+from gsm_optax.passive import shrink_passive
 from gsm_optax.paths import key_path_name
 from gsm_optax.paths import path_pool
 from gsm_optax.pruning import apply_mask
@@ -71,6 +74,7 @@ __all__ = [
   "MaskOverlap",
   "NMReport",
   "PassiveAgeDecayState",
+  "ShrinkPassiveState",
   "SmoothedTaylorState",
   "SparsityReport",
   "add_passive_age_decay",
@@ -88,6 +92,7 @@ __all__ = [
   "gsm_adamw",
   "gsm_channels",
   "gsm_nm",
+  "gsm_sgd_shrink",
   "gsm_stats",
   "keep_count",
   "key_path_name",
@@ -110,6 +115,7 @@ __all__ = [
   "prune_nm",
   "resolve_pool",
   "save_sparse",
+  "shrink_passive",
   "sparse_dense",
   "sparsity_report",
   "taylor_mask",

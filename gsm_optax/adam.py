@@ -10,14 +10,14 @@ Per step t, with g the gradient, w the params and B the GSM mask of
 
 so a weight passive for k steps in a row is w * prod(1 - r_t) over them.
 `budget_shrink_rate` sets r_t so that the product over a training budget is
-exp(-kappa). docs/METHOD.md, "GSM with Adam (transformers)", explains why.
+exp(-kappa). `gsm_adamw` is `passive.shrink_passive` around the AdamW chain;
+docs/METHOD.md, "GSM with Adam (transformers)", explains why.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,64 +26,17 @@ import optax
 
 from gsm_optax import _checks
 from gsm_optax import _pool
-from gsm_optax import transform
+from gsm_optax import passive
+
+GsmAdamWState = passive.ShrinkPassiveState  # the name `gsm_adamw`'s state had first
 
 
-class GsmAdamWState(NamedTuple):
-  """State of `gsm_adamw`; every leaf is an array (orbax-ready).
-
-  Attributes:
-    taylor: the `MaskByGlobalTaylorState` of the mask (what `gsm_stats` reads);
-      its `count` is the step t.
-    adamw: the state of ``optax.chain(scale_by_adam, add_decayed_weights,
-      scale_by_learning_rate)`` (m, v and the counts).
-  """
-
-  taylor: transform.MaskByGlobalTaylorState
-  adamw: Any
-
-
-def _check_number_in(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
-  """A concrete number must be in [low, high) or [low, high]; a traced one
-  (`optax.inject_hyperparams` under jit) cannot be checked."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  if not _checks.is_number(value):
-    raise TypeError(f"{name} must be a number, got {value!r}.")
-  x = float(value)
-  inside = low <= x < high if high_open else low <= x <= high
-  if not inside:
-    bracket = ")" if high_open else "]"
-    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
-
-
-def _check_schedule_or_number(
-  name: str, value: Any, low: float, high: float, high_open: bool
-) -> None:
-  """A schedule (checked by nobody: its values are known at run time) or a number."""
-  if not callable(value):
-    _check_number_in(name, value, low, high, high_open)
-
-
-def _check_args(compression, passive_shrink, b1, b2, eps, weight_decay) -> None:
-  """Checks what is known when `gsm_adamw` is built."""
-  transform._check_compression_arg(compression)
-  _check_schedule_or_number("passive_shrink", passive_shrink, 0.0, 1.0, True)
-  _check_number_in("b1", b1, 0.0, 1.0, True)
-  _check_number_in("b2", b2, 0.0, 1.0, True)
-  _check_number_in("eps", eps, 0.0, math.inf, True)
-  _check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
-
-
-def _shrink_passive(adamw_updates: Any, params: Any, step: transform.TaylorStep, rate: Any) -> Any:
-  """u = -r * w where a pooled weight is passive (B = 0), the AdamW update elsewhere."""
-  flat, treedef = jax.tree.flatten(adamw_updates)
-  flat_params = jax.tree.leaves(params)
-  for i, active in zip(step.indices, step.active):
-    u, w = flat[i], flat_params[i]
-    shrink = -(jnp.asarray(rate, u.dtype) * w.astype(u.dtype))
-    flat[i] = jnp.where(active, u, shrink)
-  return jax.tree.unflatten(treedef, flat)
+def _check_args(b1, b2, eps, weight_decay) -> None:
+  """Checks what `gsm_adamw` adds to `shrink_passive`'s checks when it is built."""
+  passive.check_number_in("b1", b1, 0.0, 1.0, True)
+  passive.check_number_in("b2", b2, 0.0, 1.0, True)
+  passive.check_number_in("eps", eps, 0.0, math.inf, True)
+  passive.check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
 
 
 def gsm_adamw(
@@ -127,29 +80,17 @@ def gsm_adamw(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires
-    `params`; its state is a `GsmAdamWState`, and `init` accepts abstract params.
+    `params`; its state is a `ShrinkPassiveState` (``base``: the AdamW chain's
+    state), and `init` accepts abstract params.
   """
-  _check_args(compression, passive_shrink, b1, b2, eps, weight_decay)
-  mask = transform.mask_by_global_taylor(compression, pool=pool)
+  _check_args(b1, b2, eps, weight_decay)
   decay_mask = _pool.default_pool if weight_decay_mask is None else weight_decay_mask
   adamw = optax.chain(
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
     optax.add_decayed_weights(weight_decay, mask=decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )
-
-  def init_fn(params):
-    return GsmAdamWState(taylor=mask.init(params), adamw=adamw.init(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    step = transform.global_taylor_step(updates, state.taylor, params, compression, pool)
-    adamw_updates, adamw_state = adamw.update(step.updates, state.adamw, params, **extra_args)
-    t = state.taylor.count
-    rate = passive_shrink(t) if callable(passive_shrink) else passive_shrink
-    new_updates = _shrink_passive(adamw_updates, params, step, rate)
-    return new_updates, GsmAdamWState(taylor=step.state, adamw=adamw_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return passive.shrink_passive(adamw, compression, passive_shrink=passive_shrink, pool=pool)
 
 
 def _schedule_values(learning_rate: optax.ScalarOrSchedule, total_steps: int) -> np.ndarray:

@@ -316,7 +316,7 @@ def test_state_is_arrays_init_takes_abstract_params_and_round_trips(rng, params_
   mapped = optax.tree_utils.tree_map_params(
     tx, lambda _, spec: spec, state, specs, transform_non_params=lambda _: None
   )
-  adam_state = mapped.adamw[0]
+  adam_state = mapped.base[0]
   assert adam_state.mu == specs and adam_state.nu == specs
   assert all(x is None for x in jax.tree.leaves(mapped.taylor, is_leaf=lambda x: x is None))
   restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
