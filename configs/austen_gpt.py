@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     passive_decay_growth=0.0,
     passive_decay_horizon_epochs=1.0,
     finetune=False,
+    passive_rule="shrink",
     passive_shrink=10.0,
   )
   # Baselines with the same budget after the dense model: gmp + finetune = gsm epochs.

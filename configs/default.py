@@ -30,9 +30,11 @@ docs/TRAINING.md; in short:
     decay) instead of momentum SGD, ``schedule="cosine"`` (warm-up, then cosine
     to 0 at the section's end) instead of the piecewise-constant rate,
     ``clip_norm`` > 0 clips the gradient's global norm; gmp and admm add their
-    own fields. gsm.passive_shrink: with AdamW, GSM's passive weights shrink to
-    exp(-passive_shrink) of their size over the GSM epochs
-    (``gsm_optax.gsm_adamw``, docs/METHOD.md).
+    own fields. gsm.passive_rule: "decay" (the paper's rule: passive weights
+    decay through weight decay only; with AdamW, GSM's mask in front of AdamW)
+    or "shrink" (passive weights take no optimizer step and shrink to
+    exp(-gsm.passive_shrink) of their size over the GSM epochs:
+    ``gsm_optax.gsm_sgd_shrink`` / ``gsm_optax.gsm_adamw``, docs/METHOD.md).
   pool.include, pool.exclude: the pool as regular expressions over parameter
     key paths (``gsm_optax.path_pool``); empty: the model's default (every
     kernel; for the transformers their attention and MLP kernels).
@@ -115,7 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsm.passive_decay_growth = 0.0  # extra decay of long-passive weights (0: none)
   config.gsm.passive_decay_horizon_epochs = 1.0  # ... reached after this long passive
   config.gsm.finetune = False  # masked fine-tuning (the finetune section) after the cut
-  config.gsm.passive_shrink = 10.0  # AdamW only: passive weights end at exp(-10) of their size
+  # Passive weights: "decay" (the paper: weight decay only) or "shrink" (no optimizer step,
+  # w <- (1 - r_t) w, ending at exp(-passive_shrink) of their size; docs/METHOD.md section 9).
+  config.gsm.passive_rule = "decay"
+  config.gsm.passive_shrink = 10.0
 
   # Baselines: SGD like the dense phase, masked where pruned.
   config.finetune = sgd_section(epochs=60, boundaries=(48,))

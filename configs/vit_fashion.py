@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     passive_decay_growth=0.0,
     passive_decay_horizon_epochs=1.0,
     finetune=False,
+    passive_rule="shrink",
     passive_shrink=10.0,
   )
   config.finetune = section(epochs=3, learning_rate=1e-3, weight_decay=0.05, warmup_epochs=0.0)

@@ -261,7 +261,8 @@ def test_a_pool_pattern_that_matches_nothing_is_one_error_line(corpus, tmp_path,
     ("validation_examples", 100, "its validation split is fixed"),
     ("gsm__optimizer", "adam", "config.gsm.optimizer must be 'sgd' or 'adamw'"),
     ("gsm__passive_shrink", 0.0, "config.gsm.passive_shrink must be a finite number > 0"),
-    ("gsm__ramp_epochs", 1.0, "with config.gsm.optimizer='adamw' set it to 0"),
+    ("gsm__ramp_epochs", 1.0, "a variant of the paper's momentum-SGD rule"),
+    ("gsm__passive_rule", "zero", "config.gsm.passive_rule must be 'decay' or 'shrink'"),
   ],
 )
 def test_bad_text_config_is_refused_before_anything_runs(
@@ -327,3 +328,62 @@ def test_eight_devices_give_the_one_device_run(corpus, tmp_path):
     for key in ("train_loss", "test_loss"):
       assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a["epoch"])
   assert eight["bits_per_byte_final"] == pytest.approx(one["bits_per_byte_final"], rel=1e-4)
+
+
+def test_every_text_summary_field_is_documented(lm_run):
+  with open(os.path.join(ROOT, "docs", "TRAINING.md")) as f:
+    docs = f.read()
+  summary = lm_run[1]
+  fields = set(summary) | set(summary["method_results"]) | set(summary["samples"])
+  for field in sorted(fields):
+    assert f"`{field}`" in docs, field
+
+
+def _updates_after_steps(tx, params, grads_seq):
+  state = tx.init(params)
+  for grads in grads_seq:
+    updates, state = tx.update(grads, state, params)
+    params = {k: params[k] + updates[k] for k in params}
+  return params
+
+
+@pytest.mark.parametrize("rule", ["decay", "shrink"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_gsm_phase_optimizer_is_the_library_preset_of_its_rule(rule, optimizer):
+  import optax
+
+  from configs import default
+  import gsm_optax
+  from training import stages
+  from training import steps
+
+  cfg = default.sgd_section(
+    epochs=2, optimizer=optimizer, learning_rate=0.05, momentum=0.9, weight_decay=0.01
+  )
+  cfg.update(passive_rule=rule, passive_shrink=5.0)
+  steps_per_epoch, compression = 3, 4.0
+  tx, lr = stages.gsm_optimizer(cfg, steps_per_epoch, compression)
+  if rule == "shrink":
+    rate = gsm_optax.budget_shrink_rate(lr, 6, 5.0)
+    expected = (
+      gsm_optax.gsm_adamw(
+        lr, compression, passive_shrink=rate, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8
+      )
+      if optimizer == "adamw"
+      else gsm_optax.gsm_sgd_shrink(
+        lr, compression, passive_shrink=rate, momentum=0.9, weight_decay=0.01
+      )
+    )
+  elif optimizer == "adamw":
+    expected = optax.chain(
+      gsm_optax.mask_by_global_taylor(compression),
+      optax.adamw(lr, weight_decay=0.01, mask=steps.pool_mask),
+    )
+  else:
+    expected = gsm_optax.gsm(lr, compression, momentum=0.9, weight_decay=0.01)
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}] * 4
+  got, want = _updates_after_steps(tx, params, grads), _updates_after_steps(expected, params, grads)
+  for key in params:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))

@@ -257,6 +257,7 @@ ADDED_FIELDS = {
   "pool.include": [],
   "pool.exclude": [],
   "gsm.passive_shrink": 10.0,
+  "gsm.passive_rule": "decay",
   **{
     f"{s}.{name}": value for s in OPTIMIZER_SECTIONS for name, value in OPTIMIZER_DEFAULTS.items()
   },

@@ -68,6 +68,7 @@ from training import checkpoints
 from training import config as config_lib
 from training import data as data_lib
 from training import steps
+from training import tasks
 from training.steps import TrainState
 
 Transition = Callable[[TrainState], tuple[TrainState, dict[str, Any]]]
@@ -279,44 +280,68 @@ def passive_decay_horizon_steps(horizon_epochs: float, steps_per_epoch: int) -> 
   return max(1, round(horizon_epochs * steps_per_epoch))
 
 
+PASSIVE_RULES = ("decay", "shrink")
+
+
 def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float, spec: PoolSpec = None):
-  """``gsm_optax.gsm`` with the section's learning rate (and C ramp), and the
-  opt-in variants ``score_ema`` and ``passive_decay_growth`` (0: off); with
-  ``cfg.optimizer == "adamw"``, ``gsm_optax.gsm_adamw`` whose passive weights
-  shrink to exp(-``cfg.passive_shrink``) of their size over the section's
-  epochs (``gsm_optax.budget_shrink_rate``). Either way ``clip_norm > 0``
-  clips the gradient's global norm first."""
+  """The GSM phase's optimizer: the section's optimizer with GSM's mask in front, by
+  ``cfg.passive_rule`` (absent: "decay") and ``cfg.optimizer``:
+
+  * "decay", SGD: ``gsm_optax.gsm``, the paper's rule (passive weights decay
+    through weight decay only), with the C ramp and the opt-in variants
+    ``score_ema`` and ``passive_decay_growth`` (0: off);
+  * "decay", AdamW: ``mask_by_global_taylor`` in front of ``optax.adamw``;
+  * "shrink": ``gsm_optax.gsm_sgd_shrink`` / ``gsm_optax.gsm_adamw``: passive
+    weights take no optimizer step and shrink to exp(-``cfg.passive_shrink``)
+    of their size over the section's epochs (``gsm_optax.budget_shrink_rate``).
+
+  ``clip_norm > 0`` clips the gradient's global norm first."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
   pool = pool_from_spec(spec)
-  if cfg.get("optimizer", "sgd") == "adamw":
+  adamw = cfg.get("optimizer", "sgd") == "adamw"
+  if cfg.get("passive_rule", "decay") == "shrink":
     total_steps = max(int(cfg.epochs * steps_per_epoch), 1)
-    tx = gsm_optax.gsm_adamw(
+    rate = gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink)
+    if adamw:
+      tx = gsm_optax.gsm_adamw(
+        lr,
+        compression,
+        passive_shrink=rate,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        weight_decay_mask=steps.pool_mask,
+        pool=pool,
+      )
+    else:
+      tx = gsm_optax.gsm_sgd_shrink(
+        lr,
+        compression,
+        passive_shrink=rate,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+        pool=pool,
+      )
+  elif adamw:
+    tx = optax.chain(gsm_optax.mask_by_global_taylor(compression, pool=pool), steps.adamw(cfg, lr))
+  else:
+    ramp_steps = round(cfg.get("ramp_epochs", 0.0) * steps_per_epoch)
+    horizon = passive_decay_horizon_steps(
+      cfg.get("passive_decay_horizon_epochs", 1.0), steps_per_epoch
+    )
+    tx = gsm_optax.gsm(
       lr,
-      compression,
-      passive_shrink=gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink),
-      b1=cfg.b1,
-      b2=cfg.b2,
-      eps=cfg.eps,
+      gsm_compression(compression, ramp_steps),
+      momentum=cfg.momentum,
       weight_decay=cfg.weight_decay,
-      weight_decay_mask=steps.pool_mask,
+      nesterov=cfg.nesterov,
+      score_ema=cfg.get("score_ema", 0.0),
+      passive_decay_growth=cfg.get("passive_decay_growth", 0.0),
+      passive_decay_horizon=horizon,
       pool=pool,
     )
-    return optax.chain(*steps.clipping(cfg), tx), lr
-  ramp_steps = round(cfg.get("ramp_epochs", 0.0) * steps_per_epoch)
-  horizon = passive_decay_horizon_steps(
-    cfg.get("passive_decay_horizon_epochs", 1.0), steps_per_epoch
-  )
-  tx = gsm_optax.gsm(
-    lr,
-    gsm_compression(compression, ramp_steps),
-    momentum=cfg.momentum,
-    weight_decay=cfg.weight_decay,
-    nesterov=cfg.nesterov,
-    score_ema=cfg.get("score_ema", 0.0),
-    passive_decay_growth=cfg.get("passive_decay_growth", 0.0),
-    passive_decay_horizon=horizon,
-    pool=pool,
-  )
   if cfg.get("clip_norm", 0.0):
     tx = optax.chain(*steps.clipping(cfg), tx)
   return tx, lr
@@ -504,18 +529,21 @@ def check_gsm_variants(config: ml_collections.ConfigDict) -> None:
   check = functools.partial(config_lib.check, config)
   is_number = config_lib.is_number
   cfg = config.gsm
-  if cfg.get("optimizer", "sgd") == "adamw":
+  if "passive_rule" in cfg:
+    check("gsm.passive_rule", lambda x: x in PASSIVE_RULES, "'decay' or 'shrink'")
+  if cfg.get("passive_rule", "decay") == "shrink":
     check(
       "gsm.passive_shrink",
       lambda x: is_number(x) and 0 < x < float("inf"),
       "a finite number > 0 (passive weights end at exp(-passive_shrink) of their size)",
     )
-    for name in ("ramp_epochs", "score_ema", "passive_decay_growth"):
-      if cfg.get(name, 0.0):
-        raise config_lib.ConfigError(
-          f"config.gsm.{name}={cfg[name]!r} is a variant of the paper's momentum-SGD GSM; "
-          "with config.gsm.optimizer='adamw' set it to 0"
-        )
+  paper_rule = cfg.get("passive_rule", "decay") == "decay" and cfg.get("optimizer") != "adamw"
+  for name in ("ramp_epochs", "score_ema", "passive_decay_growth"):
+    if not paper_rule and cfg.get(name, 0.0):
+      raise config_lib.ConfigError(
+        f"config.gsm.{name}={cfg[name]!r} is a variant of the paper's momentum-SGD rule; "
+        "with config.gsm.optimizer='adamw' or config.gsm.passive_rule='shrink' set it to 0"
+      )
   if "score_ema" in cfg:
     check("gsm.score_ema", lambda x: is_number(x) and 0 <= x < 1, "a number in [0, 1)")
   if "passive_decay_growth" in cfg:
@@ -948,9 +976,7 @@ def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int
     return {}
   classifier = models.MODELS[config.model].classifier
   num_classes = int(np.shape(params[classifier]["kernel"])[-1])
-  if config.dataset not in data_lib.DATASETS:  # no narrow builder for the text models yet
-    return {}
-  options = {"size": config.model_size} if config.get("model_size") else {}
+  options = dict(tasks.for_dataset(config.dataset).model_options(config))
   model = models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0), **options)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.device_get(params))

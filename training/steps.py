@@ -292,6 +292,18 @@ def clipping(cfg: Any) -> list[optax.GradientTransformation]:
   return [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
 
 
+def adamw(cfg: Any, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+  """``optax.adamw`` with the section's b1, b2, eps and decoupled weight decay on the kernels."""
+  return optax.adamw(
+    learning_rate,
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=pool_mask,
+  )
+
+
 def optimizer(
   cfg: Any, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -307,10 +319,7 @@ def optimizer(
   """
   lr = section_schedule(cfg, steps_per_epoch)
   if cfg.get("optimizer", "sgd") == "adamw":
-    base = optax.adamw(
-      lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=pool_mask
-    )
-    return optax.chain(*clipping(cfg), base), lr
+    return optax.chain(*clipping(cfg), adamw(cfg, lr)), lr
   return optax.chain(
     *clipping(cfg),
     optax.add_decayed_weights(cfg.weight_decay, mask=pool_mask),
