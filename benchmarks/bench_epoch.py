@@ -93,7 +93,7 @@ class Parts:
       config.model, self.dataset.num_classes, config.seed
     )
     self.phase = steps.make_phase(
-      "dense", steps.sgd, config.dense, self.num_steps, graphdef, mesh=self.topology.mesh
+      "dense", steps.optimizer, config.dense, self.num_steps, graphdef, mesh=self.topology.mesh
     )
     self.eval_step = steps.make_eval_step(eval_graphdef)
     fresh = steps.new_train_state(params, batch_stats, config.seed)

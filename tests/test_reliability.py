@@ -325,10 +325,10 @@ def test_a_signal_during_the_final_cut_stops_at_once_and_loses_nothing(
   workdir = str(tmp_path / "cut")
   real_cut = stages.global_cut
 
-  def cut_with_ctrl_c(params, compression):
+  def cut_with_ctrl_c(params, compression, pool=None):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(1.0)  # the handler raises here
-    return real_cut(params, compression)
+    return real_cut(params, compression, pool)
 
   monkeypatch.setattr(stages, "global_cut", cut_with_ctrl_c)
   with pytest.raises(train_lib.TrainingInterrupted) as err:
