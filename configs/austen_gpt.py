@@ -41,6 +41,21 @@ def adamw_section(**fields) -> ml_collections.ConfigDict:
   return section
 
 
+def gsm_section(**fields) -> ml_collections.ConfigDict:
+  """The GSM section with AdamW: passive weights shrink to exp(-10) over its epochs."""
+  section = adamw_section(**fields)
+  section.update(
+    ramp_epochs=0.0,
+    score_ema=0.0,
+    passive_decay_growth=0.0,
+    passive_decay_horizon_epochs=1.0,
+    finetune=False,
+    passive_rule="shrink",
+    passive_shrink=10.0,
+  )
+  return section
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.model = "gpt"
@@ -55,16 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.compression = 10.0
   config.dense = adamw_section(epochs=8)
-  config.gsm = adamw_section(epochs=8, learning_rate=1e-3, warmup_epochs=0.0)
-  config.gsm.update(
-    ramp_epochs=0.0,
-    score_ema=0.0,
-    passive_decay_growth=0.0,
-    passive_decay_horizon_epochs=1.0,
-    finetune=False,
-    passive_rule="shrink",
-    passive_shrink=10.0,
-  )
+  config.gsm = gsm_section(epochs=8, learning_rate=1e-3, warmup_epochs=0.0)
   # Baselines with the same budget after the dense model: gmp + finetune = gsm epochs.
   config.finetune = adamw_section(epochs=4, learning_rate=1e-3, warmup_epochs=0.0)
   config.gmp = adamw_section(epochs=4, learning_rate=1e-3, warmup_epochs=0.0)

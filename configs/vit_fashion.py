@@ -23,15 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compression = 10.0
   section = austen_gpt.adamw_section
   config.dense = section(epochs=6, learning_rate=2e-3, weight_decay=0.05)
-  config.gsm = section(epochs=6, learning_rate=1e-3, weight_decay=0.05, warmup_epochs=0.0)
-  config.gsm.update(
-    ramp_epochs=0.0,
-    score_ema=0.0,
-    passive_decay_growth=0.0,
-    passive_decay_horizon_epochs=1.0,
-    finetune=False,
-    passive_rule="shrink",
-    passive_shrink=10.0,
+  config.gsm = austen_gpt.gsm_section(
+    epochs=6, learning_rate=1e-3, weight_decay=0.05, warmup_epochs=0.0
   )
   config.finetune = section(epochs=3, learning_rate=1e-3, weight_decay=0.05, warmup_epochs=0.0)
   config.gmp = section(epochs=3, learning_rate=1e-3, weight_decay=0.05, warmup_epochs=0.0)

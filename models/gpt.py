@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from models.transformer import BLOCK_KERNELS
 from models.transformer import INIT_STD
 from models.transformer import dense
 from models.transformer import layer_norm
@@ -66,7 +67,7 @@ class GPT(nnx.Module):
   classifier = "head"  # the output layer: its channels are the vocabulary
   # The default GSM pool: attention and MLP kernels only (embeddings,
   # positions, norms, biases and the head stay dense).
-  pool_include = (r"attn/(query|key|value|out)/kernel$", r"mlp/fc[12]/kernel$")
+  pool_include = BLOCK_KERNELS
   pool_exclude = ()
 
   def __init__(

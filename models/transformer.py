@@ -27,6 +27,11 @@ normal = nnx.initializers.normal
 zeros = nnx.initializers.zeros_init()
 
 
+# Their kernels a GSM pool takes by default (regexes over key paths such as
+# "blocks/0/attn/query/kernel"): attention and MLP only, the models' `pool_include`.
+BLOCK_KERNELS = (r"attn/(query|key|value|out)/kernel$", r"mlp/fc[12]/kernel$")
+
+
 def residual_std(num_layers: int) -> float:
   """GPT-2's std for the projections that feed the residual stream."""
   return INIT_STD / math.sqrt(2 * num_layers)

@@ -27,6 +27,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from models.transformer import BLOCK_KERNELS
 from models.transformer import INIT_STD
 from models.transformer import dense
 from models.transformer import layer_norm
@@ -65,7 +66,7 @@ class ViT(nnx.Module):
   classifier = "head"  # the output layer: its channels are the classes
   # The default GSM pool: attention and MLP kernels only (patch embedding,
   # positions, class token, norms, biases and the head stay dense).
-  pool_include = (r"attn/(query|key|value|out)/kernel$", r"mlp/fc[12]/kernel$")
+  pool_include = BLOCK_KERNELS
   pool_exclude = ()
 
   def __init__(

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from test_train import _assert_trees_equal  # noqa: E402
+from test_train import _CtrlCDataset  # noqa: E402
 from test_train import _final_state  # noqa: E402
 from test_train import _rows  # noqa: E402
 
@@ -178,25 +178,6 @@ def test_baselines_with_adamw_prune_the_same_pool_to_q(lm_run, corpus, tmp_path,
   assert summary["bits_per_byte_final"] < 5.0
 
 
-class _CtrlCText:
-  """Delegates to a text dataset; sends SIGINT when batch (epoch, index) is read."""
-
-  def __init__(self, inner, at):
-    self._inner, self._at = inner, at
-
-  def __getattr__(self, name):
-    return getattr(self._inner, name)
-
-  def train_batches(self, batch_size, *, epoch, seed, start=0, shard=(0, 1)):
-    batches = self._inner.train_batches(
-      batch_size, epoch=epoch, seed=seed, start=start, shard=shard
-    )
-    for i, batch in enumerate(batches, start=start):
-      if (epoch, i) == self._at:
-        os.kill(os.getpid(), signal.SIGINT)
-      yield batch
-
-
 def test_ctrl_c_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(
   lm_run, corpus, tmp_path, monkeypatch
 ):
@@ -204,7 +185,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(
   real = text_data.load_text_dataset
   for at in ((1, 3), (DENSE_EPOCHS + 1, 5)):  # dense epoch 2, then GSM epoch 2
     monkeypatch.setattr(
-      text_data, "load_text_dataset", lambda *a, at=at, **k: _CtrlCText(real(*a, **k), at)
+      text_data, "load_text_dataset", lambda *a, at=at, **k: _CtrlCDataset(real(*a, **k), at)
     )
     with pytest.raises(train_lib.TrainingInterrupted, match="run the same command again"):
       train_lib.train_and_evaluate(lm_config(corpus), workdir)

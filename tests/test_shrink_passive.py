@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_gsm_adamw import _one_winner_problem  # noqa: E402  (the shared problem)
 
 import gsm_optax
 from gsm_optax import gsm_sgd_shrink
@@ -183,20 +184,6 @@ def test_ties_zero_and_nan_scores_follow_the_reference(use_jit, rng, params_fact
 # ----------------------------------------------------------------------------
 # Passive weights, C = 1.
 # ----------------------------------------------------------------------------
-
-
-def _one_winner_problem(rng, params_factory, steps):
-  """Pool = dense2's kernel (18 weights), C = 18 (Q = 1): weight [0, 0] has the
-  greatest |g * w| at every step, the other 17 are passive throughout."""
-  params = params_factory(rng)
-  pool = jax.tree.map(lambda _: False, params)
-  pool["mlp"]["dense2"]["kernel"] = True
-  grads_seq = []
-  for _ in range(steps):
-    grads = params_factory(rng)
-    grads["mlp"]["dense2"]["kernel"][0, 0] = 1e4
-    grads_seq.append(grads)
-  return params, pool, grads_seq
 
 
 def test_passive_weights_shrink_to_exp_minus_kappa_over_the_budget(use_jit, rng, params_factory):
