@@ -244,6 +244,8 @@ def test_a_pool_pattern_that_matches_nothing_is_one_error_line(corpus, tmp_path,
     ("gsm__passive_shrink", 0.0, "config.gsm.passive_shrink must be a finite number > 0"),
     ("gsm__ramp_epochs", 1.0, "a variant of the paper's momentum-SGD rule"),
     ("gsm__passive_rule", "zero", "config.gsm.passive_rule must be 'decay' or 'shrink'"),
+    ("gsm__epochs", 1, "config.gsm.passive_shrink=10 over config.gsm.epochs=1 of 8 steps"),
+    ("method", "gsm_channels", "has the paper's passive rule only"),
   ],
 )
 def test_bad_text_config_is_refused_before_anything_runs(
@@ -294,7 +296,7 @@ def test_eight_devices_give_the_one_device_run(corpus, tmp_path):
       f"--config.batch_size={BATCH}",
       f"--config.steps_per_epoch={STEPS}",
       "--config.dense.epochs=2",
-      "--config.gsm.epochs=2",
+      "--config.gsm.epochs=3",
       "--config.progress_bar=False",
       "--config.plots=False",
     ]
@@ -368,3 +370,12 @@ def test_gsm_phase_optimizer_is_the_library_preset_of_its_rule(rule, optimizer):
   got, want = _updates_after_steps(tx, params, grads), _updates_after_steps(expected, params, grads)
   for key in params:
     np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+def test_nm_gsm_with_adamw_runs_on_the_lm_and_conforms(lm_run, corpus, tmp_path):
+  config = lm_config(corpus, "gsm_nm", dense_checkpoint=lm_run[0], gsm__passive_rule="decay")
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "nm"))
+  results = summary["method_results"]
+  assert results["nm"] == "2:4" and results["nm_conforms"]
+  assert results["nm_nonzeros"] == POOL_SIZE // 2  # every group of 4 keeps exactly 2 non-zeros
+  assert summary["bits_per_byte_final"] < 5.0

@@ -210,6 +210,25 @@ def check_pool_fields(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(f"config.pool: {err}") from None
 
 
+def check_budget(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
+  """The GSM phase's optimizer can be built for ``steps_per_epoch`` (the passive shrink
+  of ``passive_rule="shrink"`` stays below 1 per step), checked before training."""
+  uses_gsm = config.method == "gsm" or (
+    config.method == "lottery"
+    and config.lottery.ticket == "gsm"
+    and not config.lottery.gsm_checkpoint
+  )
+  if not uses_gsm or config.gsm.get("passive_rule", "decay") != "shrink":
+    return
+  try:
+    gsm_optimizer(config.gsm, steps_per_epoch, float(config.compression))
+  except ValueError as err:
+    raise config_lib.ConfigError(
+      f"config.gsm.passive_shrink={config.gsm.passive_shrink:g} over config.gsm.epochs="
+      f"{config.gsm.epochs} of {steps_per_epoch} steps: {err}"
+    ) from None
+
+
 def check_params(config: ml_collections.ConfigDict, params: Any) -> None:
   """Checks the pool-dependent values of ``config`` against the model, before training.
 
@@ -300,8 +319,8 @@ def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float, spec: Pool
   pool = pool_from_spec(spec)
   adamw = cfg.get("optimizer", "sgd") == "adamw"
   if cfg.get("passive_rule", "decay") == "shrink":
-    total_steps = max(int(cfg.epochs * steps_per_epoch), 1)
-    rate = gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink)
+    total_steps = int(cfg.epochs * steps_per_epoch)
+    rate = gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink) if total_steps else 0.0
     if adamw:
       tx = gsm_optax.gsm_adamw(
         lr,
@@ -915,37 +934,66 @@ def gsm_channels_optimizer(
   score: str,
   spec: PoolSpec = None,
 ) -> tuple[optax.GradientTransformation, Any]:
-  """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate."""
+  """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate;
+  with AdamW, ``mask_by_global_channel_taylor`` in front of ``optax.adamw``."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
-  tx = gsm_optax.gsm_channels(
+  pool = channel_pool(model, layers, spec)
+  mask = functools.partial(
+    gsm_optax.mask_by_global_channel_taylor,
+    compression,
+    pool=pool,
+    channel_axis=axis,
+    channel_score=score,
+  )
+  preset = functools.partial(
+    gsm_optax.gsm_channels,
     lr,
     compression,
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    pool=channel_pool(model, layers, spec),
+    pool=pool,
     channel_axis=axis,
     channel_score=score,
   )
-  return tx, lr
+  return _structured_gsm(cfg, lr, mask, preset), lr
 
 
 def gsm_nm_optimizer(
   cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int, layers: str, spec: PoolSpec = None
 ) -> tuple[optax.GradientTransformation, Any]:
-  """``gsm_optax.gsm_nm`` with the section's learning rate."""
+  """``gsm_optax.gsm_nm`` with the section's learning rate; with AdamW,
+  ``mask_by_nm_taylor`` in front of ``optax.adamw``."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
-  tx = gsm_optax.gsm_nm(
+  pool = layer_pool(layers, spec=spec)
+  mask = functools.partial(gsm_optax.mask_by_nm_taylor, n, m, pool=pool, axis=axis)
+  preset = functools.partial(
+    gsm_optax.gsm_nm,
     lr,
     n,
     m,
     momentum=cfg.momentum,
     weight_decay=cfg.weight_decay,
     nesterov=cfg.nesterov,
-    pool=layer_pool(layers, spec=spec),
+    pool=pool,
     axis=axis,
   )
-  return tx, lr
+  return _structured_gsm(cfg, lr, mask, preset), lr
+
+
+def _structured_gsm(
+  cfg: Any, lr: optax.Schedule, mask: Callable[[], Any], preset: Callable[[], Any]
+) -> optax.GradientTransformation:
+  """A structured GSM phase: the library's momentum-SGD ``preset()``, or with AdamW the
+  structured ``mask()`` in front of ``optax.adamw`` (the passive rule "decay"); the
+  gradient's global norm clipped first when ``clip_norm > 0``."""
+  if cfg.get("optimizer", "sgd") == "adamw":
+    tx = optax.chain(mask(), steps.adamw(cfg, lr))
+  else:
+    tx = preset()
+  if cfg.get("clip_norm", 0.0):
+    tx = optax.chain(*steps.clipping(cfg), tx)
+  return tx
 
 
 def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
@@ -1134,13 +1182,23 @@ def check_nm(config: ml_collections.ConfigDict) -> None:
   check("nm.layers", lambda x: isinstance(x, str), "a string")
 
 
-def check_gsm_channels(config: ml_collections.ConfigDict) -> None:
+def _check_structured_gsm(config: ml_collections.ConfigDict) -> None:
+  """Structured GSM has the paper's passive rule only (with SGD or AdamW)."""
   config_lib.check_sgd_section(config, "gsm")
+  if config.gsm.get("passive_rule", "decay") != "decay":
+    raise config_lib.ConfigError(
+      f"config.gsm.passive_rule={config.gsm.passive_rule!r}: method {config.method!r} has the "
+      "paper's passive rule only; set config.gsm.passive_rule='decay'"
+    )
+
+
+def check_gsm_channels(config: ml_collections.ConfigDict) -> None:
+  _check_structured_gsm(config)
   check_channels(config)
 
 
 def check_gsm_nm(config: ml_collections.ConfigDict) -> None:
-  config_lib.check_sgd_section(config, "gsm")
+  _check_structured_gsm(config)
   check_nm(config)
 
 

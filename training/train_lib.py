@@ -408,6 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dict(topology.mesh.shape),
   )
   dataset, validation = task.load(config)
+  stages_lib.check_budget(config, dataset.steps_per_epoch(config.batch_size))
   model_options = task.model_options(config)
   abstract_params = steps.abstract_params(config.model, dataset.num_classes, model_options)
   stages_lib.check_params(config, abstract_params)
