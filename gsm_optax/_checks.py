@@ -34,6 +34,39 @@ def is_number(x: Any, *, integer: bool = False) -> bool:
   return isinstance(x, (int, float, np.integer, np.floating))
 
 
+def check_number_in(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
+  """A concrete number must be in [low, high) or [low, high] (NaN never is); a
+  traced one (`optax.inject_hyperparams` under jit) cannot be checked."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not is_number(value):
+    raise TypeError(f"{name} must be a number, got {value!r}.")
+  x = float(value)
+  inside = low <= x < high if high_open else low <= x <= high
+  if not inside:
+    bracket = ")" if high_open else "]"
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
+
+
+def check_schedule_or_number(
+  name: str, value: Any, low: float, high: float, high_open: bool
+) -> None:
+  """A schedule (its values are known at run time only) or a number in range."""
+  if callable(value):
+    return
+  if not isinstance(value, jax.core.Tracer) and not is_number(value):
+    raise TypeError(f"{name} must be a number or an optax schedule, got {value!r}.")
+  check_number_in(name, value, low, high, high_open)
+
+
+def check_sgd_args(learning_rate: Any, momentum: Any, weight_decay: Any) -> None:
+  """Checks the momentum SGD arguments of the GSM transforms when they are built:
+  alpha and eta finite and >= 0 (or schedules), beta in [0, 1)."""
+  check_schedule_or_number("learning_rate", learning_rate, 0.0, math.inf, True)
+  check_number_in("momentum", momentum, 0.0, 1.0, True)
+  check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
+
+
 def is_masked_node(x: Any) -> bool:
   """Whether `x` is ``optax.MaskedNode()`` (a leaf a transform leaves alone)."""
   return isinstance(x, optax.MaskedNode)

@@ -6,10 +6,11 @@ floating leaf with ``ndim >= 2`` (dense and conv kernels), as the reference code
 of Ding et al. (2019) does. Params may be arrays or `jax.ShapeDtypeStruct`s.
 
 Q = floor(|pool| / C), the number of pooled weights kept at compression C, is
-computed here only: `floor_keep` for a Python or NumPy float64 number C
-(``int(|pool| / C)`` in float64, the reference code's rounding),
-`traced_keep` for a JAX array or traced C (exactly floor(|pool| / C) for its
-float32 value; see `keep_count` for when the two differ).
+computed here only: `floor_keep` (and `checked_number_keep` for a schedule's
+value) for a Python or NumPy float64 number C (``int(|pool| / C)`` in float64,
+the reference code's rounding), `checked_traced_keep` for a JAX array or
+traced C (exactly floor(|pool| / C) for its float32 value; see `keep_count`
+for when the two differ).
 """
 
 from __future__ import annotations
@@ -103,10 +104,19 @@ def pool_size(params: Any, pool: Pool = None) -> int:
   return pooled_size(params, resolve_pool(params, pool))
 
 
-def validate_compression(compression: float, name: str = "compression") -> float:
-  """Checks a constant compression ratio C: a number, finite and >= 1."""
+def validate_compression(
+  compression: float, name: str = "compression", *, schedule_ok: bool = False
+) -> float:
+  """Checks a constant compression ratio C: a number, finite and >= 1; the
+  error names schedules only where the caller (`schedule_ok`) takes them."""
+  if isinstance(compression, jax.core.Tracer):
+    raise TypeError(
+      f"{name} must be a concrete number >= 1, got a traced value: make it static "
+      f"(e.g. jax.jit(f, static_argnames='{name}'))."
+    )
   if not _checks.is_number(compression):
-    raise TypeError(f"{name} must be a number >= 1 or an optax schedule, got {compression!r}.")
+    kinds = "a number >= 1 or an optax schedule" if schedule_ok else "a number >= 1"
+    raise TypeError(f"{name} must be {kinds}, got {compression!r}.")
   value = float(compression)
   if not math.isfinite(value) or value < 1:
     raise ValueError(
@@ -171,16 +181,11 @@ def checked_number_keep(size: int, compression: float) -> tuple[int, bool]:
   return max(keep, 1), keep < 1
 
 
-def traced_keep(size: int, compression: jax.Array) -> jax.Array:
-  """Q = floor(|Theta| / C) for an array (e.g. traced) C, exactly for its
-  float32 value, clamped to [1, |Theta|] (`checked_traced_keep`). An int32
-  scalar."""
-  return checked_traced_keep(size, compression)[0]
-
-
 def keep_count_for_size(size: int, compression: float) -> int:
   """Q = int(|Theta| / C) (`floor_keep`) for a number C; raises if Q < 1."""
   value = validate_compression(compression)
+  if size == 0:
+    raise ValueError("the pool holds no weights (every pooled leaf has size 0): nothing to prune.")
   keep = floor_keep(size, value)
   if keep < 1:
     raise ValueError(

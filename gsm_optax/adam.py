@@ -31,12 +31,13 @@ from gsm_optax import passive
 GsmAdamWState = passive.ShrinkPassiveState  # the name `gsm_adamw`'s state had first
 
 
-def _check_args(b1, b2, eps, weight_decay) -> None:
+def _check_args(learning_rate, b1, b2, eps, weight_decay) -> None:
   """Checks what `gsm_adamw` adds to `shrink_passive`'s checks when it is built."""
-  passive.check_number_in("b1", b1, 0.0, 1.0, True)
-  passive.check_number_in("b2", b2, 0.0, 1.0, True)
-  passive.check_number_in("eps", eps, 0.0, math.inf, True)
-  passive.check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
+  _checks.check_schedule_or_number("learning_rate", learning_rate, 0.0, math.inf, True)
+  _checks.check_number_in("b1", b1, 0.0, 1.0, True)
+  _checks.check_number_in("b2", b2, 0.0, 1.0, True)
+  _checks.check_number_in("eps", eps, 0.0, math.inf, True)
+  _checks.check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
 
 
 def gsm_adamw(
@@ -63,7 +64,7 @@ def gsm_adamw(
   ``optax.adamw(..., mask=weight_decay_mask)``.
 
   Args:
-    learning_rate: lr_t, a float or an optax schedule.
+    learning_rate: lr_t >= 0, a float or an optax schedule.
     compression: C >= 1, a float or a schedule of the step (as in `gsm`).
     passive_shrink: r_t in [0, 1), a float or a schedule of the step; e.g.
       ``budget_shrink_rate(learning_rate, total_steps)``.
@@ -83,7 +84,7 @@ def gsm_adamw(
     `params`; its state is a `ShrinkPassiveState` (``base``: the AdamW chain's
     state), and `init` accepts abstract params.
   """
-  _check_args(b1, b2, eps, weight_decay)
+  _check_args(learning_rate, b1, b2, eps, weight_decay)
   decay_mask = _pool.default_pool if weight_decay_mask is None else weight_decay_mask
   adamw = optax.chain(
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),

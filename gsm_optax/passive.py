@@ -13,7 +13,6 @@ momentum SGD in `gsm_sgd_shrink`). docs/METHOD.md, section 9, explains why.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from typing import NamedTuple
 
@@ -37,28 +36,6 @@ class ShrinkPassiveState(NamedTuple):
 
   taylor: transform.MaskByGlobalTaylorState
   base: Any
-
-
-def check_number_in(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
-  """A concrete number must be in [low, high) or [low, high]; a traced one
-  (`optax.inject_hyperparams` under jit) cannot be checked."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  if not _checks.is_number(value):
-    raise TypeError(f"{name} must be a number, got {value!r}.")
-  x = float(value)
-  inside = low <= x < high if high_open else low <= x <= high
-  if not inside:
-    bracket = ")" if high_open else "]"
-    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}.")
-
-
-def check_schedule_or_number(
-  name: str, value: Any, low: float, high: float, high_open: bool
-) -> None:
-  """A schedule (checked by nobody: its values are known at run time) or a number."""
-  if not callable(value):
-    check_number_in(name, value, low, high, high_open)
 
 
 def _overwrite_passive(
@@ -104,7 +81,7 @@ def shrink_passive(
     `params`; its state is a `ShrinkPassiveState`.
   """
   transform._check_compression_arg(compression)
-  check_schedule_or_number("passive_shrink", passive_shrink, 0.0, 1.0, True)
+  _checks.check_schedule_or_number("passive_shrink", passive_shrink, 0.0, 1.0, True)
   mask = transform.mask_by_global_taylor(compression, pool=pool)
   base = optax.with_extra_args_support(base)
 
@@ -145,7 +122,7 @@ def gsm_sgd_shrink(
   is ``gsm(..., compression=1)``.
 
   Args:
-    learning_rate: alpha, a float or an optax schedule.
+    learning_rate: alpha >= 0, a float or an optax schedule.
     compression: C >= 1, a float or a schedule of the step.
     passive_shrink: r_t in [0, 1), a float or a schedule of the step; e.g.
       ``budget_shrink_rate(learning_rate, total_steps)``.
@@ -158,8 +135,7 @@ def gsm_sgd_shrink(
     An `optax.GradientTransformationExtraArgs` whose `update` requires
     `params`; its state is a `ShrinkPassiveState`.
   """
-  check_number_in("momentum", momentum, 0.0, 1.0, True)
-  check_schedule_or_number("weight_decay", weight_decay, 0.0, math.inf, True)
+  _checks.check_sgd_args(learning_rate, momentum, weight_decay)
   sgd = optax.chain(
     optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),
     optax.trace(decay=momentum, nesterov=nesterov),

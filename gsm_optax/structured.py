@@ -130,6 +130,8 @@ def _num_channels(params: Any, pool_mask: Any, axes: tuple[int, ...]) -> int:
 def channel_keep_count(num_channels: int, compression: float) -> int:
   """Q = int(#channels / C) for a number C >= 1; raises a ValueError if Q < 1."""
   value = _pool.validate_compression(compression)
+  if num_channels == 0:
+    raise ValueError("the pool holds no channels (every pooled leaf has size 0): nothing to prune.")
   keep = _pool.floor_keep(num_channels, value)
   if keep < 1:
     raise ValueError(

@@ -66,7 +66,7 @@ def _check_compression_arg(compression: optax.ScalarOrSchedule) -> None:
   if isinstance(compression, (jax.Array, np.ndarray)) and compression.ndim != 0:
     raise ValueError(f"compression must be a scalar, got shape {compression.shape}.")
   if _is_concrete(compression):  # a traced C is checked where it is used
-    _pool.validate_compression(compression)
+    _pool.validate_compression(compression, schedule_ok=True)
 
 
 def _is_float64_number(x: Any) -> bool:
@@ -601,11 +601,11 @@ def gsm(
   (`inject_hyperparams` under jit) or r = 0 (e.g. a warm-up from 0).
 
   Args:
-    learning_rate: alpha, a float or an optax schedule.
+    learning_rate: alpha >= 0, a float or an optax schedule.
     compression: C >= 1 (Q = int(|pool| / C) weights stay non-zero), a float or
       a schedule of the step.
-    momentum: beta.
-    weight_decay: eta, a float or a schedule; applied to the pool only.
+    momentum: beta in [0, 1).
+    weight_decay: eta >= 0, a float or a schedule; applied to the pool only.
     nesterov: Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``).
     pool: prunable leaves, as in `mask_by_global_taylor`.
     score_ema: d in [0, 1): B is the top-Q of s_t = d s_(t-1) + (1 - d) |g w|
@@ -646,7 +646,9 @@ def gsm_chain(
 
   The GSM update of eq. 7-8 around any gradient masks (per weight, per channel,
   N:M); `init` warns when the dtype cannot represent the passive weights' shrink.
+  Raises a TypeError or ValueError for a constant alpha, beta or eta out of range.
   """
+  _checks.check_sgd_args(learning_rate, momentum, weight_decay)
   chain = optax.chain(
     *masks,
     optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),

@@ -801,6 +801,111 @@ def test_gsm_rejects_compression_that_is_not_a_number(compression):
     gsm_optax.gsm(LR, compression)
 
 
+def _gsm(learning_rate, momentum, weight_decay):
+  return gsm_optax.gsm(learning_rate, 4.0, momentum=momentum, weight_decay=weight_decay)
+
+
+def _gsm_channels(learning_rate, momentum, weight_decay):
+  return gsm_optax.gsm_channels(learning_rate, 2.0, momentum=momentum, weight_decay=weight_decay)
+
+
+def _gsm_nm(learning_rate, momentum, weight_decay):
+  return gsm_optax.gsm_nm(learning_rate, 1, 2, momentum=momentum, weight_decay=weight_decay)
+
+
+def _gsm_sgd_shrink(learning_rate, momentum, weight_decay):
+  return gsm_optax.gsm_sgd_shrink(
+    learning_rate, 4.0, passive_shrink=0.1, momentum=momentum, weight_decay=weight_decay
+  )
+
+
+# Every transform whose momentum SGD takes (learning_rate, momentum, weight_decay).
+_MOMENTUM_SGD_BUILDERS = {
+  "gsm": _gsm,
+  "gsm_channels": _gsm_channels,
+  "gsm_nm": _gsm_nm,
+  "gsm_sgd_shrink": _gsm_sgd_shrink,
+}
+
+
+@pytest.mark.parametrize("builder", list(_MOMENTUM_SGD_BUILDERS))
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
+    (dict(learning_rate="a"), TypeError, "learning_rate must be a number or an optax schedule"),
+    (dict(learning_rate=math.nan), ValueError, r"learning_rate must be in \[0.0, inf\)"),
+    (dict(learning_rate=-0.1), ValueError, r"learning_rate must be in \[0.0, inf\)"),
+    (dict(momentum=1.5), ValueError, r"momentum must be in \[0.0, 1.0\), got 1.5"),
+    (dict(momentum=math.nan), ValueError, r"momentum must be in \[0.0, 1.0\), got nan"),
+    (dict(momentum="0.9"), TypeError, "momentum must be a number"),
+    (dict(weight_decay=math.inf), ValueError, r"weight_decay must be in \[0.0, inf\)"),
+  ],
+  ids=[
+    "lr_string",
+    "lr_nan",
+    "lr_negative",
+    "momentum_1.5",
+    "momentum_nan",
+    "momentum_string",
+    "wd_inf",
+  ],
+)
+def test_momentum_sgd_arguments_are_checked_when_built(builder, kwargs, error, match):
+  args = dict(learning_rate=LR, momentum=0.9, weight_decay=5e-4) | kwargs
+  with pytest.raises(error, match=match):
+    _MOMENTUM_SGD_BUILDERS[builder](**args)
+
+
+@pytest.mark.parametrize("builder", list(_MOMENTUM_SGD_BUILDERS))
+def test_schedules_and_injected_hyperparams_are_still_accepted(builder, rng, params_factory):
+  schedule = optax.linear_schedule(0.0, LR, 10)
+  _MOMENTUM_SGD_BUILDERS[builder](learning_rate=schedule, momentum=0.9, weight_decay=schedule)
+  opt = optax.inject_hyperparams(_MOMENTUM_SGD_BUILDERS[builder])(
+    learning_rate=LR, momentum=0.9, weight_decay=5e-4
+  )
+  params = _as_jax(params_factory(rng))
+  state = opt.init(params)
+  jax.jit(opt.update)(params, state, params)  # traced hyperparams: not checkable, not refused
+
+
+def test_gsm_adamw_checks_its_learning_rate_when_built():
+  with pytest.raises(TypeError, match="learning_rate must be a number or an optax schedule"):
+    gsm_optax.gsm_adamw("a", 4.0, passive_shrink=0.1)
+  with pytest.raises(ValueError, match=r"learning_rate must be in \[0.0, inf\)"):
+    gsm_optax.gsm_adamw(math.inf, 4.0, passive_shrink=0.1)
+
+
+def test_a_traced_compression_in_prune_says_to_make_it_static(rng, params_factory):
+  params = _as_jax(params_factory(rng))
+  for fn in (gsm_optax.prune, gsm_optax.global_magnitude_mask, gsm_optax.prune_channels):
+    with pytest.raises(TypeError, match="got a traced value: make it static") as info:
+      jax.jit(fn)(params, 4.0)
+    assert "schedule" not in str(info.value)
+    jax.jit(fn, static_argnames="compression")(params, 4.0)
+
+
+@pytest.mark.parametrize("compression", ["4", None], ids=["string", "none"])
+def test_prune_takes_no_schedule_and_says_so(compression, rng, params_factory):
+  params = _as_jax(params_factory(rng))
+  with pytest.raises(TypeError, match=r"compression must be a number >= 1, got") as info:
+    gsm_optax.prune(params, compression)
+  assert "schedule" not in str(info.value)
+
+
+def test_a_pool_of_zero_size_leaves_is_refused_as_holding_no_weights():
+  params = {"a": jnp.zeros((0, 4)), "b": jnp.zeros((3, 0))}
+  for fn in (
+    lambda: gsm_optax.prune(params, 2.0),
+    lambda: gsm_optax.keep_count(params, 1.0),
+    lambda: gsm_optax.gsm(LR, 2.0).init(params),
+  ):
+    with pytest.raises(ValueError, match="the pool holds no weights") as info:
+      fn()
+    assert "compression <=" not in str(info.value)
+  with pytest.raises(ValueError, match="the pool holds no channels"):
+    gsm_optax.prune_channels({"a": jnp.zeros((4, 0))}, 2.0)
+
+
 def test_init_rejects_a_pool_without_floating_leaves():
   opt = gsm_optax.gsm(LR, 2.0)
   with pytest.raises(ValueError, match="pool selects no leaf"):
@@ -939,7 +1044,7 @@ def test_every_q_of_the_library_is_int_of_size_over_c(compression, rng, params_f
     ]:
       assert int(np.sum(kernel)) == int(size / compression)
   assert _pool.floor_keep(138, compression) == keep
-  assert int(_pool.traced_keep(138, jnp.float32(compression))) == keep
+  assert int(_pool.checked_traced_keep(138, jnp.float32(compression))[0]) == keep
 
 
 @pytest.mark.parametrize(
