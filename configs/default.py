@@ -17,6 +17,9 @@ docs/TRAINING.md; in short:
   validation_examples: training examples held out (a fixed draw, the same for
     every seed) and evaluated as a validation set; 0: none.
   seed, batch_size, eval_batch_size.
+  compute_dtype: "float32" or "bfloat16" (mixed precision: the forward and
+    backward in bfloat16, the params, gradients, optimizer state and GSM's
+    scores in float32).
   method: "gsm", "dense", "magnitude", "gmp", "admm", "lottery",
     "gsm_channels", "filter_l1", "gsm_nm" or "magnitude_nm"
     (``training/stages.py``); compression: C, the target of every method
@@ -105,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 256
   config.eval_batch_size = 1000
+  # "bfloat16": the forward and backward in bfloat16; params, gradients, optimizer state
+  # and GSM's scores stay float32 (docs/METHOD.md, "Mixed precision").
+  config.compute_dtype = "float32"
 
   config.method = "gsm"
   config.compression = 60.0

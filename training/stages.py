@@ -135,7 +135,14 @@ class Context(NamedTuple):
   def phase(self, name: str, build: steps.OptimizerBuilder, cfg: Any, *extra: Any):
     """() -> the cached phase of optimizer ``build(cfg, steps_per_epoch, *extra)``."""
     return lambda: steps.make_phase(
-      name, build, cfg, self.steps_per_epoch, self.graphdef, *extra, mesh=self.mesh
+      name,
+      build,
+      cfg,
+      self.steps_per_epoch,
+      self.graphdef,
+      *extra,
+      mesh=self.mesh,
+      dtype=steps.compute_dtype(self.config),
     )
 
 

@@ -133,21 +133,59 @@ def _batch_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array, mask: 
   return {"loss_sum": loss * count, "correct": correct.astype(jnp.int32), "count": count}
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh=None):
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config: Any) -> str | None:
+  """``config.compute_dtype`` when it is not float32 (None: no casting at all), for the steps."""
+  name = config.get("compute_dtype", "float32")
+  return None if name == "float32" else name
+
+
+def _cast_floats(tree: Any, dtype: str | None) -> Any:
+  """The floating leaves of ``tree`` in ``dtype`` (None: ``tree`` itself)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+  )
+
+
+def forward(graphdef: nnx.GraphDef, params: Any, batch_stats: Any, inputs: Any, dtype=None):
+  """(float32 logits, new batch stats) of the model on ``inputs``.
+
+  Mixed precision (``dtype="bfloat16"``): the float32 master params and the
+  floating inputs are cast to ``dtype`` for the forward (so the backward runs
+  in it too, and the gradients come back in float32 through the cast); the
+  batch statistics stay float32 and the logits are cast back to float32 for
+  the loss. ``dtype=None`` casts nothing (float32 runs are unchanged bit for bit).
+  """
+  model = nnx.merge(graphdef, _cast_floats(params, dtype), batch_stats)
+  logits = model(_cast_floats(inputs, dtype))
+  new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  if dtype is None:
+    return logits, new_stats
+  new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats, batch_stats)
+  return logits.astype(jnp.float32), new_stats
+
+
+def make_train_step(
+  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh=None, dtype: str | None = None
+):
   """``train_step(state, batch) -> (state, metrics)``, jitted; ``graphdef`` in train mode.
 
   With a ``mesh`` the new state is pinned to ``distributed.state_shardings``
   (the batch comes in split over the devices; the gradient is its mean over the
-  whole global batch, so every device computes the same update).
+  whole global batch, so every device computes the same update). ``dtype``:
+  the compute dtype of the forward and backward (``forward``); the params, the
+  gradients handed to ``tx``, its state and GSM's scores stay float32.
   """
 
   def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array]):
     images, labels = batch
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.batch_stats)
-      logits = model(images)
-      batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      logits, batch_stats = forward(graphdef, params, state.batch_stats, images, dtype)
       return cross_entropy_loss(logits, labels), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -163,12 +201,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, me
 
 
 @functools.lru_cache(maxsize=16)
-def make_eval_step(graphdef: nnx.GraphDef):
-  """``eval_step(params, batch_stats, (images, labels, mask)) -> metrics``, jitted."""
+def make_eval_step(graphdef: nnx.GraphDef, dtype: str | None = None):
+  """``eval_step(params, batch_stats, (images, labels, mask)) -> metrics``, jitted; the
+  forward in ``dtype`` (None: the params' float32) as in training."""
 
   def eval_step(params, batch_stats, batch):
     images, labels, mask = batch
-    logits = nnx.merge(graphdef, params, batch_stats)(images)
+    logits, _ = forward(graphdef, params, batch_stats, images, dtype)
     return _batch_metrics(logits, labels, cross_entropy_loss(logits, labels, mask), mask)
 
   return jax.jit(eval_step)
@@ -361,6 +400,7 @@ def make_phase(
   graphdef: nnx.GraphDef,
   *extra: Any,
   mesh=None,
+  dtype: str | None = None,
 ) -> Phase:
   """The phase ``name`` with the optimizer ``build(cfg, steps_per_epoch, *extra)``.
 
@@ -371,11 +411,11 @@ def make_phase(
   frozen = freeze(cfg)
   if cfg.get("schedule", "piecewise") != "cosine":  # a cosine schedule spans the epochs
     frozen = tuple(item for item in frozen if item[0] != "epochs")
-  return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, mesh, extra)
+  return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, mesh, extra, dtype)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_phase(name, build, frozen_cfg, steps_per_epoch, graphdef, mesh, extra) -> Phase:
+def _cached_phase(name, build, frozen_cfg, steps_per_epoch, graphdef, mesh, extra, dtype) -> Phase:
   cfg = ml_collections.ConfigDict(dict(frozen_cfg))
   tx, lr = build(cfg, steps_per_epoch, *extra)
-  return Phase(name, tx, make_train_step(graphdef, tx, mesh), jax.jit(lr))
+  return Phase(name, tx, make_train_step(graphdef, tx, mesh, dtype), jax.jit(lr))
