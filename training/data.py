@@ -1,6 +1,7 @@
 """Input pipelines for the GSM experiments.
 
-MNIST, Fashion-MNIST and CIFAR-10 are held in memory as uint8 arrays and
+MNIST, Fashion-MNIST, CIFAR-10 and ``synthetic`` (CIFAR-10-shaped random
+data made in memory, for timing) are held in memory as uint8 arrays and
 batched with numpy; ImageNet (``imagenet2012``) is streamed with Grain from a
 TFDS ``array_record`` data source.  Every batch is ``(images, labels)`` with
 float32 NHWC images normalised by the dataset's mean/std and int32 labels.
@@ -54,7 +55,7 @@ import zlib
 
 import numpy as np
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012", "synthetic")
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 VALIDATION_SPLIT_SEED = 13  # the held-out examples are the same for every config.seed
 
@@ -98,7 +99,11 @@ _SPECS: Mapping[str, _Spec] = {
   "imagenet2012": _Spec(
     1000, (224, 224, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "validation", True
   ),
+  # CIFAR-10-shaped random images and labels, made in memory: for timing, never downloads.
+  "synthetic": _Spec(10, (32, 32, 3), (0.5, 0.5, 0.5), (0.29, 0.29, 0.29), "test", False),
 }
+SYNTHETIC_SIZES = (50_000, 10_000)  # training and test examples, as CIFAR-10
+SYNTHETIC_SEED = 0
 
 
 # --------------------------------------------------------------------------- #
@@ -924,6 +929,8 @@ def load_dataset(
       _check_positive(what, value)
   spec = _SPECS[name]
   limits = (max_train_examples, max_test_examples)
+  if name == "synthetic":
+    return synthetic_dataset(spec, *limits)
   if data_dir is not None:
     return _load_from_data_dir(name, spec, data_dir, limits, download)
   if name == "fashion_mnist":
@@ -931,6 +938,20 @@ def load_dataset(
     if files is not None:
       return _dataset_from_idx(name, spec, DEBIAN_FASHION_MNIST_DIR, files, *limits)
   return _dataset_from_tfds(name, spec, None, *limits, download)
+
+
+def synthetic_dataset(
+  spec: _Spec, max_train: int | None = None, max_test: int | None = None
+) -> Dataset:
+  """CIFAR-10-shaped uniform random uint8 images and labels (fixed seed): nothing to
+  learn, nothing to download; for timing the program (``--config.dataset=synthetic``)."""
+  rng = np.random.default_rng(SYNTHETIC_SEED)
+  splits = []
+  for size, limit in zip(SYNTHETIC_SIZES, (max_train, max_test)):
+    n = min(size, limit or size)
+    images = rng.integers(0, 256, (n, *spec.image_shape), dtype=np.uint8)
+    splits.append((images, rng.integers(0, spec.num_classes, n).astype(np.int32)))
+  return _in_memory_dataset("synthetic", spec, splits[0], splits[1], "synthetic:random")
 
 
 def _load_from_data_dir(
