@@ -1,4 +1,4 @@
-"""Issue 13's evidence as the top of docs/RESULTS.md: tables by C, verdicts, budgets, tickets.
+"""Issue 13's evidence as the top of docs/RESULTS.md: tables by C, verdicts, cut costs, tickets.
 
 Usage:
   python benchmarks/evidence_report.py       # rewrites the part of docs/RESULTS.md between
@@ -77,6 +77,7 @@ SOURCES = (
 )
 ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS + evidence.STRUCTURED
 NO_FINETUNE_VARIANTS = ("gsm_gradual", "gsm_ema", "gsm_age")
+FULL_BUDGET = 60  # the protocol's B; shorter budgets are the budget curve's
 
 
 def pct(stat: tuple[float, float], seeds: int) -> str:
@@ -192,6 +193,70 @@ def _variant_line(rows: list[dict[str, Any]]) -> list[str]:
   ]
 
 
+def cut_costs(records: list[dict[str, Any]], method: str = "gsm") -> dict[tuple, list[float]]:
+  """Per (model, C, budget): each seed's cost of `method`'s final cut in points
+  (test accuracy just before the cut minus just after it)."""
+  costs: dict[tuple, list[float]] = {}
+  for r in records:
+    if (r["stage"], r["status"], r["method"]) != ("grid", "done", method):
+      continue
+    before, after = r.get("accuracy_before_prune"), r.get("accuracy_after_prune")
+    if before is not None and after is not None:
+      key = (r["model"], r["compression"], r["budget"])
+      costs.setdefault(key, []).append(100 * (before - after))
+  return costs
+
+
+def cut_table(records: list[dict[str, Any]]) -> list[str]:
+  """The cut cost of GSM and its no-fine-tuning variants per cell: mean and max over seeds."""
+  lines = []
+  for method in ("gsm", *NO_FINETUNE_VARIANTS):
+    for (model, c, budget), costs in sorted(cut_costs(records, method).items()):
+      lines.append(
+        f"| {method} | {model} | {c:g}x | {budget} | {len(costs)} | "
+        f"{sum(costs) / len(costs):.2f} | {max(costs):.2f} |"
+      )
+  if not lines:
+    return []
+  head = [
+    "The final cut's cost (test accuracy just before it minus just after it, points; no "
+    "fine-tuning follows it):",
+    "",
+    "| method | model | C | epochs | seeds | mean cost | max cost |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  return head + lines + [""]
+
+
+def cut_sentence(cells: dict[tuple, list[float]]) -> str:
+  """GSM's cut cost over cells keyed (..., budget): the largest mean over seeds
+  with the full budget or more, and per shorter budget."""
+  means = {key: sum(v) / len(v) for key, v in cells.items()}
+  full = [key for key in cells if key[-1] >= FULL_BUDGET]
+  if not full:
+    return ""
+  worst = max(means[key] for key in full)
+  worst_seed = max(max(cells[key]) for key in full)
+  text = (
+    f"GSM's final cut costs at most {worst:.2f} point (mean over seeds; {worst_seed:.2f} for "
+    f"one seed) in every cell with {FULL_BUDGET} or more epochs after the dense model"
+  )
+  short = sorted({key[-1] for key in cells if key[-1] < FULL_BUDGET}, reverse=True)
+  parts = [f"{max(means[key] for key in cells if key[-1] == b):.2f} with {b} epochs" for b in short]
+  return text + (", but " + " and ".join(parts) if parts else "")
+
+
+def all_cut_costs(results: str = RESULTS) -> dict[tuple, list[float]]:
+  """GSM's cut costs per (source, model, C, budget), over every source file that exists."""
+  cells = {}
+  for name, _, _ in SOURCES:
+    path = os.path.join(results, name)
+    if os.path.exists(path):
+      records = evidence.read_json(path, {"records": []})["records"]
+      cells.update({(name, *key): v for key, v in cut_costs(records).items()})
+  return cells
+
+
 def tickets(rows: list[dict[str, Any]]) -> list[str]:
   mine = [r for r in rows if r["stage"] == "ticket"]
   if not mine:
@@ -217,6 +282,9 @@ def tickets(rows: list[dict[str, Any]]) -> list[str]:
 def section(results: str = RESULTS) -> str:
   """The generated evidence section, from every source file that exists."""
   out = []
+  sentence = cut_sentence(all_cut_costs(results))
+  if sentence:
+    out += [f"**GSM's cut, over every run below:** {sentence}.", ""]
   for name, title, command in SOURCES:
     path = os.path.join(results, name)
     if not os.path.exists(path):
@@ -238,6 +306,7 @@ def section(results: str = RESULTS) -> str:
       out += by_compression(rows, model, budget, diverged)
     out += ["Verdicts (differences in points against the best method of each cell):", ""]
     out += verdicts(rows) + [""]
+    out += cut_table(records)
     if any(r["stage"] == "ticket" for r in rows):
       out += [
         "Winning tickets (Table 4 protocol: theta_0 * mask retrained with the dense schedule):",

@@ -13,7 +13,9 @@ if ROOT not in sys.path:
 from benchmarks import evidence_report  # noqa: E402
 
 
-def _records(method, compression, accuracies, stage="grid", budget=60):
+def _records(method, compression, accuracies, stage="grid", budget=60, before=None):
+  """Synthetic raw records, one per seed; `before`: the accuracies just before the cut."""
+  before = accuracies if before is None else before
   return [
     {
       "stage": stage,
@@ -25,11 +27,13 @@ def _records(method, compression, accuracies, stage="grid", budget=60):
       "name": f"lenet_300_100/{stage}/{method}_c{compression:g}/seed{seed}",
       "status": "done",
       "learning_rate": None if stage == "ticket" else 0.03,
+      "accuracy_before_prune": b,
+      "accuracy_after_prune": a,
       "accuracy_final": a,
       "validation_accuracy_final": a,
       "dense_accuracy": 0.9 + 0.001 * seed,
     }
-    for seed, a in enumerate(accuracies)
+    for seed, (a, b) in enumerate(zip(accuracies, before))
   ]
 
 
@@ -71,3 +75,43 @@ def test_the_section_replaces_only_its_own_block(tmp_path):
   new = evidence_report.replace_between(doc, "new\n")
   assert new == f"intro\n{evidence_report.BEGIN}\nnew\n{evidence_report.END}\nkept\n"
   assert evidence_report.replace_between("kept\n", "x\n").endswith("\n\nkept\n")
+
+
+def test_the_cut_cost_sentence_and_table_follow_the_records(tmp_path):
+  records = _records("gsm", 60.0, [0.880, 0.870, 0.890], before=[0.881, 0.874, 0.890])
+  records += _records("gsm", 120.0, [0.85, 0.86], before=[0.852, 0.861])
+  records += _records("gsm", 60.0, [0.80, 0.81], budget=15, before=[0.82, 0.84])
+  records += _records("gsm", 60.0, [0.84], budget=30, before=[0.85])
+  records += _records("gsm_gradual", 60.0, [0.80], before=[0.85])
+  records += _records("gmp", 60.0, [0.89], before=[0.85])  # fine-tuned: not a cut cost
+  records += [dict(r, status="diverged") for r in _records("gsm", 10.0, [0.1], before=[0.9])]
+  (tmp_path / "evidence_raw.json").write_text(json.dumps({"records": records}))
+  text = evidence_report.section(str(tmp_path))
+  # Means over seeds (0.1 + 0.4 + 0) / 3 at 60x and 0.15 at 120x; one seed lost 0.4.
+  sentence = (
+    "GSM's final cut costs at most 0.17 point (mean over seeds; 0.40 for one seed) in every "
+    "cell with 60 or more epochs after the dense model, but 1.00 with 30 epochs and 2.50 with "
+    "15 epochs"
+  )
+  assert f"**GSM's cut, over every run below:** {sentence}." in text
+  assert "| gsm | lenet_300_100 | 60x | 60 | 3 | 0.17 | 0.40 |" in text
+  assert "| gsm | lenet_300_100 | 60x | 15 | 2 | 2.50 | 3.00 |" in text
+  assert "| gsm_gradual | lenet_300_100 | 60x | 60 | 1 | 5.00 | 5.00 |" in text
+  assert "| gmp |" not in text.split("The final cut's cost")[1]
+  assert "10x" not in text.split("The final cut's cost")[1]  # the diverged seed has no cut
+
+
+def _words(path):
+  with open(os.path.join(evidence_report.ROOT, path)) as f:
+    return " ".join(f.read().split())
+
+
+def test_the_docs_say_what_the_committed_records_say_about_the_cut():
+  sentence = evidence_report.cut_sentence(evidence_report.all_cut_costs())
+  assert sentence.startswith("GSM's final cut costs at most ")
+  assert sentence in _words("README.md")
+  assert sentence in _words("docs/RESULTS.md")
+  with open(os.path.join(evidence_report.ROOT, "docs", "RESULTS.md")) as f:
+    text = f.read()
+  regenerated = evidence_report.replace_between(text, evidence_report.section())
+  assert regenerated == text, "run python benchmarks/evidence_report.py"
