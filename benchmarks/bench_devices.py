@@ -48,6 +48,8 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from training import strict_json  # noqa: E402
+
 LAYOUTS = ("data", "fsdp")
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 781  # CIFAR-10 at batch 64: places the learning-rate boundaries only
@@ -284,7 +286,7 @@ def child_main(args: argparse.Namespace) -> dict[str, Any]:
     else:
       row = by_fsdp[fsdp] = dict(layout=layout, **bench_layout(args, model, fsdp))
     rows.append(dict(row, layout=layout))
-    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(strict_json.dumps(rows[-1]), file=sys.stderr, flush=True)
   device = jax.devices()[0]
   return {
     "backend": jax.default_backend(),
@@ -519,9 +521,7 @@ def write(results: dict[str, Any], out: str, quick: bool) -> tuple[str, str]:
   """Writes bench_devices[_quick].{json,md} under ``out``; returns their paths."""
   os.makedirs(out, exist_ok=True)
   stem = os.path.join(out, "bench_devices" + ("_quick" if quick else ""))
-  with open(stem + ".json", "w") as f:
-    json.dump(results, f, indent=2)
-    f.write("\n")
+  strict_json.write_json(stem + ".json", results)
   with open(stem + ".md", "w") as f:
     f.write(markdown(results) + "\n")
   return stem + ".json", stem + ".md"
@@ -532,8 +532,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if args.probe or args.child:
     result = probe_main() if args.probe else child_main(args)
-    with open(args.result, "w") as f:
-      json.dump(result, f)
+    strict_json.write_json(args.result, result)
     return 0
   results = parent_main(args, argv)
   paths = write(results, args.out, args.quick)

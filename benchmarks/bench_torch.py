@@ -22,7 +22,6 @@ there are cores. Writes JSON and a Markdown table (default: benchmarks/results/)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -51,6 +50,7 @@ from benchmarks.bench_update import time_interleaved  # noqa: E402
 from benchmarks.bench_update import write_results  # noqa: E402
 import gsm_optax  # noqa: E402
 from training import steps as steps_lib  # noqa: E402
+from training import strict_json  # noqa: E402
 
 BATCH, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 256, 1e-3, 0.98, 5e-4
 MODELS = {"lenet5": 125.0, "lenet_300_100": 60.0}
@@ -221,7 +221,7 @@ def main() -> None:
   )
   for name in MODELS:
     results["models"].append(bench_model(name, args.repeats, args.torch_device))
-    print(json.dumps(results["models"][-1]), flush=True)
+    print(strict_json.dumps(results["models"][-1]), flush=True)
   write_results(args.out, "bench_torch", results, markdown(results))
 
 

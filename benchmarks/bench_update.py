@@ -21,7 +21,6 @@ the selection). Writes JSON and a Markdown table (default: benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import gsm_optax  # noqa: E402
+from training import strict_json  # noqa: E402
 
 LEARNING_RATE, MOMENTUM = 1e-2, 0.99
 
@@ -317,8 +317,7 @@ def markdown(results: dict[str, Any]) -> str:
 def write_results(out: str, stem: str, results: dict[str, Any], table: str) -> None:
   """Writes ``out/stem.json`` and ``out/stem.md`` (the table), and prints the table."""
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, f"{stem}.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  strict_json.write_json(os.path.join(out, f"{stem}.json"), results)
   with open(os.path.join(out, f"{stem}.md"), "w") as f:
     f.write(table + "\n")
   print(table)
@@ -344,7 +343,7 @@ def main() -> None:
   for name in pools:
     naive_repeats = 2 if name == "resnet50" else repeats
     results["updates"].append(bench_pool(name, repeats, naive_repeats))
-    print(json.dumps(results["updates"][-1]), flush=True)
+    print(strict_json.dumps(results["updates"][-1]), flush=True)
   results["lenet_300_100_train_step"] = bench_lenet_train_step(repeats * 5)
   write_results(
     args.out, "bench_update" + ("_quick" if args.quick else ""), results, markdown(results)

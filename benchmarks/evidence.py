@@ -93,6 +93,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from training import strict_json  # noqa: E402
+
 CONFIGS = {
   "lenet_300_100": os.path.join(ROOT, "configs", "evidence_lenet300.py"),
   "lenet5": os.path.join(ROOT, "configs", "evidence_lenet5.py"),
@@ -429,11 +431,8 @@ def read_json(path: str, empty: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Atomically (a temporary file, then a rename)."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  """Strict JSON (non-finite numbers as null), atomically (a temporary file, then a rename)."""
+  strict_json.write_json(path, obj, indent=1)
 
 
 def chosen_rates(records: list[dict]) -> dict[str, float]:

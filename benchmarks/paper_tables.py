@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from configs import default as default_config  # noqa: E402
 from training import config as config_lib  # noqa: E402
+from training import strict_json  # noqa: E402
 from training import train_lib  # noqa: E402
 
 METHODS = ("gsm", "magnitude_no_ft", "magnitude_ft", "gmp", "admm")
@@ -620,9 +621,7 @@ def main(argv=None) -> int:
   command = "python benchmarks/paper_tables.py" + (" --quick" if args.quick else "")
   results["command"] = command
   suffix = "_quick" if args.quick else ""
-  with open(os.path.join(args.out, f"paper_tables{suffix}.json"), "w") as f:
-    json.dump(results, f, indent=2)
-    f.write("\n")
+  strict_json.write_json(os.path.join(args.out, f"paper_tables{suffix}.json"), results)
   tables = markdown(results)
   with open(os.path.join(args.out, f"paper_tables{suffix}.md"), "w") as f:
     f.write(tables)

@@ -191,10 +191,3 @@ def global_batch(local: Mapping[str, np.ndarray] | tuple, topology: Topology) ->
   """The global arrays whose rows on this process are ``local`` (this process's part)."""
   sharding = topology.batch_sharding
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
-
-
-def local_rows(global_size: int, topology: Topology) -> slice:
-  """The rows of a global batch this process holds (processes hold equal, contiguous parts)."""
-  per_process = global_size // topology.process_count
-  start = topology.process_index * per_process
-  return slice(start, start + per_process)

@@ -27,42 +27,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import functools
-import json
-import math
 import os
 from typing import Any
 
 import gsm_optax
 from training import checkpoints
 from training import plots
+from training import strict_json
 from training.tasks.base import format_metric
 
 SCHEMA_VERSION = 1
 
 
-def finite_json(obj: Any) -> Any:
-  """``obj`` with every non-finite float replaced by None: JSON has no NaN or inf."""
-  if isinstance(obj, float):
-    return obj if math.isfinite(obj) else None
-  if isinstance(obj, Mapping):
-    return {key: finite_json(value) for key, value in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [finite_json(value) for value in obj]
-  return obj
-
-
-def json_line(row: Mapping[str, Any]) -> str:
-  """One line of metrics.jsonl: strict JSON (non-finite numbers as null)."""
-  return json.dumps(finite_json(row), allow_nan=False) + "\n"
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes strict JSON atomically (a temporary file, then a rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(finite_json(obj), f, indent=2, allow_nan=False)
-    f.write("\n")
-  os.replace(tmp, path)
+# The project's one JSON writer, under the names the training program uses.
+finite_json = strict_json.finite_json
+json_line = strict_json.json_line
+write_json = strict_json.write_json
 
 
 def epochs_per_phase(history: list[Mapping[str, Any]]) -> dict[str, int]:
