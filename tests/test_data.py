@@ -426,11 +426,15 @@ def test_read_records_uses_getitems_in_chunks():
 # TFDS (mocked)
 # --------------------------------------------------------------------------- #
 
-tfds = pytest.importorskip("tensorflow_datasets")
+
+@pytest.fixture
+def tfds():
+  """tensorflow_datasets; only the tests that take it are skipped where it is not installed."""
+  return pytest.importorskip("tensorflow_datasets")
 
 
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-def test_tfds_mock(offline, name, shape):
+def test_tfds_mock(offline, tfds, name, shape):
   with tfds.testing.mock_data(num_examples=20):
     ds = data.load_dataset(name)
   assert ds.source == f"tfds:{name}" and (ds.num_train, ds.num_test) == (20, 20)
@@ -441,7 +445,7 @@ def test_tfds_mock(offline, name, shape):
   assert sum(len(y) for _, y in ds.test_batches(8)) == 20
 
 
-def test_imagenet_grain_mock(offline):
+def test_imagenet_grain_mock(offline, tfds):
   with tfds.testing.mock_data(num_examples=6):
     ds = data.load_dataset("imagenet2012")
   assert ds.source == "tfds:imagenet2012" and ds.num_classes == 1000
@@ -478,7 +482,7 @@ def test_imagenet_transforms():
 
 
 @pytest.fixture
-def no_tfds_data(monkeypatch, tmp_path):
+def no_tfds_data(monkeypatch, tmp_path, tfds):
   """TFDS's default data_dir is an empty directory."""
   empty = tmp_path / "tfds-default"
   empty.mkdir()
@@ -543,7 +547,7 @@ def test_explicit_data_dir_without_data_is_an_error(tmp_path, debian_fashion_mni
   )
 
 
-def test_explicit_empty_data_dir_does_not_fall_back_to_tfds(tmp_path, offline):
+def test_explicit_empty_data_dir_does_not_fall_back_to_tfds(tmp_path, offline, tfds):
   with tfds.testing.mock_data(num_examples=20):  # TFDS would serve any dataset
     with pytest.raises(data.DataNotFoundError) as err:
       data.load_dataset("mnist", data_dir=str(tmp_path))
@@ -556,7 +560,7 @@ def test_empty_string_data_dir_is_an_error(offline):
   assert_one_line(err, "data_dir is an empty string", "None")
 
 
-def test_explicit_tfds_data_dir_is_used(tmp_path, offline):
+def test_explicit_tfds_data_dir_is_used(tmp_path, offline, tfds):
   (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)  # the prepared dataset's directory
   with tfds.testing.mock_data(num_examples=20):
     ds = data.load_dataset("mnist", data_dir=str(tmp_path))
