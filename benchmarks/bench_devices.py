@@ -48,6 +48,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from training import strict_json  # noqa: E402
 
 LAYOUTS = ("data", "fsdp")
@@ -517,13 +518,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def write(results: dict[str, Any], out: str, quick: bool) -> tuple[str, str]:
-  """Writes bench_devices[_quick].{json,md} under ``out``; returns their paths."""
+def write(
+  results: dict[str, Any], out: str, quick: bool, load: machine.LoadWatch
+) -> tuple[str, str]:
+  """Writes bench_devices[_quick].{json,md} under ``out``, with the machine's load; returns
+  their paths."""
+  results.update(load.record())
   os.makedirs(out, exist_ok=True)
   stem = os.path.join(out, "bench_devices" + ("_quick" if quick else ""))
   strict_json.write_json(stem + ".json", results)
   with open(stem + ".md", "w") as f:
-    f.write(markdown(results) + "\n")
+    f.write(f"{markdown(results)}\n\n{load.note(results)}\n")
   return stem + ".json", stem + ".md"
 
 
@@ -534,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     result = probe_main() if args.probe else child_main(args)
     strict_json.write_json(args.result, result)
     return 0
+  load = machine.LoadWatch()
   results = parent_main(args, argv)
-  paths = write(results, args.out, args.quick)
+  paths = write(results, args.out, args.quick, load)
   print(markdown(results))
   print("wrote " + ", ".join(paths), file=sys.stderr)
   return 0

@@ -51,6 +51,7 @@ import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks import bench_update  # noqa: E402
+from benchmarks import machine  # noqa: E402
 from configs import default  # noqa: E402
 from training import checkpoints  # noqa: E402
 from training import data  # noqa: E402
@@ -291,6 +292,7 @@ def main() -> None:
   parser.add_argument("--data_dir", default=None, help="default: as train.py finds the data")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
+  load = machine.LoadWatch()
   device = jax.devices()[0]
   results: dict[str, Any] = dict(
     machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {device.platform} "
@@ -305,7 +307,7 @@ def main() -> None:
     + ("" if args.data_dir is None else f" --data_dir {args.data_dir}"),
   )
   results["epoch"] = measure(epoch_config(args.data_dir), args.repeats)
-  bench_update.write_results(args.out, "bench_epoch", results, markdown(results))
+  bench_update.write_results(args.out, "bench_epoch", results, markdown(results), load)
 
 
 if __name__ == "__main__":

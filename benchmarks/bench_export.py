@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import bench_update  # noqa: E402
+from benchmarks import machine  # noqa: E402
 import gsm_optax  # noqa: E402
 from gsm_optax import export  # noqa: E402
 from models import count_params  # noqa: E402
@@ -424,6 +425,7 @@ def main() -> None:
   parser.add_argument("--resnet_repeats", type=int, default=3, help="samples for ResNet-56")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
+  load = machine.LoadWatch()
   results: dict[str, Any] = dict(
     machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
     jax=jax.__version__,
@@ -439,7 +441,7 @@ def main() -> None:
   results["lenet300"] = [bench_lenet300(c, args.repeats) for c in (60.0, 10.0, 2.0)]
   results["nm_2_4"] = bench_nm()
   results["verdict"] = verdict(results)
-  bench_update.write_results(args.out, "bench_export", results, markdown(results))
+  bench_update.write_results(args.out, "bench_export", results, markdown(results), load)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import bench_update  # noqa: E402
+from benchmarks import machine  # noqa: E402
 from configs import austen_gpt  # noqa: E402
 from configs import default  # noqa: E402
 from training import stages  # noqa: E402
@@ -67,14 +68,6 @@ QUICK = {  # the same models at sizes a CPU times in seconds
   "resnet50": {"batch": 2, "shape": (64, 64, 3)},
   "gpt_small": {"batch": 4, "shape": (32,), "size": "nano"},
 }
-
-
-def load_average() -> list[float]:
-  """The 1, 5 and 15 minute load averages (empty where the OS has none)."""
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return []
 
 
 def sections(case: Case) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, Any]:
@@ -219,8 +212,7 @@ def markdown(results: dict[str, Any]) -> str:
     "",
     f"{info['device_kind']} ({info['backend']}), jax {info['jax']}, torch {info['torch']}; "
     f"{results['chain']} steps chained per sample, median of {results['repeats']} samples, "
-    f"interleaved. Load average before {results['load_before']}, after {results['load_after']}. "
-    f"{results['date']}. Command: `{results['command']}`.",
+    f"interleaved. {results['date']}. Command: `{results['command']}`.",
   ]
   if results.get("train_py"):
     t = results["train_py"]
@@ -253,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   unknown = [name for name in names if name not in known]
   if unknown:
     raise SystemExit(f"bench_gpu.py: unknown models {unknown}; choose from {sorted(known)}")
-  load_before = load_average()
+  load = machine.LoadWatch()
   rows = []
   for name in names:
     case = Case(known[name], **(QUICK[name] if args.quick else {}))
@@ -267,13 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "chain": args.chain,
     "repeats": args.repeats,
     "quick": args.quick,
-    "load_before": load_before,
-    "load_after": load_average(),
     "date": datetime.date.today().isoformat(),
     "command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
   }
   stem = args.stem or f"bench_gpu_{results['device']['backend']}"
-  bench_update.write_results(args.out, stem, results, markdown(results))
+  bench_update.write_results(args.out, stem, results, markdown(results), load)
   return results
 
 

@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from benchmarks.bench_update import CHAIN  # noqa: E402
 from benchmarks.bench_update import time_interleaved  # noqa: E402
 from benchmarks.bench_update import write_results  # noqa: E402
@@ -205,6 +206,7 @@ def main() -> None:
     "--torch_device", default="cpu", help="cpu, or cuda on a GPU machine (JAX uses its default)"
   )
   args = parser.parse_args()
+  load = machine.LoadWatch()
   torch.set_num_threads(os.cpu_count())
   results: dict[str, Any] = dict(
     machine=f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores,"
@@ -222,7 +224,7 @@ def main() -> None:
   for name in MODELS:
     results["models"].append(bench_model(name, args.repeats, args.torch_device))
     print(strict_json.dumps(results["models"][-1]), flush=True)
-  write_results(args.out, "bench_torch", results, markdown(results))
+  write_results(args.out, "bench_torch", results, markdown(results), load)
 
 
 if __name__ == "__main__":

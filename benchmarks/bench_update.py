@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 import gsm_optax  # noqa: E402
 from training import strict_json  # noqa: E402
 
@@ -314,8 +315,19 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_results(out: str, stem: str, results: dict[str, Any], table: str) -> None:
-  """Writes ``out/stem.json`` and ``out/stem.md`` (the table), and prints the table."""
+def write_results(
+  out: str,
+  stem: str,
+  results: dict[str, Any],
+  table: str,
+  load: machine.LoadWatch | None = None,
+) -> None:
+  """Writes ``out/stem.json`` and ``out/stem.md`` (the table), and prints the table; with
+  ``load`` (taken when the benchmark started) both say the machine's load, and a busy run
+  is marked as not a result."""
+  if load is not None:
+    results.update(load.record())
+    table = f"{table}\n\n{load.note(results)}"
   os.makedirs(out, exist_ok=True)
   strict_json.write_json(os.path.join(out, f"{stem}.json"), results)
   with open(os.path.join(out, f"{stem}.md"), "w") as f:
@@ -329,6 +341,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
+  load = machine.LoadWatch()
   repeats = args.repeats or (5 if args.quick else 20)
   pools = ["lenet_300_100", "lenet5"] if args.quick else list(POOLS)
   results: dict[str, Any] = dict(
@@ -345,9 +358,8 @@ def main() -> None:
     results["updates"].append(bench_pool(name, repeats, naive_repeats))
     print(strict_json.dumps(results["updates"][-1]), flush=True)
   results["lenet_300_100_train_step"] = bench_lenet_train_step(repeats * 5)
-  write_results(
-    args.out, "bench_update" + ("_quick" if args.quick else ""), results, markdown(results)
-  )
+  stem = "bench_update" + ("_quick" if args.quick else "")
+  write_results(args.out, stem, results, markdown(results), load)
 
 
 if __name__ == "__main__":

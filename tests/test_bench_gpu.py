@@ -23,7 +23,7 @@ def test_quick_run_times_both_steps_in_both_dtypes_and_writes_json_and_markdown(
   assert saved["device"]["backend"] == "cpu" and len(saved["load_before"]) == 3
   assert saved["command"].startswith("python benchmarks/bench_gpu.py --quick")
   table = (tmp_path / "gpu.md").read_text()
-  assert "| lenet5 | 32 | bfloat16 |" in table and "Load average before" in table
+  assert "| lenet5 | 32 | bfloat16 |" in table and "Load average (1, 5, 15 min) before" in table
   assert os.path.exists(tmp_path / "gpu.md")
 
 
