@@ -358,32 +358,60 @@ def test_block_summaries_hold_up_to_four_values_exactly(use_jit):
       assert got == rest[g], g
 
 
+_CASE_SHAPES = ((512, 448), (128, 256))  # 2^18 scores: the sample (1/16) brackets finely
+
+
 def _score_case(name):
-  """Small pools (the path is forced for them): exactness in every case."""
+  """Pools of 2^18 scores (the sampled path is forced for every size), in
+  which the sampled bracket decides some k and must fall back for others."""
   rng = np.random.default_rng(21)
-  big = rng.uniform(1.0, 1.02, (64, 64)).astype(np.float32)
-  small = rng.uniform(1.0, 1.02, (16, 8)).astype(np.float32)
+  narrow = [rng.uniform(1.0, 1.02, s).astype(np.float32) for s in _CASE_SHAPES]
+  spread = [np.exp2(rng.uniform(-2.0, 2.0, s)).astype(np.float32) for s in _CASE_SHAPES]
+  (big, small), (spread_big, spread_small) = narrow, spread
   if name == "narrow":
     pass
   elif name == "narrow_with_ties_nan_inf_zero":
-    big[5, :20] = big[5, 0]  # 20 ties
-    big[7, :3] = np.nan
-    small[3, :5] = np.inf
+    big[7, 1:4] = np.nan  # off the sampled rows and columns
+    small[3, 1:6] = np.inf
     big[9, :] = 0.0
-  elif name == "wide":  # spans many high bins: the bracket is too wide
-    big = np.abs(rng.standard_normal((64, 64))).astype(np.float32)
-  elif name == "sample_misleads":  # the sampled rows (0, 16, 32, 48) are small
-    big *= 1000.0
+    tie = np.sort(np.nan_to_num(np.concatenate([big.ravel(), small.ravel()]), nan=0.0))[-2000]
+    for row in range(20, 40):  # 50 ties from rank 2000 on, 1 to 4 in a block of 8
+      big[row, 1 : 2 + row % 4] = tie
+  elif name == "wide":  # 120 octaves: 32 bins of the bracket hold a few keys
+    big, small = (np.exp2(rng.uniform(-60.0, 60.0, s)).astype(np.float32) for s in _CASE_SHAPES)
+  elif name == "sample_misleads":  # big's unsampled rows (all but 0, 16, ...) are 1000x larger
+    big, small = spread_big * 1000.0, spread_small
     big[::16] /= 1000.0
-  elif name == "mostly_zero":
-    big[:] = 0.0
+  elif name == "mostly_zero":  # 97 % of big and all of small but 4 columns
+    big[rng.random(big.shape) < 0.97] = 0.0
     small[:, 4:] = 0.0
   elif name == "odd_shapes":  # last axes not divisible by 8: padded blocks
-    big = big[:63, :61]
-    small = small[:, :7]
+    big, small = spread_big[:511, :445], spread_small[:, :250]
   else:
     raise ValueError(name)
   return [jnp.asarray(big), jnp.asarray(small)]
+
+
+# (k the sampled bracket decides, k it must hand to the radix select), n = pool size.
+_SAMPLED_DECISIONS = {
+  # 2^18 keys in 5 bins: a small k's bracket is the top bin's thin part (a few %
+  # of the keys, at most 4 in a block); a large k's holds whole bins (> 4 per block).
+  "narrow": (lambda n: [1, 3, 100, 421, 2000], lambda n: [n // 5, n // 2, n - 200, n]),
+  # The 5 infs are the top 5: the bracket ends below +inf. The ties (<= 4 per
+  # block) are decided by the block summaries.
+  "narrow_with_ties_nan_inf_zero": (lambda n: [100, 421, 2000, 2020], lambda n: [1, 3]),
+  # The ranks around k span hundreds of bins, more than the bracket's 32.
+  "wide": (lambda n: [], lambda n: [421, 2000, n // 5, n // 2]),
+  # The sample sees none of the large scores: its bracket lies below them, so
+  # more than k keys are above it for every k up to their number.
+  "sample_misleads": (lambda n: [], lambda n: [1, 3, 100, 421, 2000, n // 5, n // 2]),
+  # Past the 7,520 non-zero scores the k-th is 0, which no bracket holds.
+  "mostly_zero": (lambda n: [1, 3, 100, 421, 2000], lambda n: [n // 5, n // 2, n - 200, n]),
+  # Log-uniform scores, ~250 keys per bin: near either end the bracket holds a
+  # few % of the keys. (In the middle it holds ~4 %, where a block of 8 or 64
+  # keys may hold too many of them: the path pays off from 2^22 keys.)
+  "odd_shapes": (lambda n: [1, 3, 100, 421, 2000, n - 200, n], lambda n: []),
+}
 
 
 _SAMPLED_SELECT = []
@@ -398,22 +426,18 @@ def sampled_select(monkeypatch):
   return _SAMPLED_SELECT[0]
 
 
-@pytest.mark.parametrize(
-  "case",
-  [
-    "narrow",
-    "narrow_with_ties_nan_inf_zero",
-    "wide",
-    "sample_misleads",
-    "mostly_zero",
-    "odd_shapes",
-  ],
-)
+@pytest.mark.parametrize("case", list(_SAMPLED_DECISIONS))
 def test_sampled_score_selection_equals_numpy_sort(case, sampled_select):
   scores = _score_case(case)
   size = sum(s.size for s in scores)
-  for k in [1, 3, 100, 421, 2000, size - 200, size]:
-    _assert_selection_equals_numpy(sampled_select(scores, k), scores, k)
+  decided, falls_back = (ks(size) for ks in _SAMPLED_DECISIONS[case])
+  for k in sorted({1, 3, 100, 421, 2000, size // 5, size // 2, size - 200, size, *decided}):
+    got = sampled_select(scores, k)
+    _assert_selection_equals_numpy(got, scores, k)
+    if k in decided:
+      assert bool(got.sampled), f"the sampled bracket should decide k = {k}"
+    if k in falls_back:
+      assert not bool(got.sampled), f"k = {k} should fall back to the radix select"
 
 
 def _million_scores(seed: int, copies=(1, 2, 3, 4)):
