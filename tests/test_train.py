@@ -9,6 +9,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,6 @@ if ROOT not in sys.path:
 
 from configs import default as default_config  # noqa: E402
 from training import checkpoints  # noqa: E402
-from training import config as config_lib  # noqa: E402
 from training import data  # noqa: E402
 from training import stages  # noqa: E402
 from training import train_lib  # noqa: E402
@@ -403,12 +403,31 @@ def test_workdir_of_another_config_is_refused(finished_run, data_dir):
   assert "\n" not in message
 
 
-def test_harmless_fields_may_change_on_resume(finished_run, data_dir):
+def test_harmless_fields_may_change_on_resume(finished_run, data_dir, tmp_path):
+  # The finished run without its last checkpoint resumes at the end of GSM epoch 2,
+  # with every field that may change on resume changed: same training, bit for bit.
+  workdir = str(tmp_path / "harmless")
+  shutil.copytree(finished_run[0], workdir)
+  final_step = STEPS_PER_EPOCH * (DENSE_EPOCHS + GSM_EPOCHS)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(final_step)))
   config = tiny_config(data_dir)
   config.eval_batch_size = 50
   config.log_every_steps = 1
   config.progress_bar = True
-  config_lib.check_workdir(config, finished_run[0], has_checkpoint=True)  # does not raise
+  config.checkpoint_keep = 5
+  config.checkpoint_every_steps = 3
+  config.plots = False
+  summary = train_lib.train_and_evaluate(config, workdir)
+  reference_dir, reference, _ = finished_run
+  _assert_trees_equal(_final_state(workdir)[0], _final_state(reference_dir)[0])
+  _assert_trees_equal(
+    checkpoints.load_model(os.path.join(workdir, "final_model")),
+    checkpoints.load_model(os.path.join(reference_dir, "final_model")),
+  )
+  for key in ("accuracy_before_prune", "accuracy_final", "nonzeros", "layers"):
+    assert summary[key] == reference[key], key
+  # Another eval_batch_size sums the test loss in another order (docs/TRAINING.md).
+  assert summary["loss_final"] == pytest.approx(reference["loss_final"], rel=1e-5)
 
 
 def test_every_config_loads_and_validates():
@@ -721,16 +740,41 @@ def test_a_new_method_is_one_registry_entry(finished_run, data_dir, tmp_path, mo
   assert summary["accuracy_final"] == summary["accuracy_after_prune"]
 
 
+def _doc_tables(text: str) -> list[list[list[str]]]:
+  """The Markdown tables of `text`: rows of cells (header and separator rows left out)."""
+  tables, rows = [], []
+  for line in text.replace("\\|", "\x00").splitlines() + [""]:
+    if line.startswith("|"):
+      cells = [cell.strip().replace("\x00", "|") for cell in line.strip("|").split("|")]
+      rows.append(cells)
+    elif rows:
+      tables.append(rows[2:])
+      rows = []
+  return tables
+
+
+def _ticked(cell: str) -> set[str]:
+  return set(re.findall(r"`([^`]+)`", cell))
+
+
 def test_every_summary_field_is_documented(finished_run):
+  """Each field of summary.json is a row of docs/TRAINING.md's summary table (its
+  parts in that row; a method's results and stages in their tables' row for it)."""
   with open(os.path.join(ROOT, "docs", "TRAINING.md")) as f:
     docs = f.read()
   summary = finished_run[1]
-  fields = set(summary) | {f"wall_time_s.{key}" for key in summary["wall_time_s"]}
-  fields |= {f"method_results.{key}" for key in summary["method_results"]}
-  fields |= {f"layers[].{key}" for key in summary["layers"][0]}
-  fields |= {f"devices.{key}" for key in summary["devices"]}
-  for field in sorted(fields):
-    assert f"`{field.split('.')[-1].replace('[]', '')}`" in docs, field
+  method = summary["method"]
+  fields, results = _doc_tables(docs.split("### summary.json", 1)[1])[:2]
+  rows = {name: meaning for name_cell, meaning in fields for name in _ticked(name_cell)}
+  methods = _doc_tables(docs.split("## Methods", 1)[1])[0]
+  stages = next((meaning for name, meaning in methods if method in _ticked(name)), "")
+  method_row = next((meaning for name, meaning in results if method in _ticked(name)), "")
+  assert sorted(set(summary) - set(rows)) == []
+  for part in ("layers", "devices", "wall_time_s", "method_results"):
+    keys = summary[part][0] if part == "layers" else summary[part]
+    documented = _ticked(rows[part]) | (_ticked(stages) if part == "wall_time_s" else set())
+    documented |= _ticked(method_row) if part == "method_results" else set()
+    assert sorted(set(keys) - documented) == [], part
 
 
 def test_progress_survives_the_checkpoint_round_trip(finished_run):
