@@ -9,15 +9,26 @@ checkpoint is either whole or absent, and deletes the oldest beyond
 
 Nothing good is ever deleted: a step that is already committed is never
 written again, and ``restore_latest`` restores the newest checkpoint that
-restores *and* matches its checksums; a damaged one (truncated file, empty
-directory, flipped bits) is moved to ``<workdir>/damaged_checkpoints/`` with the
-reason, and the next older one is tried.
+restores *and* matches its checksums. The meta carries a hash of itself
+(``META_HASH``). A checkpoint the files prove damaged (a hash that fails, a
+truncated or missing file, an on-disk structure other than the one its meta
+records) is moved to ``<workdir>/damaged_checkpoints/`` with the reason, and the
+next older one is tried; one that cannot be read now (permissions, an I/O
+error, memory) or that this program no longer builds stops the restore with
+the reason, and nothing is moved.
+
+Exported models (``save_model``) carry a hash of every array in
+``MODEL_CHECKSUMS`` inside their directory, checked by ``load_model``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import errno
+import hashlib
+import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -29,10 +40,34 @@ import orbax.checkpoint as ocp
 _STATE = "state"
 _META = "meta"
 _CHECKSUMS = "array_checksums"
+META_HASH = "meta_sha256"  # in the meta: sha256 of the rest of the meta
+MODEL_CHECKSUMS = "model_checksums.json"  # in an exported model's directory
+
+# TensorStore's status codes (the first word of its errors) that say nothing about the data.
+_READ_STATUS = frozenset(
+  {
+    "PERMISSION_DENIED",
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+    "CANCELLED",
+    "UNAUTHENTICATED",
+  }
+)
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR})  # a file of a committed checkpoint is gone
 
 
 class CheckpointError(RuntimeError):
-  """No checkpoint of a workdir restores; the message is one line."""
+  """A checkpoint or an exported model that cannot be used; the message is one line."""
+
+
+class CheckpointDamaged(CheckpointError):
+  """The files prove the checkpoint damaged; the message is the evidence."""
+
+
+class CheckpointUnreadable(CheckpointError):
+  """A checkpoint that cannot be read now, or that this program no longer builds."""
 
 
 def has_checkpoint(directory: str) -> bool:
@@ -90,7 +125,107 @@ def array_checksums(tree: Any) -> dict[str, str]:
 
 def _one_line(err: BaseException) -> str:
   text = str(err).strip().splitlines()
-  return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+  return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+def _reason(err: BaseException) -> str:
+  """One line saying what went wrong: the system's words and the file, where there are."""
+  if isinstance(err, OSError) and err.strerror:
+    return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+  os_error = re.search(r"\[os_error_code='(\d+)'\]", str(err))
+  if os_error:
+    paths = re.findall(r'"(/[^"]*)"', str(err))
+    words = os.strerror(int(os_error.group(1)))
+    return f"{words}: {paths[-1]}" if paths else words
+  return _one_line(err)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+  """``err`` and the exceptions it was raised from or during, outermost first."""
+  chain = []
+  while err is not None and all(err is not seen for seen in chain):
+    chain.append(err)
+    err = err.__cause__ or err.__context__
+  return chain
+
+
+def _says_unreadable(err: BaseException) -> bool:
+  """An error of reading that says nothing about the data: memory, permissions, I/O."""
+  if isinstance(err, MemoryError):
+    return True
+  if isinstance(err, OSError):
+    return err.errno not in _MISSING
+  text = str(err)
+  os_error = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if os_error:
+    return int(os_error.group(1)) not in _MISSING
+  status = re.match(r"\s*([A-Z_]+):", text)
+  return bool(status and status.group(1) in _READ_STATUS)
+
+
+def _classify(err: BaseException) -> tuple[str, BaseException]:
+  """("read" | "damage" | "unknown", the exception of ``err``'s chain that says so).
+
+  Damage is what only a file other than the one written explains: undecodable
+  JSON or metadata (ValueError), a missing item or file, a TensorStore error
+  about the data (DATA_LOSS, OUT_OF_RANGE, ...). Any sign of a read error wins.
+  """
+  chain = _chain(err)
+  for link in chain:
+    if _says_unreadable(link):
+      return "read", link
+  for link in chain:
+    if isinstance(link, (ValueError, KeyError, FileNotFoundError, NotADirectoryError)):
+      return "damage", link
+  return "unknown", err
+
+
+_KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")  # a dict key, a list index, an attribute
+
+
+def _leaf_name(keystr: str) -> str:
+  """The key path ``.params['blocks'][0]`` (or ``['params']['blocks']['0']``) as params/blocks/0."""
+  return "/".join(a or b or c for a, b, c in _KEY.findall(keystr))
+
+
+def _shapes(tree: Any) -> dict[str, str]:
+  """{leaf name: "dtype [shape]"} of the arrays of ``tree``."""
+  return {
+    _leaf_name(jax.tree_util.keystr(path)): f"{np.dtype(leaf.dtype)} {list(np.shape(leaf))}"
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _differences(saved: dict[str, str], built: dict[str, str]) -> str:
+  """The first leaves where two {name: description} records differ, for a message."""
+  names = sorted(name for name in saved.keys() | built.keys() if saved.get(name) != built.get(name))
+  return "; ".join(
+    f"{name}: {saved.get(name, 'absent')} saved, {built.get(name, 'absent')} here"
+    for name in names[:2]
+  )
+
+
+def _meta_hash(meta: dict[str, Any]) -> str:
+  """sha256 of the meta's JSON with sorted keys, ``META_HASH`` itself left out."""
+  body = {key: value for key, value in meta.items() if key != META_HASH}
+  text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Key paths of the floating arrays of ``tree`` that hold a NaN or an infinity."""
+  flat = [
+    (path, leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if jnp.issubdtype(leaf.dtype, jnp.floating)
+  ]
+  finite = _finite([leaf for _, leaf in flat])
+  return [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not bool(ok)]
 
 
 class Checkpointer:
@@ -121,7 +256,8 @@ class Checkpointer:
     """
     if step in self._manager.all_steps():
       return False
-    meta = {**meta, _CHECKSUMS: array_checksums(state)}
+    meta = json.loads(json.dumps({**meta, _CHECKSUMS: array_checksums(state)}))
+    meta[META_HASH] = _meta_hash(meta)
     args = ocp.args.Composite(
       **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
     )
@@ -130,12 +266,21 @@ class Checkpointer:
     return True
 
   def _meta_and_checksums(self, step: int) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """The meta of ``step`` without its hash and checksums, and the checksums.
+
+    Raises:
+      CheckpointDamaged: the meta does not match its hash (a meta written
+        before the hash existed has none and is taken as it is).
+    """
     args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
     meta = dict(self._manager.restore(step, args=args)[_META])
+    stored = meta.pop(META_HASH, None)
+    if stored is not None and stored != _meta_hash(meta):
+      raise CheckpointDamaged("its meta fails its checksum")
     return meta, meta.pop(_CHECKSUMS, None)
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-    """The JSON ``meta`` of ``step`` (default: the latest), checksums removed."""
+    """The JSON ``meta`` of ``step`` (default: the latest), verified, checksums removed."""
     return self._meta_and_checksums(self.latest_step() if step is None else step)[0]
 
   def restore_state(self, target: Any, step: int | None = None) -> Any:
@@ -150,15 +295,61 @@ class Checkpointer:
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()})
     return self._manager.restore(step, args=args)[_STATE]
 
+  def _unreadable(self, step: int, reason: str) -> CheckpointUnreadable:
+    return CheckpointUnreadable(
+      f"cannot read the checkpoint of step {step} in {self._directory} ({reason}); nothing "
+      "was moved: fix this and run the same command again to resume"
+    )
+
+  def _other_version(self, step: int, what: str) -> CheckpointUnreadable:
+    return CheckpointUnreadable(
+      f"the checkpoint of step {step} in {self._directory} does not fit this program "
+      f"({what}): it was saved by another version of train.py; finish the run with that "
+      "version, or use a new --workdir; nothing was moved"
+    )
+
+  def _classified(self, step: int, err: Exception) -> CheckpointError:
+    """A read error of ``step`` as damage (proven by the files) or as unreadable."""
+    kind, evidence = _classify(err)
+    if kind == "damage":
+      return CheckpointDamaged(_reason(evidence))
+    return self._unreadable(step, _reason(evidence))
+
+  def _target(self, step: int, meta: dict, expected: dict, target_for: Callable) -> Any:
+    """The restore target of ``step``; a program change (another state) is not damage."""
+    try:
+      target = target_for(meta)
+    except Exception as err:  # noqa: BLE001  (whatever the program fails with)
+      kind, evidence = _classify(err)
+      if kind == "read":
+        raise self._unreadable(step, _reason(evidence)) from None
+      what = f"it cannot build the state of phase {meta.get('phase')!r}: {_one_line(err)}"
+      raise self._other_version(step, what) from None
+    saved = {_leaf_name(path): entry.rsplit(" ", 1)[0] for path, entry in expected.items()}
+    built = _shapes(target)
+    if saved != built:
+      raise self._other_version(step, _differences(saved, built))
+    return target
+
   def _restore_verified(self, step: int, target_for: Callable[[dict], Any]):
-    meta, expected = self._meta_and_checksums(step)
+    """(meta, state) of ``step``; raises ``CheckpointDamaged`` or ``CheckpointUnreadable``."""
+    try:
+      meta, expected = self._meta_and_checksums(step)
+    except CheckpointError:
+      raise
+    except Exception as err:  # noqa: BLE001  (orbax raises many kinds)
+      raise self._classified(step, err) from None
     if expected is None:
-      raise CheckpointError("its meta holds no array checksums")
-    state = self.restore_state(target_for(meta), step)
-    found = array_checksums(state)
+      raise CheckpointDamaged("its meta holds no array checksums")
+    target = self._target(step, meta, expected, target_for)
+    try:
+      state = self.restore_state(target, step)
+      found = array_checksums(state)
+    except Exception as err:  # noqa: BLE001  (orbax and TensorStore raise many kinds)
+      raise self._classified(step, err) from None
     bad = [path for path in expected if found.get(path) != expected[path]]
     if bad or set(found) != set(expected):
-      raise CheckpointError(
+      raise CheckpointDamaged(
         f"the arrays at {', '.join(bad[:3]) or 'some paths'} fail their checksum"
       )
     return meta, state
@@ -167,22 +358,23 @@ class Checkpointer:
     """(step, meta, state) of the newest checkpoint that restores and verifies, or None.
 
     ``target_for(meta)`` gives the restore target (structure, shapes, dtypes)
-    of a checkpoint from its meta. Damaged checkpoints are moved aside to
-    ``damaged_checkpoints/`` beside the checkpoint directory, each with a line
-    saying why.
+    of a checkpoint from its meta. Checkpoints the files prove damaged are
+    moved aside to ``damaged_checkpoints/`` beside the checkpoint directory,
+    each with a line saying why, and the next older one is tried.
 
     Raises:
-      CheckpointError: checkpoints exist but none restores.
+      CheckpointUnreadable: the newest checkpoint not proven damaged cannot be
+        read now, or this program builds another state; nothing is moved.
+      CheckpointError: checkpoints exist and every one is damaged.
     """
     skipped = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         meta, state = self._restore_verified(step, target_for)
-      except Exception as err:  # noqa: BLE001  (any failure means: do not trust it)
-        reason = _one_line(err)
+      except CheckpointDamaged as err:
         moved = self._quarantine(step)
-        self._log(f"checkpoint of step {step} is damaged ({reason}); moved to {moved}")
-        skipped.append(f"step {step}: {reason}")
+        self._log(f"checkpoint of step {step} is damaged ({err}); moved to {moved}")
+        skipped.append(f"step {step}: {err}")
         continue
       return step, meta, state
     if skipped:
@@ -212,23 +404,108 @@ class Checkpointer:
     self._manager.close()
 
 
+def _model_record(variables: Any) -> dict[str, str]:
+  """{leaf name: "dtype [shape] hash"} of a model's arrays, whatever its containers."""
+  return {_leaf_name(path): entry for path, entry in array_checksums(variables).items()}
+
+
+def _write_json(path: str, value: Any) -> None:
+  """Writes ``path`` whole or not at all (a temporary file renamed over it)."""
+  temporary = f"{path}.tmp{os.getpid()}"
+  with open(temporary, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+  os.replace(temporary, path)
+
+
 def save_model(path: str, variables: Any) -> None:
-  """Exports model variables (``{"params": ..., "batch_stats": ...}``) to ``path``."""
+  """Exports model variables (``{"params": ..., "batch_stats": ...}``) to ``path``.
+
+  ``path/MODEL_CHECKSUMS`` records the dtype, shape and hash of every array;
+  ``load_model`` checks them.
+  """
   checkpointer = ocp.StandardCheckpointer()
   try:
     checkpointer.save(os.path.abspath(path), variables, force=True)
     checkpointer.wait_until_finished()
   finally:
     checkpointer.close()
+  record = _model_record(variables)  # every process: the hashes are computed on the devices
+  if jax.process_index() == 0:
+    _write_json(os.path.join(path, MODEL_CHECKSUMS), record)
+
+
+def _stored_record(path: str) -> dict[str, str] | None:
+  """The model's ``MODEL_CHECKSUMS``; None for a model exported before they existed."""
+  try:
+    with open(os.path.join(path, MODEL_CHECKSUMS)) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    return None
+  except ValueError as err:
+    raise CheckpointDamaged(f"{MODEL_CHECKSUMS}: {_one_line(err)}") from None
+  if not isinstance(record, dict):
+    raise CheckpointDamaged(f"{MODEL_CHECKSUMS} holds no checksums")
+  return record
+
+
+def _verified_model(path: str, target: Any | None) -> Any:
+  """The variables of ``path``, checked against their record; raises ``CheckpointError``."""
+  record = _stored_record(path)
+  if record is not None and target is not None:
+    saved = {name: entry.rsplit(" ", 1)[0] for name, entry in record.items()}
+    if saved != _shapes(target):
+      raise CheckpointError(
+        f"the model in {path} does not fit this one ({_differences(saved, _shapes(target))}); "
+        "give a model of the same architecture"
+      )
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    variables = checkpointer.restore(os.path.abspath(path), target)
+  finally:
+    checkpointer.close()
+  if record is not None:
+    found = _model_record(variables)
+    bad = [name for name in record if found.get(name) != record[name]]
+    if bad or set(found) != set(record):
+      raise CheckpointDamaged(
+        f"the arrays at {', '.join(bad[:3]) or 'some paths'} fail their checksum"
+      )
+  return variables
 
 
 def load_model(path: str, target: Any | None = None) -> Any:
-  """Loads variables written by ``save_model``; ``target`` fixes structure and dtypes."""
-  checkpointer = ocp.StandardCheckpointer()
+  """Loads variables written by ``save_model``; ``target`` fixes structure and dtypes.
+
+  Raises:
+    CheckpointError: one line naming ``path``: damaged (a hash fails, a file is
+      truncated or missing), unreadable now (permissions, I/O, memory), or not
+      of ``target``'s architecture.
+  """
   try:
-    return checkpointer.restore(os.path.abspath(path), target)
-  finally:
-    checkpointer.close()
+    return _verified_model(path, target)
+  except CheckpointDamaged as err:
+    reason = str(err)
+  except CheckpointError:
+    raise
+  except Exception as err:  # noqa: BLE001  (orbax and TensorStore raise many kinds)
+    kind, evidence = _classify(err)
+    if kind != "damage":
+      raise CheckpointError(
+        f"cannot read the model in {path} ({_reason(evidence)}): fix this and run again"
+      ) from None
+    reason = _reason(evidence)
+  raise CheckpointError(
+    f"the model in {path} is damaged ({reason}): export it again, or give another directory"
+  )
+
+
+def holds_model(path: str, variables: Any) -> bool:
+  """Whether ``path`` holds exactly ``variables``, intact (False where it cannot say)."""
+  try:
+    loaded = load_model(path, variables)
+  except CheckpointError:
+    return False
+  return _model_record(loaded) == _model_record(variables)
 
 
 def model_shapes(path: str) -> dict[str, tuple[int, ...]]:

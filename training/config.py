@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Mapping
+import hashlib
 import json
 import math
 import os
@@ -290,26 +291,102 @@ def read_workdir_config(workdir: str) -> dict[str, Any] | None:
     ) from None
 
 
+# The workdir's identity: the fingerprint of the config that started it, written before
+# anything else and never rewritten.
+FINGERPRINT_FILE = "config_fingerprint"
+# What a run of one config leaves for the next run in its workdir to reuse.
+_REUSED = ("checkpoints", "initial_model", "dense_model", "final_model")
+
+
+def _canonical(value: Any) -> Any:
+  """A JSON value compared by meaning: every number a float, lists and dicts recursively."""
+  if is_number(value):
+    return float(value)
+  if isinstance(value, Mapping):
+    return {key: _canonical(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_canonical(item) for item in value]
+  return value
+
+
+def fingerprint(stored: Mapping[str, Any]) -> str:
+  """The identity of a config.json, ``sha256:<hex>``.
+
+  The fields outside ``HARMLESS_FIELDS``, leaving out those of ``ADDED_FIELDS``
+  at their default: a config.json written before a field existed has the
+  fingerprint of a config holding its default.
+  """
+  identity = {
+    key: _canonical(value)
+    for key, value in flatten_config(stored).items()
+    if key.split(".")[-1] not in HARMLESS_FIELDS
+    and not (key in ADDED_FIELDS and _canonical(value) == _canonical(ADDED_FIELDS[key]))
+  }
+  text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+  return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_fingerprint(workdir: str) -> str | None:
+  """The workdir's ``FINGERPRINT_FILE``, or None when it has none."""
+  try:
+    with open(os.path.join(workdir, FINGERPRINT_FILE)) as f:
+      found = f.read().strip()
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  if not found.startswith("sha256:"):
+    raise ConfigError(
+      f"workdir {workdir}: {FINGERPRINT_FILE} is not a fingerprint written by train.py; "
+      "restore it, or use a new --workdir"
+    )
+  return found
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> None:
-  """Refuses a workdir whose checkpoints were written by a different config.
+  """Refuses a workdir started by a different config (its fingerprint, else its config.json).
 
   Raises:
     ConfigError: one line listing the fields that differ (fields in
-      ``HARMLESS_FIELDS`` may differ).
+      ``HARMLESS_FIELDS`` may differ), or naming what the workdir holds
+      without saying which config wrote it.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory")
-  if not has_checkpoint:
+  found, stored = read_fingerprint(workdir), read_workdir_config(workdir)
+  if found is None and stored is None:
+    held = [f"{name}/" for name in _REUSED if os.path.isdir(os.path.join(workdir, name))]
+    if has_checkpoint or "initial_model/" in held:
+      raise ConfigError(
+        f"workdir {workdir} holds {', '.join(held)} but no config.json; "
+        "use a new --workdir or delete this one"
+      )
     return
-  stored = read_workdir_config(workdir)
-  if stored is None:
-    raise ConfigError(
-      f"workdir {workdir} holds checkpoints but no config.json; "
-      "use a new --workdir or delete this one"
-    )
-  diffs = config_differences(stored, config)
-  if diffs:
-    raise ConfigError(
-      f"workdir {workdir} holds a checkpoint of a different config "
-      f"({'; '.join(diffs)}); resume with the same config, or use a new --workdir"
-    )
+  diffs = [] if stored is None else config_differences(stored, config)
+  if found == fingerprint(config_json(config)) or (found is None and not diffs):
+    return
+  started = "holds a checkpoint of" if has_checkpoint else "was started by"
+  detail = "; ".join(diffs) or f"its {FINGERPRINT_FILE} is another config's"
+  raise ConfigError(
+    f"workdir {workdir} {started} a different config ({detail}); resume with the same "
+    "config, or use a new --workdir"
+  )
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the workdir's fingerprint, before anything else, unless it has this config's.
+
+  Called under the workdir lock: a run that started on this workdir between
+  ``check_workdir`` and the lock is caught here.
+
+  Raises:
+    ConfigError: the workdir holds another config's fingerprint.
+  """
+  mine = fingerprint(config_json(config))
+  found = read_fingerprint(workdir)
+  if found == mine:
+    return
+  if found is not None:
+    check_workdir(config, workdir, has_checkpoint=False)  # raises: another config's
+  path = os.path.join(workdir, FINGERPRINT_FILE)
+  with open(f"{path}.tmp", "w") as f:
+    f.write(mine + "\n")
+  os.replace(f"{path}.tmp", path)

@@ -10,7 +10,8 @@ parses flags and calls it. The pieces, in the order data flows through them:
 * the method (GSM, a baseline, or none) as stages: ``training.stages``;
 * the summary, the final model and the plots: ``training.report``.
 
-Workdir layout: ``config.json``; ``checkpoints/<step>/`` (orbax; every epoch
+Workdir layout: ``config_fingerprint`` (the identity of the config that started
+it, written first); ``config.json``; ``checkpoints/<step>/`` (orbax; every epoch
 and on Ctrl-C, the latest ``checkpoint_keep`` kept); ``initial_model/``
 (theta_0, written before dense training), ``dense_model/`` and
 ``final_model/`` (exported variables; ``final_model`` is the pruned model);
@@ -19,8 +20,8 @@ and on Ctrl-C, the latest ``checkpoint_keep`` kept); ``initial_model/``
 
 Resuming: re-running with the same workdir restores the latest checkpoint (the
 state and the position in the data, down to the batch) and continues; the
-result is bitwise the one of an uninterrupted run. A workdir's checkpoints may
-only be resumed by the same config, up to ``config.HARMLESS_FIELDS``.
+result is bitwise the one of an uninterrupted run. A workdir may only be
+resumed by the config that started it, up to ``config.HARMLESS_FIELDS``.
 """
 
 from __future__ import annotations
@@ -334,8 +335,16 @@ class _Run:
     return {name: metrics[name] for name in self.task.metrics}
 
   def save(self, state: TrainState) -> int:
-    """Checkpoints ``state`` at its step (a step already committed is kept as it is)."""
+    """Checkpoints ``state`` at its step (a step already committed is kept as it is).
+
+    Raises:
+      TrainingDiverged: the params or batch statistics hold a NaN or an
+        infinity; nothing is saved.
+    """
     step = int(state.step)
+    bad = checkpoints.nonfinite_leaves({"params": state.params, "batch_stats": state.batch_stats})
+    if bad:
+      raise _diverged(self, f"after step {step} the weights at {', '.join(bad[:3])} are not finite")
     self.checkpointer.save(step, state, self.progress.to_json())
     self.stop.latest_step = step
     return step
@@ -418,6 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lock = _workdir_lock(workdir) if topology.is_main else contextlib.nullcontext()
   with lock, _StopRequest().installed() as stop:
     if topology.is_main:
+      config_lib.claim_workdir(config, workdir)  # the fingerprint: before anything else
       report.write_json(os.path.join(workdir, "config.json"), config_lib.config_json(config))
     _log(
       "data: %s from %s (%d train, %d test)",
@@ -613,7 +623,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
   run.write_metrics_file()
 
   if progress.phase == "dense":
-    state = _finish_dense_phase(run, state, dense)
+    state = _finish_dense_phase(run, state, dense, variables)
     first = 0
   else:
     first = names.index(progress.phase)
@@ -656,11 +666,13 @@ def _dense_model_dir(path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
-def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> TrainState:
+def _finish_dense_phase(
+  run: _Run, state: TrainState, dense: steps.Phase, initial: dict[str, Any]
+) -> TrainState:
   """Trains (or loads, or skips) the dense model and exports it to ``dense_model/``.
 
-  Before dense training starts, the initial weights theta_0 are exported to
-  ``initial_model/`` (the lottery-ticket protocol needs them).
+  Before dense training starts (or resumes), ``initial_model/`` is made to hold
+  ``initial``, the initial weights theta_0 (the lottery-ticket protocol needs them).
   """
   config, progress = run.config, run.progress
   run.stop.where = "before the dense phase"
@@ -673,9 +685,7 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
   elif config.skip_dense:
     progress.dense_source = "skipped"
   else:
-    initial_dir = os.path.join(run.workdir, "initial_model")
-    if progress.epoch == 0 and progress.batch == 0 and not os.path.isdir(initial_dir):
-      checkpoints.save_model(initial_dir, variables)
+    _export_initial_model(os.path.join(run.workdir, "initial_model"), initial)
     state = _train_epochs(run, state, dense, config.dense.epochs)
     progress.dense_source = "trained"
   run.stop.where = "while exporting the dense model"
@@ -697,6 +707,15 @@ def _finish_dense_phase(run: _Run, state: TrainState, dense: steps.Phase) -> Tra
     progress.dense_metrics[headline],
   )
   return state
+
+
+def _export_initial_model(path: str, initial: dict[str, Any]) -> None:
+  """Writes theta_0 to ``path`` unless it holds it already, intact (any other weights: rewritten)."""
+  if os.path.isdir(path):
+    if checkpoints.holds_model(path, initial):
+      return
+    _log("%s did not hold this config's initial weights; rewritten", path)
+  checkpoints.save_model(path, initial)
 
 
 def _train_epochs(
