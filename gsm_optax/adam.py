@@ -51,6 +51,7 @@ def gsm_adamw(
   weight_decay: optax.ScalarOrSchedule = 0.0,
   weight_decay_mask: Any = None,
   pool: _pool.Pool = None,
+  selection: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """GSM with AdamW: u = -lr_t (m^ / (sqrt(v^) + eps) + wd w) if active, -r_t w if passive.
 
@@ -75,6 +76,8 @@ def gsm_adamw(
       convention (a bool pytree or a callable ``params -> bool pytree``);
       None: every floating leaf with ndim >= 2 (kernels, not biases or scales).
     pool: prunable leaves, as in `mask_by_global_taylor`.
+    selection: how the threshold is selected, as in `mask_by_global_taylor`
+      ("auto", "radix", "sampled" or "top_k"; every one exact).
 
   Under `optax.inject_hyperparams`, name `pool` and `weight_decay_mask` in
   ``static_args`` when they are callables (it would call them as schedules).
@@ -91,7 +94,9 @@ def gsm_adamw(
     optax.add_decayed_weights(weight_decay, mask=decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )
-  return passive.shrink_passive(adamw, compression, passive_shrink=passive_shrink, pool=pool)
+  return passive.shrink_passive(
+    adamw, compression, passive_shrink=passive_shrink, pool=pool, selection=selection
+  )
 
 
 def _schedule_values(learning_rate: optax.ScalarOrSchedule, total_steps: int) -> np.ndarray:

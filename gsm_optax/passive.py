@@ -57,6 +57,7 @@ def shrink_passive(
   *,
   passive_shrink: optax.ScalarOrSchedule,
   pool: _pool.Pool = None,
+  selection: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """u = base(B * g, w) where active or not pooled, u = -r_t w where pooled and passive.
 
@@ -75,6 +76,8 @@ def shrink_passive(
     passive_shrink: r_t in [0, 1), a float or a schedule of the step; e.g.
       ``budget_shrink_rate(learning_rate, total_steps)``.
     pool: prunable leaves, as in `mask_by_global_taylor`.
+    selection: how the threshold is selected, as in `mask_by_global_taylor`
+      ("auto", "radix", "sampled" or "top_k"; every one exact).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires
@@ -82,14 +85,14 @@ def shrink_passive(
   """
   transform._check_compression_arg(compression)
   _checks.check_schedule_or_number("passive_shrink", passive_shrink, 0.0, 1.0, True)
-  mask = transform.mask_by_global_taylor(compression, pool=pool)
+  mask = transform.mask_by_global_taylor(compression, pool=pool, selection=selection)
   base = optax.with_extra_args_support(base)
 
   def init_fn(params):
     return ShrinkPassiveState(taylor=mask.init(params), base=base.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    step = transform.global_taylor_step(updates, state.taylor, params, compression, pool)
+    step = transform.global_taylor_step(updates, state.taylor, params, compression, pool, selection)
     base_updates, base_state = base.update(step.updates, state.base, params, **extra_args)
     t = state.taylor.count
     rate = passive_shrink(t) if callable(passive_shrink) else passive_shrink
@@ -108,6 +111,7 @@ def gsm_sgd_shrink(
   weight_decay: optax.ScalarOrSchedule = 5e-4,
   nesterov: bool = False,
   pool: _pool.Pool = None,
+  selection: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """The paper's momentum SGD with passive weights shrinking: z <- beta z + eta w + B g,
   u = -alpha z where active or not pooled, u = -r_t w where pooled and B = 0.
@@ -130,6 +134,7 @@ def gsm_sgd_shrink(
     weight_decay: eta >= 0, a float or a schedule; applied to the pool only.
     nesterov: Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``).
     pool: prunable leaves, as in `mask_by_global_taylor`.
+    selection: how the threshold is selected, as in `mask_by_global_taylor`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires
@@ -141,4 +146,6 @@ def gsm_sgd_shrink(
     optax.trace(decay=momentum, nesterov=nesterov),
     optax.scale_by_learning_rate(learning_rate),
   )
-  return shrink_passive(sgd, compression, passive_shrink=passive_shrink, pool=pool)
+  return shrink_passive(
+    sgd, compression, passive_shrink=passive_shrink, pool=pool, selection=selection
+  )

@@ -10,6 +10,11 @@ concatenated and, under SPMD, only the small histograms cross devices.
 keys of any float; every k-th greatest of non-negative values (GSM's Taylor
 scores, |w| for `global_kth_largest_magnitude`, `global_magnitude_mask` and the
 baselines' top-k masks) runs it on 31-bit keys with NaN ranked as 0.
+
+GSM's score selection (`select_threshold`) has three exact paths, picked at
+trace time by `choose_selection`: "radix", "sampled" (a sampled bracket with
+the radix select as fallback) and "top_k" (the concatenated keys and
+`lax.top_k`).
 """
 
 from __future__ import annotations
@@ -532,30 +537,144 @@ def _select_radix(keys, k):
   )
 
 
+def _kth_greatest_key(flat: jax.Array, k: int | jax.Array) -> jax.Array:
+  """The k-th greatest of a 1D int32 array: `lax.top_k` for a static k (of
+  ~x, the reversed order, when k is past the middle), a sort for a traced k."""
+  size = flat.shape[0]
+  if not isinstance(k, int):
+    return lax.dynamic_index_in_dim(jnp.sort(flat), size - k, keepdims=False)
+  if 2 * k <= size + 1:
+    return lax.top_k(flat, k)[0][k - 1]
+  return ~lax.top_k(~flat, size - k + 1)[0][-1]
+
+
+def _count(condition: jax.Array) -> jax.Array:
+  return jnp.sum(condition, dtype=jnp.int32)
+
+
+def _select_top_k(keys: Sequence[jax.Array], k: int | jax.Array) -> ScoreSelection:
+  """t = the k-th greatest of the concatenated score keys (NaN ranked as 0),
+  and the counts of `_select_radix` by comparison with t."""
+  flat = jnp.concatenate([key.reshape(-1) for key in keys])
+  key = _kth_greatest_key(jnp.where(flat > _INF_KEY, 0, flat), k)
+  return ScoreSelection(
+    threshold=lax.bitcast_convert_type(key, jnp.float32),
+    num_at_least=_count((flat >= key) & (flat <= _INF_KEY)),
+    num_zero=jnp.where(key == 0, _count(flat == 0), 0),
+    num_nonfinite=_count(flat >= _INF_KEY),
+    sampled=jnp.asarray(False),
+  )
+
+
+# --------------------------------------------------------------------------
+# Which path selects: chosen at trace time from the backend and the shardings.
+
+SELECTIONS = ("auto", "radix", "sampled", "top_k")
+
+
+def check_selection(selection: Any) -> str:
+  """`selection` if it names a path of `SELECTIONS`; a ValueError otherwise."""
+  if not isinstance(selection, str) or selection not in SELECTIONS:
+    allowed = ", ".join(repr(name) for name in SELECTIONS)
+    raise ValueError(f"selection must be one of {allowed}; got {selection!r}.")
+  return selection
+
+
+def resolve_selection(selection: str, backend: str, sharded: bool, size: int) -> str:
+  """The path that runs: "auto" is, on the CPU, "radix" below 2^22 scores and
+  "sampled" from there; on any other backend "radix" for a sharded pool (only
+  histograms cross devices), else "top_k". Other names are kept."""
+  if check_selection(selection) != "auto":
+    return selection
+  if backend == "cpu":
+    return "radix" if size < _SAMPLED_MIN_SIZE else "sampled"
+  return "radix" if sharded else "top_k"
+
+
+def _split_over_devices(x: Any) -> bool:
+  """Whether `x` is split over more than one device, as far as JAX tells.
+
+  An array: its sharding is not fully replicated. A tracer: its type's mesh
+  has an explicit axis of size > 1 in its spec, or an automatic axis of size
+  > 1 (its split is left to XLA: counted as split). Manual axes (`pmap`,
+  `shard_map`) and an empty mesh (jit of unsharded inputs) are not.
+  """
+  if not isinstance(x, jax.core.Tracer):
+    sharding = getattr(x, "sharding", None)  # NumPy arrays have none
+    return sharding is not None and not sharding.is_fully_replicated
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty:
+    return False
+  spec = jax.typeof(x).sharding.spec
+  named = {a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,))}
+  for name, kind in zip(mesh.axis_names, mesh.axis_types):
+    split = kind == jax.sharding.AxisType.Auto or (
+      kind == jax.sharding.AxisType.Explicit and name in named
+    )
+    if split and mesh.shape[name] > 1:
+      return True
+  return False
+
+
+def is_sharded(leaves: Sequence[Any]) -> bool:
+  """Whether any leaf is split over more than one device (`_split_over_devices`)."""
+  return any(_split_over_devices(x) for x in leaves)
+
+
+def _backend(leaves: Sequence[Any]) -> str:
+  """The platform of the first concrete JAX array's devices, else JAX's default."""
+  for x in leaves:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      return next(iter(x.devices())).platform
+  return jax.default_backend()
+
+
+def choose_selection(selection: str, operands: Sequence[Sequence[Any]]) -> str:
+  """`resolve_selection` for the pool whose leaves are ``operands[0][i]``
+  (with ``operands[j][i]`` of the same shape): their backend and shardings."""
+  if check_selection(selection) != "auto":
+    return selection
+  leaves = [x for arrays in operands for x in arrays]
+  size = sum(int(np.size(x)) for x in operands[0])
+  return resolve_selection(selection, _backend(leaves), is_sharded(leaves), size)
+
+
 def select_threshold(
-  operands: Sequence[Sequence[jax.Array]], score_fn: Callable[..., jax.Array], k: jax.Array
+  operands: Sequence[Sequence[jax.Array]],
+  score_fn: Callable[..., jax.Array],
+  k: int | jax.Array,
+  selection: str = "auto",
 ) -> ScoreSelection:
   """Exact k-th greatest score, NaN ranked as 0, and counts, where leaf i's
   scores are ``score_fn(*(leaves[i] for leaves in operands)) >= 0``.
 
-  The scores are computed inside each pass and never stored. Pools of 2^22
-  weights or more first bracket the answer from a 1/16 strided sample, then
-  summarize the bracket's keys in one pass (see above); whenever that cannot
-  decide, the exact radix select runs instead (`lax.cond`, which gets the
-  operands rather than the scores). Both paths give the same result.
+  `selection` (`choose_selection`; every path gives the same result):
+  "radix" computes the scores inside each pass and never stores them;
+  "sampled" brackets the answer from a 1/16 strided sample and summarizes the
+  bracket's keys in one pass (see above), and runs the radix select instead
+  whenever that cannot decide (`lax.cond`, which gets the operands rather
+  than the scores); "top_k" concatenates the keys and takes the k-th greatest
+  with `lax.top_k` for a Python int k, with a sort for a traced k.
   """
 
   def keys_of(operands):
     return _score_keys([score_fn(*leaf) for leaf in zip(*operands)])
 
   size = sum(leaf.size for leaf in operands[0])
+  method = choose_selection(selection, operands)
+  if method == "top_k":
+    if isinstance(k, int):
+      return _select_top_k(keys_of(operands), min(max(k, 1), size))
+    return _select_top_k(keys_of(operands), jnp.clip(jnp.asarray(k, jnp.int32), 1, size))
   k = jnp.clip(jnp.asarray(k, jnp.int32), 1, size)
-  if size < _SAMPLED_MIN_SIZE:
+  if method == "radix":
     return _select_radix(keys_of(operands), k)
   sampled, found = _select_sampled(keys_of(operands), k, size)
   return lax.cond(found, lambda _: sampled, lambda ops: _select_radix(keys_of(ops), k), operands)
 
 
-def select_score_threshold(scores: Sequence[jax.Array], k: jax.Array) -> ScoreSelection:
+def select_score_threshold(
+  scores: Sequence[jax.Array], k: int | jax.Array, selection: str = "auto"
+) -> ScoreSelection:
   """Exact k-th greatest of non-negative scores (NaN ranked as 0), and counts."""
-  return select_threshold((list(scores),), lambda score: score, k)
+  return select_threshold((list(scores),), lambda score: score, k, selection)

@@ -18,6 +18,7 @@ passive (`add_passive_age_decay`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from typing import NamedTuple
 import warnings
@@ -29,7 +30,7 @@ import optax
 
 from gsm_optax import _checks
 from gsm_optax import _pool
-from gsm_optax import selection
+from gsm_optax import selection as selection_lib
 
 
 class MaskByGlobalTaylorState(NamedTuple):
@@ -91,6 +92,14 @@ def _keep_for_step(
   return _pool.checked_traced_keep(size, value)
 
 
+def _static_keep(size: int, compression: optax.ScalarOrSchedule, method: str) -> int | None:
+  """Q as a Python int for the "top_k" selection when C is a constant Python or
+  NumPy float64 number (`lax.top_k` takes a static k); None otherwise."""
+  if method != "top_k" or not _is_float64_number(compression):
+    return None
+  return _pool.checked_number_keep(size, compression)[0]
+
+
 def taylor_score(grad: jax.Array, param: jax.Array) -> jax.Array:
   """T(w) = |g * w|, computed in float32."""
   return jnp.abs(grad.astype(jnp.float32) * param.astype(jnp.float32))
@@ -117,9 +126,17 @@ class TaylorMask(NamedTuple):
   num_nonfinite: jax.Array
 
 
-def _taylor_mask(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array) -> TaylorMask:
-  """B = the top-Q of |g * w| over the pooled leaves (`_active_by_selection`)."""
-  selected = selection.select_threshold((grads, weights), taylor_score, keep)
+def _taylor_mask(
+  grads: list[jax.Array],
+  weights: list[jax.Array],
+  keep: jax.Array,
+  method: str,
+  static_keep: int | None,
+) -> TaylorMask:
+  """B = the top-Q of |g * w| over the pooled leaves (`_active_by_selection`),
+  selected by `method`, with Q = `static_keep` when it is known statically."""
+  k = keep if static_keep is None else static_keep
+  selected = selection_lib.select_threshold((grads, weights), taylor_score, k, method)
   return _active_by_selection(taylor_scores(grads, weights), selected, keep)
 
 
@@ -128,8 +145,14 @@ def _apply_active(grads: list[jax.Array], active: list[jax.Array]) -> list[jax.A
   return [jnp.where(a, g, jnp.zeros_like(g)) for g, a in zip(grads, active)]
 
 
-@jax.jit
-def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array):
+@functools.partial(jax.jit, static_argnames=("method", "static_keep"))
+def _mask_pool(
+  grads: list[jax.Array],
+  weights: list[jax.Array],
+  keep: jax.Array,
+  method: str = "auto",
+  static_keep: int | None = None,
+):
   """Masks the pooled gradients: (masked grads, `TaylorMask`).
 
   One compiled computation: called eagerly (an `update` outside `jax.jit`),
@@ -138,12 +161,12 @@ def _mask_pool(grads: list[jax.Array], weights: list[jax.Array], keep: jax.Array
   2^22-weight pool on CPU), and every other op compiled on its own; jitted,
   it compiles once per pool layout. Inside `jax.jit` it is inlined.
   """
-  mask = _taylor_mask(grads, weights, keep)
+  mask = _taylor_mask(grads, weights, keep, method, static_keep)
   return _apply_active(grads, mask.active), mask
 
 
 def _active_by_selection(
-  scores: list[jax.Array], selected: selection.ScoreSelection, keep: jax.Array
+  scores: list[jax.Array], selected: selection_lib.ScoreSelection, keep: jax.Array
 ) -> TaylorMask:
   """B = [s >= t] & [s > 0 or Q = |pool|] per leaf, t the selected threshold."""
   size = sum(s.size for s in scores)
@@ -160,7 +183,7 @@ def _active_by_selection(
 def _mask_by_selection(
   grads: list[jax.Array],
   scores: list[jax.Array],
-  selected: selection.ScoreSelection,
+  selected: selection_lib.ScoreSelection,
   keep: jax.Array,
 ):
   """B = [s >= t] & [s > 0 or Q = |pool|] applied to the grads: (masked grads,
@@ -177,18 +200,21 @@ def _smoothed_scores(
   return [d * s + (1 - d) * t for s, t in zip(scores, taylor_scores(grads, params))]
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("method", "static_keep"))
 def _mask_pool_smoothed(
   grads: list[jax.Array],
   weights: list[jax.Array],
   scores: list[jax.Array],
   keep: jax.Array,
   decay: jax.Array,
+  method: str = "auto",
+  static_keep: int | None = None,
 ):
   """`_mask_pool` with B the top-Q of the smoothed scores: (masked grads,
   threshold, num_active, num_nonfinite, new scores)."""
   smoothed = _smoothed_scores(scores, grads, weights, decay)
-  selected = selection.select_score_threshold(smoothed, keep)
+  k = keep if static_keep is None else static_keep
+  selected = selection_lib.select_score_threshold(smoothed, k, method)
   return (*_mask_by_selection(grads, smoothed, selected, keep), smoothed)
 
 
@@ -314,13 +340,17 @@ def global_taylor_step(
   params: Any,
   compression: optax.ScalarOrSchedule,
   pool: _pool.Pool,
+  method: str = "auto",
 ) -> TaylorStep:
   """B = [|g * w| >= t] over the pool, t the Q-th greatest, Q = int(|pool| / C_t);
-  the masked updates and the next state (`mask_by_global_taylor`'s update)."""
+  the masked updates and the next state (`mask_by_global_taylor`'s update).
+  `method` names the selection (`selection.SELECTIONS`), resolved here."""
   split = _split_pool(updates, params, pool)
   size = sum(g.size for g in split.grads)
   keep, invalid = _keep_for_step(size, compression, state.count)
-  masked, mask = _mask_pool(split.grads, split.weights, keep)
+  method = selection_lib.choose_selection(method, (split.grads, split.weights))
+  static_keep = _static_keep(size, compression, method)
+  masked, mask = _mask_pool(split.grads, split.weights, keep, method, static_keep)
   new_state = _next_taylor_state(
     state, keep, invalid, mask.threshold, mask.num_active, mask.num_nonfinite
   )
@@ -332,6 +362,7 @@ def mask_by_global_taylor(
   *,
   pool: _pool.Pool = None,
   score_ema: float | None = None,
+  selection: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps the loss gradient of the Q pooled weights with the greatest |g * w|.
 
@@ -376,6 +407,15 @@ def mask_by_global_taylor(
     score_ema: d in [0, 1); None (the default) or 0 is the paper's
       instantaneous score. (None, not 0.0, so that `optax.inject_hyperparams`,
       which injects every numeric argument, leaves the paper's state as it was.)
+    selection: how t is found, all exact and equal: "radix" (two histogram
+      passes; under SPMD only histograms cross devices), "sampled" (a sampled
+      bracket, the radix select when it cannot decide), "top_k" (the
+      concatenated scores and `lax.top_k`: a sort when Q is traced), or
+      "auto" (the default), chosen when traced: on the CPU "radix" below
+      2^22 pooled weights and "sampled" from there; on GPU and TPU "radix"
+      when a pooled leaf is split over devices (or may be: jit over a mesh
+      with automatic axes), else "top_k". A split made only by jit's
+      `in_shardings` of host arrays is not visible when traced: pass "radix".
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires
@@ -384,22 +424,23 @@ def mask_by_global_taylor(
   """
   _check_compression_arg(compression)
   decay = check_score_ema(score_ema)
+  method = selection_lib.check_selection(selection)
   if decay > 0:
-    return _mask_by_smoothed_taylor(compression, pool, decay)
+    return _mask_by_smoothed_taylor(compression, pool, decay, method)
 
   def init_fn(params):
     return _init_taylor_state(params, compression, pool)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    step = global_taylor_step(updates, state, params, compression, pool)
+    step = global_taylor_step(updates, state, params, compression, pool, method)
     return step.updates, step.state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _mask_by_smoothed_taylor(
-  compression: optax.ScalarOrSchedule, pool: _pool.Pool, decay: float
+  compression: optax.ScalarOrSchedule, pool: _pool.Pool, decay: float, method: str
 ) -> optax.GradientTransformationExtraArgs:
   """`mask_by_global_taylor` with B the top-Q of s_t = d s_(t-1) + (1 - d) |g w|."""
 
@@ -417,8 +458,10 @@ def _mask_by_smoothed_taylor(
     scores = [flat_scores[i] for i in split.indices]
     size = sum(g.size for g in split.grads)
     keep, invalid = _keep_for_step(size, compression, state.taylor.count)
+    chosen = selection_lib.choose_selection(method, (scores, split.grads, split.weights))
+    static_keep = _static_keep(size, compression, chosen)
     masked, threshold, num_active, num_nonfinite, smoothed = _mask_pool_smoothed(
-      split.grads, split.weights, scores, keep, jnp.float32(decay)
+      split.grads, split.weights, scores, keep, jnp.float32(decay), chosen, static_keep
     )
     for i, s in zip(split.indices, smoothed):
       flat_scores[i] = s
@@ -584,6 +627,7 @@ def gsm(
   score_ema: float | None = None,
   passive_decay_growth: float | None = None,
   passive_decay_horizon: int | None = None,
+  selection: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Global Sparse Momentum SGD (Ding et al., NeurIPS 2019, eq. 7-8).
 
@@ -614,6 +658,8 @@ def gsm(
       after the mask: a weight passive for a steps decays by
       eta (1 + growth * min(a / H, 1)); None (the default) or 0 adds nothing.
     passive_decay_horizon: H, an integer >= 1 (steps); None is 1.
+    selection: how the threshold is selected, as in `mask_by_global_taylor`
+      ("auto", "radix", "sampled" or "top_k"; every one exact).
 
   The variants default to None rather than 0 because `optax.inject_hyperparams`
   injects every numeric argument: with None, ``inject_hyperparams(gsm)`` keeps
@@ -628,7 +674,7 @@ def gsm(
   growth, horizon = check_passive_decay(
     passive_decay_growth, passive_decay_horizon, ("passive_decay_growth", "passive_decay_horizon")
   )
-  masks = [mask_by_global_taylor(compression, pool=pool, score_ema=score_ema)]
+  masks = [mask_by_global_taylor(compression, pool=pool, score_ema=score_ema, selection=selection)]
   if growth > 0:
     masks.append(add_passive_age_decay(weight_decay, growth, horizon, pool=pool))
   return gsm_chain(masks, learning_rate, momentum, weight_decay, nesterov, pool)

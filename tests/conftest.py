@@ -59,8 +59,8 @@ def params_factory():
 
 # ----------------------------------------------------------------------------
 # Multi-device checks: tests/multidevice_check.py in a subprocess with 8
-# simulated CPU devices (the device count is fixed when JAX starts). When the
-# multi-device tests are selected it starts at collection time and runs
+# simulated CPU devices (the device count is fixed when JAX starts). When tests
+# that use its report are selected it starts at collection time and runs
 # alongside the other tests (they are moved to the end of the session);
 # `multidevice_report` waits for its JSON report.
 # ----------------------------------------------------------------------------
@@ -98,7 +98,8 @@ def _read_output(process: subprocess.Popen) -> tuple[str, str]:
 
 
 def _is_multidevice(item) -> bool:
-  return item.nodeid.split("::")[0].endswith("test_multidevice.py")
+  """A test that reads the report (test_multidevice.py, test_selection_backends.py)."""
+  return "multidevice_report" in getattr(item, "fixturenames", ())
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection

@@ -13,6 +13,10 @@ Prints one JSON object with three parts; the test asserts on it:
   pmap:    under jax.pmap with pmean'd gradients every device gets the same
            params and state (threshold, so mask), equal to the single-device
            update and to NumPy's threshold on the averaged gradient.
+  selection_paths: each forced selection of mask_by_global_taylor on the
+           sharded pool (inputs and outputs as float32 bit patterns, checked
+           against NumPy by tests/test_selection_backends.py), and what
+           selection.is_sharded tells of sharded and unsharded leaves.
 """
 
 from __future__ import annotations
@@ -249,12 +253,114 @@ def check_pmap(single_step, num_steps: int = 3):
   return {"steps": results}
 
 
+SELECTION_PATHS = ("radix", "top_k", "auto")
+# Q = 230, and Q = 2194: more than the positive scores, so t = 0.
+SELECTION_COMPRESSIONS = (10.0, 1.05)
+
+
+def _bits(x) -> list[int]:
+  return np.asarray(x, np.float32).ravel().view(np.uint32).tolist()
+
+
+def _kernels_with_special_scores(rng):
+  """(params, grads) whose pooled kernels hold ties, NaN, inf and zero scores."""
+  params, grads = _random_tree(rng), _random_tree(rng)
+  scores = np.abs(params["dense1"]["kernel"] * grads["dense1"]["kernel"])
+  # 64 scores equal to about the 200th greatest: ties at the 230th (Q at C = 10).
+  params["conv"]["kernel"][0, 0] = np.sort(scores.ravel())[-160]
+  grads["conv"]["kernel"][0, 0, :, ::2] = -1.0
+  grads["conv"]["kernel"][0, 0, :, 1::2] = 1.0
+  grads["dense1"]["kernel"][0, :5] = np.nan
+  grads["dense1"]["kernel"][1, :3] = np.inf
+  grads["dense2"]["kernel"][:] = 0.0  # 192 zero scores
+  return params, grads
+
+
+def _sharded_mask_runs(params, grads, shardings):
+  """Each forced selection, jitted and eager, on the sharded pool."""
+  sharded_params = jax.tree.map(jax.device_put, params, shardings)
+  sharded_grads = jax.tree.map(jax.device_put, grads, shardings)
+  runs = []
+  for path in SELECTION_PATHS:
+    for compression in SELECTION_COMPRESSIONS:
+      tx = gsm_optax.mask_by_global_taylor(compression, selection=path)
+      state = tx.init(sharded_params)
+      for mode, update in (("jit", jax.jit(tx.update)), ("eager", tx.update)):
+        masked, new_state = update(sharded_grads, state, sharded_params)
+        stats = gsm_optax.gsm_stats(new_state)
+        runs.append(
+          {
+            "selection": path,
+            "compression": compression,
+            "mode": mode,
+            "keep": int(stats["keep"]),
+            "threshold_bits": _bits(stats["threshold"])[0],
+            "num_active": int(stats["num_active"]),
+            "num_nonfinite": int(stats["num_nonfinite"]),
+            "masked_bits": {k: _bits(masked[k]["kernel"]) for k in SHAPES},
+            "stays_sharded": all(
+              not masked[k]["kernel"].sharding.is_fully_replicated for k in SHAPES
+            ),
+          }
+        )
+  return runs
+
+
+def _is_sharded_probes(mesh, host):
+  """selection.is_sharded of concrete leaves and of the tracers jit, pmap and
+  an explicit mesh give it."""
+  split = jax.device_put(host, NamedSharding(mesh, P("data", None)))
+  replicated = jax.device_put(host, NamedSharding(mesh, P()))
+  single = jax.device_put(host, jax.devices()[0])
+  seen = {}
+
+  def probe(name):
+    def fn(x):
+      seen[name] = selection.is_sharded([x])
+      return x
+
+    return fn
+
+  jax.jit(probe("jit_sharded"))(split)
+  jax.jit(probe("jit_single_device"))(single)
+  jax.pmap(probe("pmap"))(np.stack([host] * NUM_DEVICES))
+  explicit = jax.make_mesh((NUM_DEVICES,), ("data",), (jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(explicit):
+    jax.jit(probe("jit_explicit_sharded"))(jax.device_put(host, P("data", None)))
+    jax.jit(probe("jit_explicit_replicated"))(jax.device_put(host, P()))
+  return {
+    "eager_sharded": selection.is_sharded([single, split]),
+    "eager_replicated": selection.is_sharded([replicated]),
+    "eager_single_device": selection.is_sharded([single]),
+    "numpy": selection.is_sharded([host]),
+    **seen,
+  }
+
+
+def check_selection_paths():
+  """Every forced selection on the sharded pool with special scores, and the
+  sharding checks that "auto" relies on."""
+  mesh = Mesh(np.array(jax.devices()[:NUM_DEVICES]), ("data",))
+  shardings = jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), SPECS, is_leaf=lambda x: isinstance(x, P)
+  )
+  params, grads = _kernels_with_special_scores(np.random.default_rng(7))
+  return {
+    "params_bits": {k: _bits(params[k]["kernel"]) for k in SHAPES},
+    "grads_bits": {k: _bits(grads[k]["kernel"]) for k in SHAPES},
+    "shapes": {k: list(SHAPES[k]["kernel"]) for k in SHAPES},
+    "runs": _sharded_mask_runs(params, grads, shardings),
+    "is_sharded": _is_sharded_probes(mesh, np.ones((16, 4), np.float32)),
+  }
+
+
 def main():
   report = {}
   sharded, step, args = check_sharded()
   report["sharded"] = sharded
   report["hlo"] = check_hlo(step, args)
   report["pmap"] = check_pmap(step)
+  report["selection_paths"] = check_selection_paths()
   # The large-pool path (sampled bracket + block summaries), forced for this
   # small pool: traced and compiled sharded, and exact whichever branch runs.
   selection._SAMPLED_MIN_SIZE = 0
