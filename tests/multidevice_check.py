@@ -40,6 +40,7 @@ import optax  # noqa: E402
 
 import gsm_optax  # noqa: E402
 from gsm_optax import selection  # noqa: E402
+from gsm_optax import transform  # noqa: E402
 
 NUM_DEVICES = 8
 COMPRESSION = 10.0
@@ -56,20 +57,39 @@ SPECS = {
 }
 POOLED_SHAPES = [SHAPES[k]["kernel"] for k in ("conv", "dense1", "dense2")]
 POOL_SIZE = sum(int(np.prod(s)) for s in POOLED_SHAPES)
+# The large-pool path on a pool large enough for its sampled bracket to decide:
+# 287,744 weights, Q = 14,387, the bracket a few % of the keys, <= 4 in a block.
+LARGE_SHAPES = {
+  "conv": {"kernel": (3, 3, 16, 64), "bias": (64,)},
+  "dense1": {"kernel": (1024, 256), "bias": (256,)},
+  "dense2": {"kernel": (256, 64), "bias": (64,)},
+}
+LARGE_COMPRESSION = 20.0
 
 
 def _is_shape(x):
   return isinstance(x, tuple)
 
 
-def _random_tree(rng, scale=1.0):
+def _random_tree(rng, scale=1.0, shapes=SHAPES):
   return jax.tree.map(
-    lambda s: (scale * rng.standard_normal(s)).astype(np.float32), SHAPES, is_leaf=_is_shape
+    lambda s: (scale * rng.standard_normal(s)).astype(np.float32), shapes, is_leaf=_is_shape
   )
 
 
-def _optimizer():
-  return gsm_optax.gsm(0.05, COMPRESSION, momentum=0.9, weight_decay=1e-2, nesterov=True)
+def _optimizer(compression=COMPRESSION):
+  return gsm_optax.gsm(0.05, compression, momentum=0.9, weight_decay=1e-2, nesterov=True)
+
+
+def _pooled(tree):
+  """The pooled kernels, in the order the update selects over them."""
+  return [tree[k]["kernel"] for k in ("conv", "dense1", "dense2")]
+
+
+def _sampled_decides(select, grads, params, keep) -> bool:
+  """Whether the sampled bracket decides the update's selection on these
+  (sharded) kernels: `ScoreSelection.sampled` of the same selection."""
+  return bool(select(_pooled(grads), _pooled(params), keep).sampled)
 
 
 def _step_fn(opt):
@@ -94,17 +114,19 @@ def _max_abs_diff(a, b):
   )
 
 
-def check_sharded(num_steps: int = 4):
+def check_sharded(num_steps: int = 4, shapes=SHAPES, compression=COMPRESSION):
   """NamedSharding over 8 devices vs one device, several steps."""
   devices = np.array(jax.devices()[:NUM_DEVICES])
   mesh = Mesh(devices, ("data",))
   shardings = jax.tree.map(
     lambda spec: NamedSharding(mesh, spec), SPECS, is_leaf=lambda x: isinstance(x, P)
   )
-  opt = _optimizer()
+  opt = _optimizer(compression)
   step = jax.jit(_step_fn(opt))
+  select = jax.jit(lambda g, w, k: selection.select_threshold((g, w), transform.taylor_score, k))
+  keep = int(sum(int(np.prod(s)) for s in _pooled(shapes)) / compression)
   rng = np.random.default_rng(0)
-  host_params = _random_tree(rng)
+  host_params = _random_tree(rng, shapes=shapes)
   one_device = jax.devices()[0]
 
   sharded_params = jax.tree.map(jax.device_put, host_params, shardings)
@@ -112,13 +134,14 @@ def check_sharded(num_steps: int = 4):
   sharded_state = opt.init(sharded_params)
   single_state = opt.init(single_params)
   lowered_args = None
-  equal_steps, diffs, stats, kernel_shardings = [], [], [], []
+  equal_steps, diffs, stats, kernel_shardings, sampled = [], [], [], [], []
   for _ in range(num_steps):
-    host_grads = _random_tree(rng)
+    host_grads = _random_tree(rng, shapes=shapes)
     sharded_grads = jax.tree.map(jax.device_put, host_grads, shardings)
     single_grads = jax.device_put(host_grads, one_device)
     if lowered_args is None:
       lowered_args = (sharded_params, sharded_state, sharded_grads)
+    sampled.append(_sampled_decides(select, sharded_grads, sharded_params, keep))
     sharded_params, sharded_state = step(sharded_params, sharded_state, sharded_grads)
     single_params, single_state = step(single_params, single_state, single_grads)
     equal_steps.append(
@@ -138,7 +161,8 @@ def check_sharded(num_steps: int = 4):
       "equal_every_step": equal_steps,
       "max_abs_diff": diffs,
       "stats": stats,
-      "keep": int(POOL_SIZE / COMPRESSION),
+      "keep": keep,
+      "sampled_decides": sampled,
       "kernels_stay_sharded": kernel_shardings,
       "num_devices": len(jax.devices()),
     },
@@ -155,7 +179,7 @@ _COLLECTIVE = re.compile(
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 
 
-def check_hlo(step, args):
+def check_hlo(step, args, shapes=SHAPES):
   """The collectives in the compiled sharded program, with result shapes."""
   text = step.lower(*args).compile().as_text()
   collectives = []
@@ -168,21 +192,22 @@ def check_hlo(step, args):
       collectives.append(
         {"op": match.group("op"), "dtype": dtype, "shape": shape, "elements": int(np.prod(shape))}
       )
-  pooled_sizes = sorted({int(np.prod(s)) for s in POOLED_SHAPES})
-  pooled_shapes = [list(s) for s in POOLED_SHAPES]
+  pooled_sizes = sorted({int(np.prod(s)) for s in _pooled(shapes)})
+  pooled_shapes = [list(s) for s in _pooled(shapes)]
+  pool_size = sum(pooled_sizes)
   # A gathered pooled leaf (or the pool, or more) has one of these sizes or
   # shapes; the selection's histograms (a few thousand bins) have none of them.
   big_gathers = [
     c
     for c in collectives
     if c["op"] == "all-gather"
-    and (c["elements"] in pooled_sizes or c["elements"] >= POOL_SIZE or c["shape"] in pooled_shapes)
+    and (c["elements"] in pooled_sizes or c["elements"] >= pool_size or c["shape"] in pooled_shapes)
   ]
   return {
     "collectives": collectives,
     "ops": sorted({c["op"] for c in collectives}),
     "pooled_leaf_sizes": pooled_sizes,
-    "pool_size": POOL_SIZE,
+    "pool_size": pool_size,
     "pool_sized_all_gathers": big_gathers,
     "hlo_chars": len(text),
   }
@@ -361,12 +386,13 @@ def main():
   report["hlo"] = check_hlo(step, args)
   report["pmap"] = check_pmap(step)
   report["selection_paths"] = check_selection_paths()
-  # The large-pool path (sampled bracket + block summaries), forced for this
-  # small pool: traced and compiled sharded, and exact whichever branch runs.
+  # The large-pool path (sampled bracket + block summaries), forced for a pool
+  # of 287,744 weights: traced and compiled sharded, exact, and decided by the
+  # sampled bracket at every step.
   selection._SAMPLED_MIN_SIZE = 0
-  sharded, step, args = check_sharded()
+  sharded, step, args = check_sharded(shapes=LARGE_SHAPES, compression=LARGE_COMPRESSION)
   report["sharded_large_pool_path"] = sharded
-  report["hlo_large_pool_path"] = check_hlo(step, args)
+  report["hlo_large_pool_path"] = check_hlo(step, args, LARGE_SHAPES)
   json.dump(report, sys.stdout)
   sys.stdout.write("\n")
 

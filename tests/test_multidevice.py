@@ -21,24 +21,33 @@ def test_eight_devices_are_simulated(report):
   assert report["sharded"]["num_devices"] == 8
 
 
-@pytest.mark.parametrize("path", ["sharded", "sharded_large_pool_path"])
+# (Q, whether the sampled bracket decides): the small pool takes the radix
+# select; the large-pool path, forced on 287,744 weights, is decided by its bracket.
+PATHS = {"sharded": (230, False), "sharded_large_pool_path": (14387, True)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 def test_sharded_update_equals_single_device_update_exactly(report, path):
   sharded = report[path]
+  keep, sampled = PATHS[path]
   assert sharded["equal_every_step"] == [True] * len(sharded["equal_every_step"])
   assert max(sharded["max_abs_diff"]) == 0.0
+  assert sharded["sampled_decides"] == [sampled] * len(sharded["stats"])
   for step, stats in enumerate(sharded["stats"]):
     assert stats["sharded"] == stats["single"], f"step {step}"
-    assert stats["sharded"]["num_active"] == sharded["keep"] == 230
+    assert stats["sharded"]["num_active"] == sharded["keep"] == keep
     assert stats["sharded"]["step"] == step + 1
   # The updated kernels keep their sharding along the mesh axis.
   assert sharded["kernels_stay_sharded"] == [True, True, True]
 
 
-@pytest.mark.parametrize("path", ["hlo", "hlo_large_pool_path"])
-def test_compiled_sharded_update_gathers_no_pool_sized_array(report, path):
+@pytest.mark.parametrize(
+  "path, sizes", [("hlo", [192, 576, 1536]), ("hlo_large_pool_path", [9216, 16384, 262144])]
+)
+def test_compiled_sharded_update_gathers_no_pool_sized_array(report, path, sizes):
   hlo = report[path]
-  assert hlo["pooled_leaf_sizes"] == [192, 576, 1536]
-  assert hlo["pool_size"] == 2304
+  assert hlo["pooled_leaf_sizes"] == sizes
+  assert hlo["pool_size"] == sum(sizes)
   gathers = hlo["pool_sized_all_gathers"]
   assert not gathers, (
     "the sharded update all-gathers arrays as large as a pooled leaf: "
