@@ -232,8 +232,9 @@ def test_an_unreadable_checkpoint_stops_with_the_reason_and_moves_nothing(
       ),
       "Input/output error",
     ),
+    (ValueError("Topology mismatch detected. Please provide a target tree"), "Topology mismatch"),
   ],
-  ids=["EIO", "MemoryError", "TensorStore EIO"],
+  ids=["EIO", "MemoryError", "TensorStore EIO", "an error about no file"],
 )
 def test_a_read_error_stops_with_the_reason_and_moves_nothing(
   finished_run, data_dir, tmp_path, monkeypatch, capsys, error, reason

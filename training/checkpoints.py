@@ -55,6 +55,12 @@ _READ_STATUS = frozenset(
     "UNAUTHENTICATED",
   }
 )
+# ... and those that say the data are not what was written (a truncated or undecodable file).
+_DAMAGE_STATUS = frozenset(
+  {"DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "INVALID_ARGUMENT"}
+)
+# Orbax's words for an on-disk tree other than the one its meta records (checked beforehand).
+_OTHER_TREE = ("tree structures do not match", "is not compatible with the stored shape")
 _MISSING = frozenset({errno.ENOENT, errno.ENOTDIR})  # a file of a committed checkpoint is gone
 
 
@@ -163,19 +169,30 @@ def _says_unreadable(err: BaseException) -> bool:
   return bool(status and status.group(1) in _READ_STATUS)
 
 
+def _says_damaged(err: BaseException) -> bool:
+  """A file other than the one written: undecodable, truncated, missing, another tree."""
+  if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError)):
+    return True
+  if isinstance(err, KeyError):  # orbax: 'Item "meta" was not found in the checkpoint'
+    return "not found in the checkpoint" in str(err)
+  status = re.match(r"\s*([A-Z_]+):", str(err))
+  if status and status.group(1) in _DAMAGE_STATUS:
+    return True
+  return isinstance(err, ValueError) and any(words in str(err) for words in _OTHER_TREE)
+
+
 def _classify(err: BaseException) -> tuple[str, BaseException]:
   """("read" | "damage" | "unknown", the exception of ``err``'s chain that says so).
 
-  Damage is what only a file other than the one written explains: undecodable
-  JSON or metadata (ValueError), a missing item or file, a TensorStore error
-  about the data (DATA_LOSS, OUT_OF_RANGE, ...). Any sign of a read error wins.
+  Damage is what only a file other than the one written explains (``_says_damaged``);
+  any sign of a read error wins, and anything else is unknown: not proven damaged.
   """
   chain = _chain(err)
   for link in chain:
     if _says_unreadable(link):
       return "read", link
   for link in chain:
-    if isinstance(link, (ValueError, KeyError, FileNotFoundError, NotADirectoryError)):
+    if _says_damaged(link):
       return "damage", link
   return "unknown", err
 
