@@ -12,7 +12,11 @@ with exit 3, keeping the last good checkpoint. The fields, the workdir and
 summary.json: docs/TRAINING.md.
 """
 
+import difflib
+import logging as std_logging
 import os
+import re
+import runpy
 import signal
 import sys
 
@@ -22,6 +26,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from training import checkpoints
+from training import config as config_lib
 from training import data
 from training import distributed
 from training import train_lib
@@ -41,14 +46,134 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py).", lock_config=True
-)
-
 
 EXIT_ERROR = 1  # a bad config, missing or corrupt data, an unusable workdir, a full disk
 EXIT_DIVERGED = 3  # non-finite loss or scores; the last good checkpoint is kept
 # A signal (Ctrl-C: SIGINT, preemption: SIGTERM) exits with 128 + its number: 130, 143.
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=\s]+)")
+
+
+def _config_spec(argv: list[str]) -> str:
+  """What ``--config`` says in ``argv`` (``file`` or ``file:argument``), else the default file."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return _DEFAULT_CONFIG
+
+
+def _load_config(spec: str):
+  """``get_config()`` of the config file ``spec`` names, as ml_collections calls it."""
+  path, _, argument = spec.partition(":")
+  get_config = runpy.run_path(path)["get_config"]
+  return get_config(argument) if argument else get_config()
+
+
+def _overrides(argv: list[str]) -> list[str]:
+  """The field paths of the ``--config.<path>=...`` overrides in ``argv``."""
+  matches = (_OVERRIDE.match(arg) for arg in argv)
+  return [match.group(1).split("[")[0] for match in matches if match]
+
+
+def _has_field(config, path: str) -> bool:
+  try:
+    config_lib.get_field(config, path)
+  except config_lib.ConfigError:
+    return False
+  return True
+
+
+def _close_fields(path: str, fields: list[str]) -> list[str]:
+  """Fields spelled like ``path``, or whose last name is spelled like its last name."""
+  close = difflib.get_close_matches(path, fields, n=3, cutoff=0.8)
+  if close:
+    return close
+  leaves = {field: field.split(".")[-1] for field in fields}
+  near = difflib.get_close_matches(path.split(".")[-1], set(leaves.values()), n=1, cutoff=0.8)
+  return [field for field, leaf in leaves.items() if leaf in near][:3]
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+  """The first ``--config.<path>`` of ``argv`` naming no field of the config, with close matches."""
+  try:
+    config = _load_config(_config_spec(argv))
+  except Exception:  # noqa: BLE001  (a config file that does not load: absl's error says why)
+    return None
+  unknown = [path for path in _overrides(argv) if not _has_field(config, path)]
+  if not unknown:
+    return None
+  path = unknown[0]
+  close = _close_fields(path, list(config_lib.flatten_config(config.to_dict())))
+  hint = f" (did you mean {' or '.join(f'--config.{field}' for field in close)}?)" if close else ""
+  return f"--config.{path}: the config has no field {path}{hint}; docs/TRAINING.md lists the fields"
+
+
+def _flag_error(argv: list[str], err: Exception) -> str:
+  """One line for a flag or config override that absl or ml_collections refused."""
+  unknown = _unknown_field(argv)
+  if unknown:
+    return unknown
+  lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+  return f"{lines[-1] if lines else type(err).__name__}; python train.py --helpfull lists the flags"
+
+
+def _exit_with_flag_error(argv: list[str], err: Exception) -> None:
+  print(f"train.py: error: {_flag_error(argv, err)}", file=sys.stderr)
+  sys.exit(EXIT_ERROR)
+
+
+def _define_config_flag():
+  """--config; parsing the default file applies the overrides, so a misspelled one fails here."""
+  try:
+    return config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Config file (configs/<name>.py).", lock_config=True
+    )
+  except (AttributeError, KeyError) as err:
+    if __name__ != "__main__":
+      raise
+    _exit_with_flag_error(sys.argv, err)
+
+
+_CONFIG = _define_config_flag()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a flag or config override it refuses is one error line (exit 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
+    _exit_with_flag_error(argv, err)
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_LOCAL_FILE = re.compile(r'local file "([^"]+?)/?(?:ocdbt\.process_\d+/?)?"')
+
+
+def _storage_error(err: BaseException) -> str | None:
+  """What a failed TensorStore write or read says (a ValueError holding the OS error), else None.
+
+  orbax writes through TensorStore, which reports a full disk as
+  ``ValueError: RESOURCE_EXHAUSTED: ... [os_error_code='28']``, not as an OSError.
+  """
+  while err is not None:
+    text = str(err)
+    code = _OS_ERROR_CODE.search(text)
+    if isinstance(err, ValueError) and code:
+      where = _LOCAL_FILE.search(text)
+      verb = "reading" if "Error reading" in text else "writing"
+      reason = os.strerror(int(code.group(1)))
+      return f"{reason} while {verb} {where.group(1)}" if where else reason
+    err = err.__cause__ or err.__context__
+  return None
+
+
+def _checkpoints_intact(reason: str) -> str:
+  return (
+    f"train.py: error: {reason}; the checkpoints already written are intact: fix this and "
+    "run the same command again to resume"
+  )
 
 
 def run(config, workdir: str) -> int:
@@ -56,10 +181,10 @@ def run(config, workdir: str) -> int:
   try:
     train_lib.train_and_evaluate(config, workdir)
   except (train_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
-    print(f"train.py: error: {err}", file=sys.stderr)
+    print(f"train.py: error: {train_lib.one_line(str(err))}", file=sys.stderr)
     return EXIT_ERROR
   except train_lib.TrainingDiverged as err:
-    print(f"train.py: error: {err}", file=sys.stderr)
+    print(f"train.py: error: {train_lib.one_line(str(err))}", file=sys.stderr)
     return EXIT_DIVERGED
   except train_lib.TrainingInterrupted as err:
     print(f"train.py: {err}", file=sys.stderr)
@@ -72,13 +197,49 @@ def run(config, workdir: str) -> int:
     return 128 + signal.SIGINT
   except OSError as err:
     where = f": {err.filename}" if err.filename else ""
-    print(
-      f"train.py: error: {err.strerror or err}{where}; the checkpoints already written are "
-      "intact: fix this and run the same command again to resume",
-      file=sys.stderr,
-    )
+    print(_checkpoints_intact(f"{err.strerror or err}{where}"), file=sys.stderr)
+    return EXIT_ERROR
+  except ValueError as err:
+    reason = _storage_error(err)
+    if reason is None:
+      raise
+    print(_checkpoints_intact(reason), file=sys.stderr)
     return EXIT_ERROR
   return 0
+
+
+_LIBRARY_FILES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}")
+
+
+def _from_io_library(filename: str) -> bool:
+  return any(part in filename for part in _LIBRARY_FILES)
+
+
+class _QuietLibraryErrors(std_logging.Filter):
+  """Drops the error logs of orbax and asyncio: train.py's one error line says what failed."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno < std_logging.ERROR or not _from_io_library(record.pathname)
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Drops the exceptions orbax's background reads and writes leave behind after a failure."""
+  files = []
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  code = getattr(unraisable.object, "cr_code", None)
+  files.append(code.co_filename if code else "")
+  if not any(_from_io_library(name) for name in files):
+    sys.__unraisablehook__(unraisable)
+
+
+def _exit_now(code: int) -> None:
+  """Exits without the interpreter's shutdown, where orbax's leftover threads make noise."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def main(argv):
@@ -86,6 +247,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+    for handler in std_logging.getLogger().handlers:  # absl's, which asyncio's logger reaches too
+      handler.addFilter(_QuietLibraryErrors())
+    sys.unraisablehook = _quiet_unraisable
   try:
     distributed.initialize(
       _DISTRIBUTED.value,
@@ -96,8 +260,15 @@ def main(argv):
   except (ValueError, RuntimeError) as err:
     print(f"train.py: error: jax.distributed.initialize failed: {err}", file=sys.stderr)
     return EXIT_ERROR
-  return run(_CONFIG.value, _WORKDIR.value)
+  try:
+    _CONFIG.value.keys()
+  except OSError as err:  # ml_collections' stand-in for a config file that did not load
+    _exit_with_flag_error(argv, err)
+  code = run(_CONFIG.value, _WORKDIR.value)
+  if code:
+    _exit_now(code)
+  return code
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -352,8 +352,8 @@ def test_dense_checkpoint_replaces_dense_training(finished_run, data_dir, tmp_pa
     ("method", "obd", "unknown method 'obd' (config.method); choose one of gsm, dense, magnitude"),
     ("magnitude.rounds", 0, "config.magnitude.rounds must be an integer >= 1, got 0"),
     ("gmp.initial_sparsity", 1.5, "config.gmp.initial_sparsity must be in [0, 1), got 1.5"),
-    ("finetune.learning_rate", -1.0, "config.finetune.learning_rate must be a number > 0"),
-    ("admm.rho", -1.0, "config.admm.rho must be a number >= 0, got -1.0"),
+    ("finetune.learning_rate", -1.0, "config.finetune.learning_rate must be a finite number > 0"),
+    ("admm.rho", -1.0, "config.admm.rho must be a finite number >= 0, got -1.0"),
     ("lottery.ticket", "random", "config.lottery.ticket must be one of magnitude, gsm"),
   ],
 )

@@ -97,6 +97,11 @@ def is_number(x: Any) -> bool:
   return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def is_finite(x: Any) -> bool:
+  """A number (``is_number``) that is neither NaN nor infinite."""
+  return is_number(x) and math.isfinite(x)
+
+
 def is_int(x: Any) -> bool:
   """A Python or NumPy integer, not a bool."""
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -123,7 +128,7 @@ def check(config: Any, name: str, ok: Callable[[Any], bool], allowed: str) -> No
 def _is_boundaries(x: Any) -> bool:
   return (
     isinstance(x, (list, tuple))
-    and all(is_number(b) and b > 0 for b in x)
+    and all(is_finite(b) and b > 0 for b in x)
     and all(a < b for a, b in zip(x, x[1:]))
   )
 
@@ -134,13 +139,13 @@ def check_sgd_section(config: Any, section: str) -> None:
     raise ConfigError(f"config.method={config.method!r} needs the section config.{section}")
   rules = {
     "epochs": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
-    "learning_rate": (lambda x: is_number(x) and x > 0, "a number > 0"),
+    "learning_rate": (lambda x: is_finite(x) and x > 0, "a finite number > 0"),
     "momentum": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
     "nesterov": (lambda x: isinstance(x, bool), "True or False"),
-    "weight_decay": (lambda x: is_number(x) and x >= 0, "a number >= 0"),
-    "boundaries": (_is_boundaries, "a strictly increasing sequence of epochs > 0"),
-    "decay_factor": (lambda x: is_number(x) and x > 0, "a number > 0"),
-    "warmup_epochs": (lambda x: is_number(x) and x >= 0, "a number >= 0"),
+    "weight_decay": (lambda x: is_finite(x) and x >= 0, "a finite number >= 0"),
+    "boundaries": (_is_boundaries, "a strictly increasing sequence of finite epochs > 0"),
+    "decay_factor": (lambda x: is_finite(x) and x > 0, "a finite number > 0"),
+    "warmup_epochs": (lambda x: is_finite(x) and x >= 0, "a finite number >= 0"),
   }
   for name in SGD_FIELDS:
     check(config, f"{section}.{name}", *rules[name])
@@ -149,10 +154,10 @@ def check_sgd_section(config: Any, section: str) -> None:
     "optimizer": (lambda x: x in ("sgd", "adamw"), "'sgd' or 'adamw'"),
     "b1": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
     "b2": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
-    "eps": (lambda x: is_number(x) and 0 <= x < math.inf, "a finite number >= 0"),
+    "eps": (lambda x: is_finite(x) and x >= 0, "a finite number >= 0"),
     "schedule": (lambda x: x in ("piecewise", "cosine"), "'piecewise' or 'cosine'"),
     "clip_norm": (
-      lambda x: is_number(x) and 0 <= x < math.inf,
+      lambda x: is_finite(x) and x >= 0,
       "a finite number >= 0 (0: no gradient clipping)",
     ),
   }

@@ -772,10 +772,10 @@ def check_admm(config: ml_collections.ConfigDict) -> None:
   config_lib.check_sgd_section(config, "admm")
   config_lib.check_sgd_section(config, "finetune")
   check = functools.partial(config_lib.check, config)
-  is_number = config_lib.is_number
+  is_number, is_finite = config_lib.is_number, config_lib.is_finite
   check("admm.steps_per_iteration", lambda x: config_lib.is_int(x) and x >= 1, "a positive integer")
-  check("admm.rho", lambda x: is_number(x) and x >= 0, "a number >= 0")
-  check("admm.rho_growth", lambda x: is_number(x) and x >= 1, "a number >= 1")
+  check("admm.rho", lambda x: is_finite(x) and x >= 0, "a finite number >= 0")
+  check("admm.rho_growth", lambda x: is_finite(x) and x >= 1, "a finite number >= 1")
   check(
     "admm.densities_from",
     lambda x: x is None or isinstance(x, str),

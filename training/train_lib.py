@@ -35,6 +35,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -452,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_step=steps.make_eval_step(eval_graphdef),
       stop=stop,
       checkpointer=checkpoints.Checkpointer(
-        checkpoint_dir, max_to_keep=config.checkpoint_keep, log=_log
+        checkpoint_dir, max_to_keep=config.checkpoint_keep, log=lambda line: _log(one_line(line))
       ),
       topology=topology,
       writer=writer,
@@ -888,6 +889,17 @@ def _diverged(run: _Run, what: str) -> TrainingDiverged:
     f"Lower config.{where if where in run.config else 'dense'}.learning_rate and use a new "
     "--workdir"
   )
+
+
+# What TensorStore's errors append: the repr of a pybind11 method bound to a multi-line spec.
+_REPRS = re.compile(
+  r"\s*See full TensorStore details: <[^;]*?(?=\)?;|\)?$)|\s*<[^<>;]* at 0x[0-9a-f]+>"
+)
+
+
+def one_line(text: str) -> str:
+  """``text`` on one line, without the Python reprs some libraries put in their messages."""
+  return " ".join(_REPRS.sub("", text).split())
 
 
 def _log(fmt: str, *args: Any) -> None:
