@@ -1,6 +1,7 @@
 """Times the GSM train step in JAX (ours) against the reference PyTorch way, same CPU.
 
-For LeNet-5 (Caffe; C = 125) and LeNet-300-100 (C = 60), batch 256:
+For LeNet-5 (Caffe; C = 125) and LeNet-300-100 (C = 60) at batch 256 (28x28x1), and
+ResNet-56 (C = 10, option-A shortcuts, batch norm in training mode) at batch 128 (32x32x3):
 
   * ours: the training program's jitted train step (``training.steps``
     ``make_train_step``) with ``gsm_optax.gsm``;
@@ -26,6 +27,7 @@ import os
 import platform
 import sys
 from typing import Any
+from typing import NamedTuple
 
 # Repository code (models/, training/) is not installed with gsm_optax: run from the checkout.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +55,22 @@ import gsm_optax  # noqa: E402
 from training import steps as steps_lib  # noqa: E402
 from training import strict_json  # noqa: E402
 
-BATCH, LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 256, 1e-3, 0.98, 5e-4
-MODELS = {"lenet5": 125.0, "lenet_300_100": 60.0}
+LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.98, 5e-4
+
+
+class Setting(NamedTuple):
+  """One timed model: C, batch size and the NHWC input shape."""
+
+  compression: float
+  batch: int
+  shape: tuple[int, int, int]
+
+
+MODELS = {
+  "lenet5": Setting(125.0, 256, (28, 28, 1)),
+  "lenet_300_100": Setting(60.0, 256, (28, 28, 1)),
+  "resnet56": Setting(10.0, 128, (32, 32, 3)),
+}
 
 
 # ----------------------------------------------------------------- PyTorch
@@ -83,6 +99,46 @@ class TorchLeNet300100(nn.Module):
     return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
+class TorchBasicBlock(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN + option-A shortcut (subsample, zero-pad channels), ReLU."""
+
+  def __init__(self, cin: int, cout: int, stride: int):
+    super().__init__()
+    self.stride, self.pad = stride, cout - cin
+    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(cout)
+    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(cout)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    shortcut = x[:, :, :: self.stride, :: self.stride]
+    if self.pad:
+      shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+    return F.relu(y + shortcut)
+
+
+class TorchResNet56(nn.Module):
+  """ResNet-56 for CIFAR (He et al. 2016), as models/resnet_cifar.py: 853,018 parameters."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+    blocks, cin = [], 16
+    for stage, cout in enumerate((16, 32, 64)):
+      for i in range(9):
+        blocks.append(TorchBasicBlock(cin, cout, 2 if stage and not i else 1))
+        cin = cout
+    self.blocks, self.fc = nn.Sequential(*blocks), nn.Linear(64, 10)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = self.blocks(F.relu(self.bn(self.conv(x))))
+    return self.fc(x.mean(dim=(2, 3)))
+
+
+TORCH_MODELS = {"lenet5": TorchLeNet5, "lenet_300_100": TorchLeNet300100, "resnet56": TorchResNet56}
+
+
 def torch_gsm_step(model, optimizer, pool, keep: int, images, labels) -> torch.Tensor:
   """One step of the reference code's GSM: top-k mask on |g * w|, decay on the pool, SGD."""
   optimizer.zero_grad(set_to_none=False)
@@ -104,7 +160,7 @@ def torch_step(name: str, compression: float, batches, device: str = "cpu"):
   asynchronous), as ``jax.block_until_ready`` does for JAX.
   """
   torch.manual_seed(0)
-  model = (TorchLeNet5() if name == "lenet5" else TorchLeNet300100()).to(device)
+  model = TORCH_MODELS[name]().to(device)
   optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
   pool = [w for w in model.parameters() if w.ndim in (2, 4)]  # the reference code's pool
   size = sum(w.numel() for w in pool)
@@ -139,12 +195,12 @@ def jax_step(name: str, compression: float, batches):
 
 
 def bench_model(name: str, repeats: int, torch_device: str = "cpu") -> dict[str, Any]:
-  compression = MODELS[name]
+  compression, batch, shape = MODELS[name]
   rng = np.random.default_rng(0)
   batches = [
     (
-      rng.standard_normal((BATCH, 28, 28, 1)).astype(np.float32),
-      rng.integers(0, 10, BATCH).astype(np.int64),
+      rng.standard_normal((batch, *shape)).astype(np.float32),
+      rng.integers(0, 10, batch).astype(np.int64),
     )
     for _ in range(4)
   ]
@@ -158,6 +214,7 @@ def bench_model(name: str, repeats: int, torch_device: str = "cpu") -> dict[str,
   )
   return dict(
     model=name,
+    batch=batch,
     compression=compression,
     pool_size=pool_size,
     keep=keep,
@@ -169,15 +226,15 @@ def bench_model(name: str, repeats: int, torch_device: str = "cpu") -> dict[str,
 
 def markdown(results: dict[str, Any]) -> str:
   lines = [
-    f"GSM train step, batch {BATCH}: {CHAIN} steps back to back, one block at the end;"
+    f"GSM train step: {CHAIN} steps back to back, one block at the end;"
     f" median of {results['repeats']} samples, JAX and PyTorch interleaved round-robin.",
     "",
-    "| model | C | pooled weights | Q | JAX ms | PyTorch ms | **JAX / PyTorch** |",
-    "|---|---:|---:|---:|---:|---:|---:|",
+    "| model | batch | C | pooled weights | Q | JAX ms | PyTorch ms | **JAX / PyTorch** |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results["models"]:
     lines.append(
-      f"| {r['model']} | {r['compression']:g} | {r['pool_size']:,} | {r['keep']:,} | "
+      f"| {r['model']} | {r['batch']} | {r['compression']:g} | {r['pool_size']:,} | {r['keep']:,} | "
       f"{r['jax_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}x** |"
     )
   lines += [
@@ -205,6 +262,7 @@ def main() -> None:
   parser.add_argument(
     "--torch_device", default="cpu", help="cpu, or cuda on a GPU machine (JAX uses its default)"
   )
+  parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, of MODELS")
   args = parser.parse_args()
   load = machine.LoadWatch()
   torch.set_num_threads(os.cpu_count())
@@ -218,10 +276,11 @@ def main() -> None:
     repeats=args.repeats,
     command="python benchmarks/bench_torch.py"
     + (f" --repeats {args.repeats}" if args.repeats != 15 else "")
-    + (f" --torch_device {args.torch_device}" if args.torch_device != "cpu" else ""),
+    + (f" --torch_device {args.torch_device}" if args.torch_device != "cpu" else "")
+    + (f" --models {args.models}" if args.models != ",".join(MODELS) else ""),
     models=[],
   )
-  for name in MODELS:
+  for name in args.models.split(","):
     results["models"].append(bench_model(name, args.repeats, args.torch_device))
     print(strict_json.dumps(results["models"][-1]), flush=True)
   write_results(args.out, "bench_torch", results, markdown(results), load)
