@@ -50,6 +50,7 @@ from configs import austen_gpt  # noqa: E402
 from configs import default  # noqa: E402
 from training import stages  # noqa: E402
 from training import steps  # noqa: E402
+from training import strict_json  # noqa: E402
 
 
 class Case(dict):
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     case = Case(known[name], **(QUICK[name] if args.quick else {}))
     for dtype_name in args.dtypes.split(","):
       rows.append(bench_case(case, dtype_name, args.chain, args.repeats))
-      print(json.dumps(rows[-1]))
+      print(strict_json.dumps(rows[-1]))
   results = {
     "rows": rows,
     "train_py": train_py_throughput(args.quick) if args.train_py else None,
