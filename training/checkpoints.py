@@ -205,6 +205,20 @@ def _leaf_name(keystr: str) -> str:
   return "/".join(a or b or c for a, b, c in _KEY.findall(keystr))
 
 
+def _named(record: dict[str, str]) -> dict[str, str]:
+  """A record keyed by key path strings, keyed by leaf names (``_leaf_name``) instead."""
+  return {_leaf_name(path): entry for path, entry in record.items()}
+
+
+def _check_hashes(expected: dict[str, str], found: dict[str, str]) -> None:
+  """Raises ``CheckpointDamaged`` unless two {leaf name: "dtype [shape] hash"} records agree."""
+  bad = [name for name in expected if found.get(name) != expected[name]]
+  if bad or set(found) != set(expected):
+    raise CheckpointDamaged(
+      f"the arrays at {', '.join(bad[:3]) or 'some paths'} fail their checksum"
+    )
+
+
 def _shapes(tree: Any) -> dict[str, str]:
   """{leaf name: "dtype [shape]"} of the arrays of ``tree``."""
   return {
@@ -342,7 +356,7 @@ class Checkpointer:
         raise self._unreadable(step, _reason(evidence)) from None
       what = f"it cannot build the state of phase {meta.get('phase')!r}: {_one_line(err)}"
       raise self._other_version(step, what) from None
-    saved = {_leaf_name(path): entry.rsplit(" ", 1)[0] for path, entry in expected.items()}
+    saved = {name: entry.rsplit(" ", 1)[0] for name, entry in _named(expected).items()}
     built = _shapes(target)
     if saved != built:
       raise self._other_version(step, _differences(saved, built))
@@ -361,14 +375,10 @@ class Checkpointer:
     target = self._target(step, meta, expected, target_for)
     try:
       state = self.restore_state(target, step)
-      found = array_checksums(state)
+      found = _named(array_checksums(state))
     except Exception as err:  # noqa: BLE001  (orbax and TensorStore raise many kinds)
       raise self._classified(step, err) from None
-    bad = [path for path in expected if found.get(path) != expected[path]]
-    if bad or set(found) != set(expected):
-      raise CheckpointDamaged(
-        f"the arrays at {', '.join(bad[:3]) or 'some paths'} fail their checksum"
-      )
+    _check_hashes(_named(expected), found)
     return meta, state
 
   def restore_latest(self, target_for: Callable[[dict], Any]) -> tuple[int, dict, Any] | None:
@@ -423,7 +433,7 @@ class Checkpointer:
 
 def _model_record(variables: Any) -> dict[str, str]:
   """{leaf name: "dtype [shape] hash"} of a model's arrays, whatever its containers."""
-  return {_leaf_name(path): entry for path, entry in array_checksums(variables).items()}
+  return _named(array_checksums(variables))
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -481,12 +491,7 @@ def _verified_model(path: str, target: Any | None) -> Any:
   finally:
     checkpointer.close()
   if record is not None:
-    found = _model_record(variables)
-    bad = [name for name in record if found.get(name) != record[name]]
-    if bad or set(found) != set(record):
-      raise CheckpointDamaged(
-        f"the arrays at {', '.join(bad[:3]) or 'some paths'} fail their checksum"
-      )
+    _check_hashes(record, _model_record(variables))
   return variables
 
 
