@@ -264,6 +264,7 @@ ADDED_FIELDS = {
   "pool.exclude": [],
   "gsm.passive_shrink": 10.0,
   "gsm.passive_rule": "decay",
+  "compute_dtype": "float32",
   **{
     f"{s}.{name}": value for s in OPTIMIZER_SECTIONS for name, value in OPTIMIZER_DEFAULTS.items()
   },
