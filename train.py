@@ -20,7 +20,41 @@ import runpy
 import signal
 import sys
 
-from absl import app
+
+class _Signals:
+  """SIGINT and SIGTERM while train_lib's handler is not installed: before the run and after it.
+
+  Installed before the slow imports. Before the run a signal stops at once
+  (nothing was read or written). Once the run's line is printed, a further
+  signal is ignored while the process exits. In between, train_lib's handler
+  is installed, but for a few bytecodes at its start and end: there a signal
+  stops at once too.
+  """
+
+  phase = "starting"  # then "running", then "exiting"
+
+  @classmethod
+  def handle(cls, signum: int, frame) -> None:
+    del frame
+    if cls.phase == "exiting":
+      return
+    if cls.phase == "starting":
+      line = "interrupted while starting, before reading or writing the workdir"
+    else:
+      line = "interrupted; the checkpoints already written are intact"
+    try:
+      sys.stdout.flush()
+    except (OSError, RuntimeError, ValueError):  # the main thread was writing to it
+      pass
+    os.write(2, f"train.py: {line}: run the same command again\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+  for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, _Signals.handle)
+
+from absl import app  # noqa: E402  (after the handlers: importing jax takes seconds)
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -119,8 +153,14 @@ def _flag_error(argv: list[str], err: Exception) -> str:
   return f"{lines[-1] if lines else type(err).__name__}; python train.py --helpfull lists the flags"
 
 
+def _say(line: str) -> None:
+  """Prints the one line of this run on stderr; a later signal only waits for the exit."""
+  _Signals.phase = "exiting"
+  print(f"train.py: {line}", file=sys.stderr)
+
+
 def _exit_with_flag_error(argv: list[str], err: Exception) -> None:
-  print(f"train.py: error: {_flag_error(argv, err)}", file=sys.stderr)
+  _say(f"error: {_flag_error(argv, err)}")
   sys.exit(EXIT_ERROR)
 
 
@@ -171,8 +211,8 @@ def _storage_error(err: BaseException) -> str | None:
 
 def _checkpoints_intact(reason: str) -> str:
   return (
-    f"train.py: error: {reason}; the checkpoints already written are intact: fix this and "
-    "run the same command again to resume"
+    f"error: {reason}; the checkpoints already written are intact: fix this and run the same "
+    "command again to resume"
   )
 
 
@@ -181,29 +221,26 @@ def run(config, workdir: str) -> int:
   try:
     train_lib.train_and_evaluate(config, workdir)
   except (train_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
-    print(f"train.py: error: {train_lib.one_line(str(err))}", file=sys.stderr)
+    _say(f"error: {train_lib.one_line(str(err))}")
     return EXIT_ERROR
   except train_lib.TrainingDiverged as err:
-    print(f"train.py: error: {train_lib.one_line(str(err))}", file=sys.stderr)
+    _say(f"error: {train_lib.one_line(str(err))}")
     return EXIT_DIVERGED
   except train_lib.TrainingInterrupted as err:
-    print(f"train.py: {err}", file=sys.stderr)
+    _say(str(err))
     return 128 + err.signum
   except KeyboardInterrupt:
-    print(
-      "train.py: aborted by a second signal; the checkpoints already written are intact",
-      file=sys.stderr,
-    )
+    _say("aborted by a second signal; the checkpoints already written are intact")
     return 128 + signal.SIGINT
   except OSError as err:
     where = f": {err.filename}" if err.filename else ""
-    print(_checkpoints_intact(f"{err.strerror or err}{where}"), file=sys.stderr)
+    _say(_checkpoints_intact(f"{err.strerror or err}{where}"))
     return EXIT_ERROR
   except ValueError as err:
     reason = _storage_error(err)
     if reason is None:
       raise
-    print(_checkpoints_intact(reason), file=sys.stderr)
+    _say(_checkpoints_intact(reason))
     return EXIT_ERROR
   return 0
 
@@ -222,8 +259,8 @@ class _QuietLibraryErrors(std_logging.Filter):
     return record.levelno < std_logging.ERROR or not _from_io_library(record.pathname)
 
 
-def _quiet_unraisable(unraisable) -> None:
-  """Drops the exceptions orbax's background reads and writes leave behind after a failure."""
+def _left_by_io_library(unraisable) -> bool:
+  """Whether an exception Python could not raise comes from orbax's or asyncio's code."""
   files = []
   tb = unraisable.exc_traceback
   while tb is not None:
@@ -231,14 +268,31 @@ def _quiet_unraisable(unraisable) -> None:
     tb = tb.tb_next
   code = getattr(unraisable.object, "cr_code", None)
   files.append(code.co_filename if code else "")
-  if not any(_from_io_library(name) for name in files):
-    sys.__unraisablehook__(unraisable)
+  return any(_from_io_library(name) for name in files)
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Drops, of the exceptions Python cannot raise, those that need no word.
+
+  A signal's exception raised inside a garbage collector callback (the run
+  stops at its next step, ``_StopRequest.at``), and what orbax's background
+  reads and writes leave behind after a failure (the error line says why).
+  """
+  if isinstance(unraisable.exc_value, KeyboardInterrupt) or _left_by_io_library(unraisable):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def _exit_now(code: int) -> None:
-  """Exits without the interpreter's shutdown, where orbax's leftover threads make noise."""
-  sys.stdout.flush()
-  sys.stderr.flush()
+  """Exits without the interpreter's shutdown, where orbax's leftover threads make noise.
+
+  After a signal that stopped an XLA compilation, that shutdown segfaulted.
+  """
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said
+      pass
   os._exit(code)
 
 
@@ -249,7 +303,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
     for handler in std_logging.getLogger().handlers:  # absl's, which asyncio's logger reaches too
       handler.addFilter(_QuietLibraryErrors())
-    sys.unraisablehook = _quiet_unraisable
+  sys.unraisablehook = _quiet_unraisable
   try:
     distributed.initialize(
       _DISTRIBUTED.value,
@@ -258,13 +312,15 @@ def main(argv):
       process_id=_PROCESS_ID.value,
     )
   except (ValueError, RuntimeError) as err:
-    print(f"train.py: error: jax.distributed.initialize failed: {err}", file=sys.stderr)
+    _say(f"error: jax.distributed.initialize failed: {train_lib.one_line(str(err))}")
     return EXIT_ERROR
   try:
     _CONFIG.value.keys()
   except OSError as err:  # ml_collections' stand-in for a config file that did not load
     _exit_with_flag_error(argv, err)
+  _Signals.phase = "running"
   code = run(_CONFIG.value, _WORKDIR.value)
+  _Signals.phase = "exiting"
   if code:
     _exit_now(code)
   return code

@@ -9,8 +9,10 @@ LeNet-300-100 on the synthetic IDX data of ``test_train.py``.
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from test_train import DENSE_EPOCHS  # noqa: E402
@@ -24,6 +26,7 @@ from test_train import tiny_config  # noqa: E402
 import train  # noqa: E402
 from training import checkpoints  # noqa: E402
 from training import config as config_lib  # noqa: E402
+from training import data  # noqa: E402
 from training import train_lib  # noqa: E402
 
 DENSE_END = DENSE_EPOCHS * STEPS_PER_EPOCH
@@ -250,3 +253,171 @@ def test_infinite_warmup_is_a_config_error_before_the_workdir_is_created(data_di
   with pytest.raises(config_lib.ConfigError, match="finite"):
     train_lib.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+# --------------------------------------------------------------------------- #
+# Signals during startup and during the exit path
+# --------------------------------------------------------------------------- #
+
+# train.py in a real process, where the first call of a function is announced on stdout and
+# paused, so that a signal sent on the announcement lands there every time. A pause "in __del__"
+# runs in the destructor of an object dropped at once: where Python swallows what a signal
+# handler raises, as in a garbage collector callback.
+_PAUSING = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+
+def announce_and_sleep(name, seconds):
+  print("PAUSED", name, flush=True)
+  time.sleep(seconds)
+
+class Dropped:
+  def __init__(self, name, seconds):
+    self.name, self.seconds = name, seconds
+  def __del__(self):
+    announce_and_sleep(self.name, self.seconds)
+
+def pausing(real, name, seconds, in_del):
+  calls = []
+  def paused(*args, **kwargs):
+    if not calls:
+      calls.append(None)
+      if in_del:
+        Dropped(name + " in __del__", seconds)  # dropped at once
+      else:
+        announce_and_sleep(name, seconds)
+    return real(*args, **kwargs)
+  return paused
+
+for module, owner, name, seconds, in_del in {pauses!r}:
+  holder = __import__(module, fromlist=["_"])
+  for part in filter(None, owner.split(".")):
+    holder = getattr(holder, part)
+  setattr(holder, name, pausing(getattr(holder, name), name, seconds, in_del))
+sys.argv = [{train!r}, *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+READ_IDX = ("training.data", "", "read_idx", 30, False)
+
+
+def _start_pausing(command, *pauses):
+  """``command`` (a train.py command line) with ``pauses``: (module, owner, name, seconds,
+  in __del__)."""
+  code = _PAUSING.format(root=ROOT, pauses=list(pauses), train=os.path.join(ROOT, "train.py"))
+  return _popen([sys.executable, "-c", code, *command[2:]])
+
+
+def _popen(command):
+  return subprocess.Popen(
+    command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+
+
+def _wait_for_line(process, prefix):
+  """Reads stdout until a line starts with ``prefix``; fails with stderr if the process ends."""
+  for line in process.stdout:
+    if line.startswith(prefix):
+      return
+  pytest.fail(f"train.py ended before {prefix!r}: {process.communicate()[1][-3000:]}")
+
+
+def _intact(steps):
+  listed = ", ".join(str(step) for step in steps)
+  return f"nothing is lost: the checkpoints of steps {listed} are intact; run the same command again to resume"
+
+
+def test_a_signal_while_loading_the_data_names_the_checkpoints_the_workdir_holds(
+  finished_run, data_dir, tmp_path, monkeypatch
+):
+  workdir = _resumable_copy(finished_run, tmp_path, _steps(finished_run[0]))
+  real_load = data.load_dataset
+
+  def load_with_ctrl_c(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1.0)  # the handler raises here
+    return real_load(*args, **kwargs)
+
+  monkeypatch.setattr(data, "load_dataset", load_with_ctrl_c)
+  with pytest.raises(train_lib.TrainingInterrupted) as err:
+    train_lib.train_and_evaluate(tiny_config(data_dir), str(workdir))
+  assert str(err.value) == f"interrupted while loading the data; {_intact(_steps(workdir))}"
+
+
+RESTORE = ("training.checkpoints", "Checkpointer", "restore_latest", 30, False)
+STARTUP_POINTS = {
+  # (pause, signal, checkpoints in the workdir, where the line says the signal came)
+  "loading the data, SIGTERM": (READ_IDX, signal.SIGTERM, True, "while loading the data"),
+  "loading the data, SIGINT": (READ_IDX, signal.SIGINT, False, "while loading the data"),
+  "restoring, SIGTERM": (RESTORE, signal.SIGTERM, True, "while restoring the latest checkpoint"),
+  # Swallowed where it was raised (it was lost: a run resumed at its end finished with exit 0):
+  # the run stops at its next step.
+  "in a __del__, SIGTERM": (
+    READ_IDX[:-1] + (True,),
+    signal.SIGTERM,
+    False,
+    "while checking the config against the data and the model",
+  ),
+}
+
+
+@pytest.mark.parametrize("point", STARTUP_POINTS)
+def test_a_real_signal_during_startup_is_one_line_with_its_exit_code(
+  finished_run, data_dir, tmp_path, point
+):
+  """Before, the handlers came after the data: SIGTERM killed the process without a word,
+  Ctrl-C said "aborted by a second signal"; before the restore, "no checkpoint yet"."""
+  pause, sig, copy, where = STARTUP_POINTS[point]
+  if copy:
+    workdir = _resumable_copy(finished_run, tmp_path, _steps(finished_run[0]))
+    expected = f"train.py: interrupted {where}; {_intact(_steps(workdir))}"
+  else:
+    workdir = tmp_path / "fresh"
+    expected = (
+      f"train.py: interrupted {where}; no checkpoint yet: run the same command again to start"
+    )
+  process = _start_pausing(tiny_command(data_dir, workdir), pause)
+  _wait_for_line(process, f"PAUSED {pause[2]}")
+  process.send_signal(sig)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 128 + sig, stderr[-3000:]
+  assert _only_line(stderr) == expected
+
+
+@pytest.mark.slow  # eight train.py processes: 50 s
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_right_after_the_data_line_is_one_line_naming_the_checkpoints(
+  finished_run, data_dir, tmp_path, sig
+):
+  """Model init, compilation, the restore: it segfaulted (exit -11) or said "no checkpoint yet"."""
+  for delay in (0.0, 0.3, 0.6, 1.0):
+    workdir = _resumable_copy(finished_run, tmp_path / str(delay), _steps(finished_run[0]))
+    process = _popen(tiny_command(data_dir, workdir))
+    _wait_for_line(process, "data:")
+    time.sleep(delay)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, (delay, stderr[-3000:])
+    line = _only_line(stderr)
+    assert line.startswith("train.py: interrupted "), line
+    assert line.endswith(
+      (
+        _intact(_steps(finished_run[0])),
+        "holds all training so far; run the same command again to resume",
+      )
+    ), line
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_ctrl_c_while_exiting_is_still_one_line_and_exit_130(data_dir, tmp_path, first):
+  """The second Ctrl-C lands while train.py words the first one's line, after train_lib's handler
+  is gone: it printed a KeyboardInterrupt traceback or died of SIGINT (-2)."""
+  exiting = ("training.train_lib", "TrainingInterrupted", "__str__", 2, False)
+  process = _start_pausing(tiny_command(data_dir, tmp_path / "w"), READ_IDX, exiting)
+  _wait_for_line(process, "PAUSED read_idx")
+  process.send_signal(first)
+  _wait_for_line(process, "PAUSED __str__")
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, stderr[-3000:]
+  assert _only_line(stderr).startswith("train.py: interrupted"), stderr

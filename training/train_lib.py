@@ -102,6 +102,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"({task.name}); choose one of {', '.join(task.models)}"
     )
   task.check(config)
+  if "compute_dtype" in config:
+    config_lib.check(
+      config, "compute_dtype", lambda x: x in steps.COMPUTE_DTYPES, "'float32' or 'bfloat16'"
+    )
   stages_lib.check_pool_fields(config)
   stages_lib.METHODS[config.method].check(config)
 
@@ -182,22 +186,35 @@ class _StopRequest:
   """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill a job).
 
   Inside the batch loop the first signal asks the loop to stop after the
-  current step, which is then checkpointed. Anywhere else (restoring, a stage's
-  transition, the final cut and report) nothing is lost by stopping at once:
-  the latest checkpoint already holds all training, so the signal raises
-  ``TrainingInterrupted`` right away. A second signal aborts.
+  current step, which is then checkpointed. Anywhere else (loading the data,
+  building the model, restoring, a stage's transition, the final cut and
+  report) nothing is lost by stopping at once: the latest checkpoint already
+  holds all training, so the signal raises ``TrainingInterrupted`` right away,
+  saying which checkpoints the workdir holds. A second signal aborts.
   """
 
-  def __init__(self):
+  def __init__(self, workdir: str = ""):
     self.signum: int | None = None
     self.in_loop = False
     self.where = "while starting"
     self.latest_step: int | None = None
+    self.workdir = workdir
     self._previous: dict[int, Any] = {}
 
   @property
   def requested(self) -> bool:
     return self.signum is not None
+
+  def at(self, where: str) -> None:
+    """Names the step the run enters ("while building the model"); a pending signal stops it.
+
+    The handler raises at once, but a handler that runs inside a garbage
+    collector callback or a ``__del__`` has its exception swallowed: the next
+    step raises it again.
+    """
+    self.where = where
+    if self.signum is not None and not self.in_loop:
+      raise TrainingInterrupted(self.outside_loop_message(), self.signum)
 
   def _handle(self, signum, frame):
     del frame
@@ -212,11 +229,23 @@ class _StopRequest:
     )
 
   def outside_loop_message(self) -> str:
-    if self.latest_step is None:
+    """Where the signal came and what the workdir holds (before the restore: its checkpoints)."""
+    if self.latest_step is not None:
+      return (
+        f"interrupted {self.where}; nothing is lost: the checkpoint of step {self.latest_step} "
+        "holds all training so far; run the same command again to resume"
+      )
+    found = _checkpoint_steps(self.workdir)
+    if not found:
       return f"interrupted {self.where}; no checkpoint yet: run the same command again to start"
+    which = (
+      f"checkpoints of steps {_listed(found)} are"
+      if found[1:]
+      else f"checkpoint of step {found[0]} is"
+    )
     return (
-      f"interrupted {self.where}; nothing is lost: the checkpoint of step {self.latest_step} "
-      "holds all training so far; run the same command again to resume"
+      f"interrupted {self.where}; nothing is lost: the {which} intact; run the same command "
+      "again to resume"
     )
 
   @contextlib.contextmanager
@@ -231,6 +260,22 @@ class _StopRequest:
     finally:
       for signum, previous in self._previous.items():
         signal.signal(signum, previous)
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the committed checkpoints in ``workdir`` (orbax's temporary directories aside)."""
+  try:
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+  except OSError:
+    return []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def _listed(found: list[int]) -> str:
+  """The steps as "8, 16, 24", or as "8, 16, ..., 96 (12 in all)" when there are many."""
+  if len(found) <= 5:
+    return ", ".join(map(str, found))
+  return f"{found[0]}, {found[1]}, ..., {found[-1]} ({len(found)} in all)"
 
 
 # ----------------------------------------------------------------------------
@@ -405,6 +450,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data.DataNotFoundError: the dataset is nowhere to be found.
     TrainingInterrupted: Ctrl-C; a resumable checkpoint was saved first.
   """
+  stop = _StopRequest(workdir)
+  with stop.installed():  # before anything that can take long: a signal anywhere is one line
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest
+) -> dict[str, Any]:
   run_start = time.perf_counter()
   validate_config(config)
   task = tasks_lib.for_dataset(config.dataset)
@@ -417,7 +470,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     topology.process_count,
     dict(topology.mesh.shape),
   )
+  stop.at("while loading the data")
   dataset, validation = task.load(config)
+  stop.at("while checking the config against the data and the model")
   stages_lib.check_budget(config, dataset.steps_per_epoch(config.batch_size))
   model_options = task.model_options(config)
   abstract_params = steps.abstract_params(config.model, dataset.num_classes, model_options)
@@ -426,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   config_lib.check_workdir(config, workdir, checkpoints.has_checkpoint(checkpoint_dir))
   lock = _workdir_lock(workdir) if topology.is_main else contextlib.nullcontext()
-  with lock, _StopRequest().installed() as stop:
+  with lock:
     if topology.is_main:
       config_lib.claim_workdir(config, workdir)  # the fingerprint: before anything else
       report.write_json(os.path.join(workdir, "config.json"), config_lib.config_json(config))
@@ -437,6 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       dataset.num_train,
       dataset.num_test,
     )
+    stop.at("while building the model")
     train_graphdef, eval_graphdef, params, batch_stats = steps.init_model(
       config.model, dataset.num_classes, config.seed, model_options
     )
@@ -450,7 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       task=task,
       dataset=dataset,
       train_graphdef=train_graphdef,
-      eval_step=steps.make_eval_step(eval_graphdef),
+      eval_step=steps.make_eval_step(eval_graphdef, steps.compute_dtype(config)),
       stop=stop,
       checkpointer=checkpoints.Checkpointer(
         checkpoint_dir, max_to_keep=config.checkpoint_keep, log=lambda line: _log(one_line(line))
@@ -467,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.checkpointer.close()
       if method.final_results is not None:  # what the final model reached (method_results)
         run.progress.results.update(method.final_results(config, state.params))
-      stop.where = "during the final evaluation and report"
+      stop.at("during the final evaluation and report")
       start = time.perf_counter()
       final = run.evaluate(state)
       validation_final = run.validate(state) or {}
@@ -576,6 +632,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
     run.steps_per_epoch,
     run.train_graphdef,
     mesh=run.topology.mesh,
+    dtype=steps.compute_dtype(config),
   )
   fresh = run.place(
     steps.new_train_state(variables["params"], variables["batch_stats"], config.seed)
@@ -604,7 +661,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
       phase = {stage.name: stage for stage in stages_of(progress)}[progress.phase].phase()
     return run.place(fresh._replace(opt_state=phase.tx.init(fresh.params)))
 
-  stop.where = "while restoring the latest checkpoint"
+  stop.at("while restoring the latest checkpoint")
   found = run.checkpointer.restore_latest(target_for)
   if found is None:
     state = run.place(fresh._replace(opt_state=dense.tx.init(fresh.params)))
@@ -630,7 +687,7 @@ def _train(run: _Run, method: stages_lib.Method, variables: dict[str, Any]) -> T
     first = names.index(progress.phase)
   for stage in stages[first:]:
     if progress.phase != stage.name:
-      stop.where = f"while entering the stage {stage.name!r}"
+      stop.at(f"while entering the stage {stage.name!r}")
       state = _enter(run, state, stage)
     if stage.phase is not None:
       state = _train_epochs(run, state, stage.phase(), stage.epochs, stage)
@@ -676,7 +733,7 @@ def _finish_dense_phase(
   ``initial``, the initial weights theta_0 (the lottery-ticket protocol needs them).
   """
   config, progress = run.config, run.progress
-  run.stop.where = "before the dense phase"
+  run.stop.at("before the dense phase")
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   if config.dense_checkpoint:
     path = _dense_model_dir(config.dense_checkpoint)
@@ -689,7 +746,7 @@ def _finish_dense_phase(
     _export_initial_model(os.path.join(run.workdir, "initial_model"), initial)
     state = _train_epochs(run, state, dense, config.dense.epochs)
     progress.dense_source = "trained"
-  run.stop.where = "while exporting the dense model"
+  run.stop.at("while exporting the dense model")
   history = progress.history
   if history and history[-1]["phase"] == "dense":
     progress.dense_metrics = {name: history[-1][f"test_{name}"] for name in run.task.metrics}
