@@ -27,6 +27,7 @@ import train  # noqa: E402
 from training import checkpoints  # noqa: E402
 from training import config as config_lib  # noqa: E402
 from training import data  # noqa: E402
+from training import strict_json  # noqa: E402
 from training import train_lib  # noqa: E402
 
 DENSE_END = DENSE_EPOCHS * STEPS_PER_EPOCH
@@ -421,3 +422,71 @@ def test_a_second_ctrl_c_while_exiting_is_still_one_line_and_exit_130(data_dir, 
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, stderr[-3000:]
   assert _only_line(stderr).startswith("train.py: interrupted"), stderr
+
+
+# --------------------------------------------------------------------------- #
+# Symbolic links in the workdir
+# --------------------------------------------------------------------------- #
+
+# What train.py writes in its workdir, as a file or a directory.
+WRITTEN = {
+  ".lock": "file",
+  "config.json.tmp": "file",
+  "metrics.jsonl": "file",
+  "summary.json.tmp": "file",
+  "curves.png": "file",
+  "tensorboard": "directory",
+  "checkpoints": "directory",
+  "final_model": "directory",
+}
+
+
+def _outside(tmp_path, kind):
+  """A file or a directory outside the workdir, with content that must survive."""
+  if kind == "file":
+    target = tmp_path / "precious.txt"
+    target.write_text("precious\n")
+  else:
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious\n")
+  return target
+
+
+def _snapshot(target):
+  paths = [target, *sorted(target.rglob("*"))] if target.is_dir() else [target]
+  return [(str(p), p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in paths]
+
+
+@pytest.mark.parametrize("name", WRITTEN)
+def test_a_symlink_in_the_workdir_is_refused_before_anything_is_written(
+  data_dir, tmp_path, capsys, name
+):
+  """It was followed: .lock truncated its target, metrics.jsonl replaced it."""
+  target = _outside(tmp_path, WRITTEN[name])
+  before = _snapshot(target)
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  (workdir / name).symlink_to(target)
+  assert train.run(tiny_config(data_dir), str(workdir)) == train.EXIT_ERROR
+  assert _only_line(capsys.readouterr().err) == (
+    f"train.py: error: workdir {workdir}: {name} is a symbolic link (to {target}); train.py "
+    "writes no file through a link: replace it with the file or directory itself, or use a "
+    "new --workdir"
+  )
+  assert _snapshot(target) == before
+  assert sorted(os.listdir(workdir)) == [name]  # nothing else was written
+
+
+def test_files_are_opened_without_following_a_link_made_after_the_check(tmp_path):
+  """O_NOFOLLOW: a link that appears while train.py runs is an error, not a write through it."""
+  target = _outside(tmp_path, "file")
+  link = tmp_path / "metrics.jsonl"
+  link.symlink_to(target)
+  for mode in ("w", "a", "a+"):
+    with pytest.raises(OSError):
+      strict_json.open_nofollow(str(link), mode)
+  (tmp_path / "summary.json.tmp").symlink_to(target)
+  with pytest.raises(OSError):
+    strict_json.write_json(str(tmp_path / "summary.json"), {"accuracy": 1.0})
+  assert target.read_text() == "precious\n"

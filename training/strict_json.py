@@ -36,9 +36,24 @@ def json_line(row: Mapping[str, Any]) -> str:
   return dumps(row) + "\n"
 
 
+_WRITE_FLAGS = {
+  "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+  "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+  "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND,
+}
+
+
+def open_nofollow(path: str, mode: str = "w"):
+  """``open(path, mode)`` for writing ("w", "a", "a+"), refusing a symbolic link at ``path``.
+
+  O_NOFOLLOW: a link there is an OSError (ELOOP) instead of a write to where it points.
+  """
+  return os.fdopen(os.open(path, _WRITE_FLAGS[mode] | os.O_NOFOLLOW, 0o666), mode)
+
+
 def write_json(path: str, obj: Any, indent: int = 2) -> None:
-  """Writes strict JSON atomically (a temporary file, then a rename)."""
+  """Writes strict JSON atomically (a temporary file, then a rename; no link followed)."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with open_nofollow(tmp, "w") as f:
     f.write(dumps(obj, indent) + "\n")
   os.replace(tmp, path)

@@ -53,6 +53,7 @@ from training import distributed
 from training import report
 from training import stages as stages_lib
 from training import steps
+from training import strict_json
 from training import tasks as tasks_lib
 from training import tensorboard
 from training.config import ConfigError
@@ -407,7 +408,7 @@ class _Run:
   def write_metrics_file(self) -> None:
     if not self.topology.is_main:
       return
-    with open(self.metrics_path, "w") as f:
+    with strict_json.open_nofollow(self.metrics_path, "w") as f:
       for row in self.progress.history:
         f.write(report.json_line(row))
 
@@ -415,7 +416,7 @@ class _Run:
     """metrics.jsonl and TensorBoard (process 0 only)."""
     if not self.topology.is_main:
       return
-    with open(self.metrics_path, "a") as f:
+    with strict_json.open_nofollow(self.metrics_path, "a") as f:
       f.write(report.json_line(row))
     step = row["step"]
     names = ("loss", *self.task.metrics)
@@ -479,6 +480,7 @@ def _train_and_evaluate(
   stages_lib.check_params(config, abstract_params)
   _check_dense_checkpoint(config, abstract_params)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
+  _refuse_links(workdir)
   config_lib.check_workdir(config, workdir, checkpoints.has_checkpoint(checkpoint_dir))
   lock = _workdir_lock(workdir) if topology.is_main else contextlib.nullcontext()
   with lock:
@@ -555,6 +557,28 @@ def _train_and_evaluate(
     return summary
 
 
+def _refuse_links(workdir: str) -> None:
+  """Refuses a workdir holding a symbolic link: train.py writes no file through one.
+
+  Its files (``.lock``, ``metrics.jsonl``, ...) are also opened with O_NOFOLLOW,
+  against a link made after this check.
+
+  Raises:
+    ConfigError: naming the first link and where it points.
+  """
+  try:
+    with os.scandir(workdir) as entries:
+      links = sorted(entry.name for entry in entries if entry.is_symlink())
+  except OSError:  # absent (created later) or not a directory (check_workdir says so)
+    return
+  if links:
+    target = os.readlink(os.path.join(workdir, links[0]))
+    raise ConfigError(
+      f"workdir {workdir}: {links[0]} is a symbolic link (to {target}); train.py writes no "
+      "file through a link: replace it with the file or directory itself, or use a new --workdir"
+    )
+
+
 @contextlib.contextmanager
 def _workdir_lock(workdir: str) -> Iterator[None]:
   """Creates the workdir and holds an exclusive lock on it for the whole run.
@@ -568,7 +592,7 @@ def _workdir_lock(workdir: str) -> Iterator[None]:
   """
   try:
     os.makedirs(workdir, exist_ok=True)
-    handle = open(os.path.join(workdir, ".lock"), "a+")  # noqa: SIM115  (held for the run)
+    handle = strict_json.open_nofollow(os.path.join(workdir, ".lock"), "a+")  # held for the run
   except OSError as err:
     raise ConfigError(f"cannot create or write the workdir {workdir}: {err.strerror}") from None
   try:
