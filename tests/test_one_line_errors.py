@@ -121,7 +121,7 @@ def _with_file_size_limit(command, kib):
   return ["bash", "-c", f"trap '' XFSZ; ulimit -f {kib}; exec \"$@\"", "bash", *map(str, command)]
 
 
-@pytest.mark.slow  # a train.py process: 12 s each
+@pytest.mark.slow  # a train.py process each: 7 s, 20 s on a loaded machine
 @pytest.mark.parametrize("what", ["checkpoint", "final_model"])
 def test_a_write_that_really_fails_is_only_one_line_on_stderr(
   finished_run, data_dir, tmp_path, what
@@ -385,7 +385,7 @@ def test_a_real_signal_during_startup_is_one_line_with_its_exit_code(
   assert _only_line(stderr) == expected
 
 
-@pytest.mark.slow  # eight train.py processes: 50 s
+@pytest.mark.slow  # four train.py processes each: 11 s
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_right_after_the_data_line_is_one_line_naming_the_checkpoints(
   finished_run, data_dir, tmp_path, sig
