@@ -22,6 +22,7 @@ from test_train import KEEP  # noqa: E402
 from test_train import _final_state  # noqa: E402
 from test_train import data_dir  # noqa: E402, F401  (the fixture)
 from test_train import tiny_config  # noqa: E402
+
 from training import steps  # noqa: E402
 from training import train_lib  # noqa: E402
 
