@@ -18,7 +18,6 @@ import functools
 import jax
 import jax.extend
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -28,7 +27,7 @@ from gsm_optax import selection
 from gsm_optax import transform
 
 PATHS = ("radix", "sampled", "top_k", "auto")
-DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+DTYPES = [np.float32, jnp.bfloat16, np.float16]
 DTYPE_IDS = ["float32", "bfloat16", "float16"]
 CASES = ("ties", "nan_inf", "zeros", "random")
 # Pooled kernels of different shapes (the last one's last axis is not a
