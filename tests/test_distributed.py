@@ -19,7 +19,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from test_train import DENSE_EPOCHS  # noqa: E402
 from test_train import GSM_EPOCHS  # noqa: E402
@@ -70,13 +69,7 @@ def _read(workdir):
 def _load_here(path):
   """A model saved on any mesh, as NumPy arrays in this process (its own arrays'
   shapes and dtypes as the target: orbax refuses another topology without one)."""
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    metadata = checkpointer.metadata(os.path.abspath(path))
-  finally:
-    checkpointer.close()
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
+  tree = checkpoints.model_metadata(path)
   return checkpoints.load_model(path, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
 
 

@@ -530,15 +530,20 @@ def holds_model(path: str, variables: Any) -> bool:
   return _model_record(loaded) == _model_record(variables)
 
 
-def model_shapes(path: str) -> dict[str, tuple[int, ...]]:
-  """{leaf path: shape} of a model written by ``save_model``, from its metadata only."""
+def model_metadata(path: str) -> Any:
+  """The tree of array metadata (shape, dtype) of a model written by ``save_model``."""
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(os.path.abspath(path))
   finally:
     checkpointer.close()
   tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
+  return getattr(tree, "tree", tree)
+
+
+def model_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """{leaf path: shape} of a model written by ``save_model``, from its metadata only."""
+  tree = model_metadata(path)
   return {
     jax.tree_util.keystr(p): tuple(leaf.shape)
     for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
