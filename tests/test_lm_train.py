@@ -379,3 +379,23 @@ def test_nm_gsm_with_adamw_runs_on_the_lm_and_conforms(lm_run, corpus, tmp_path)
   assert results["nm"] == "2:4" and results["nm_conforms"]
   assert results["nm_nonzeros"] == POOL_SIZE // 2  # every group of 4 keeps exactly 2 non-zeros
   assert summary["bits_per_byte_final"] < 5.0
+
+
+def test_a_shrink_phase_is_built_for_its_own_epochs_with_any_schedule():
+  from training import stages
+  from training import steps
+
+  graphdef = steps.init_model("lenet_300_100", 10, 0)[0]
+  phases = [
+    steps.make_phase(
+      "gsm",
+      stages.gsm_optimizer,
+      austen_gpt.gsm_section(epochs=epochs, schedule="piecewise"),
+      10,
+      graphdef,
+      10.0,
+      None,
+    )
+    for epochs in (2, 8)
+  ]
+  assert phases[0] is not phases[1]  # the passive shrink's budget is the phase's epochs

@@ -392,6 +392,12 @@ def freeze(value: Any) -> Any:
   return value
 
 
+def reads_epochs(cfg: Any) -> bool:
+  """Whether a section's optimizer depends on its ``epochs``: a cosine schedule spans them,
+  and GSM's passive shrink (``passive_rule="shrink"``) is set from the budget they give."""
+  return cfg.get("schedule", "piecewise") == "cosine" or cfg.get("passive_rule") == "shrink"
+
+
 def make_phase(
   name: str,
   build: OptimizerBuilder,
@@ -406,10 +412,11 @@ def make_phase(
 
   ``build`` is a module-level function; ``extra`` holds hashable arguments.
   Built once per (builder, hyperparameters, steps per epoch, model graph,
-  mesh); ``cfg.epochs`` enters the optimizer only with a cosine schedule.
+  mesh); ``cfg.epochs`` enters the optimizer only where it reads them
+  (``reads_epochs``).
   """
   frozen = freeze(cfg)
-  if cfg.get("schedule", "piecewise") != "cosine":  # a cosine schedule spans the epochs
+  if not reads_epochs(cfg):
     frozen = tuple(item for item in frozen if item[0] != "epochs")
   return _cached_phase(name, build, frozen, steps_per_epoch, graphdef, mesh, extra, dtype)
 
