@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from training import strict_json
+
 _STATE = "state"
 _META = "meta"
 _CHECKSUMS = "array_checksums"
@@ -76,11 +78,19 @@ class CheckpointUnreadable(CheckpointError):
   """A checkpoint that cannot be read now, or that this program no longer builds."""
 
 
+def committed_steps(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in ``directory``, sorted (orbax's temporary
+  directories aside; none when it does not exist: it is not created)."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
 def has_checkpoint(directory: str) -> bool:
   """Whether ``directory`` holds at least one finished checkpoint (without creating it)."""
-  if not os.path.isdir(directory):
-    return False
-  return any(name.isdigit() for name in os.listdir(directory))
+  return bool(committed_steps(directory))
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -436,14 +446,6 @@ def _model_record(variables: Any) -> dict[str, str]:
   return _named(array_checksums(variables))
 
 
-def _write_json(path: str, value: Any) -> None:
-  """Writes ``path`` whole or not at all (a temporary file renamed over it)."""
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(temporary, path)
-
-
 def save_model(path: str, variables: Any) -> None:
   """Exports model variables (``{"params": ..., "batch_stats": ...}``) to ``path``.
 
@@ -458,7 +460,7 @@ def save_model(path: str, variables: Any) -> None:
     checkpointer.close()
   record = _model_record(variables)  # every process: the hashes are computed on the devices
   if jax.process_index() == 0:
-    _write_json(os.path.join(path, MODEL_CHECKSUMS), record)
+    strict_json.write_json(os.path.join(path, MODEL_CHECKSUMS), record, indent=1)
 
 
 def _stored_record(path: str) -> dict[str, str] | None:

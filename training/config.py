@@ -22,6 +22,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from training import strict_json
+
 # Fields that may differ between a workdir's checkpoint and the config resuming
 # it: where the data comes from, the eval batching and the logging.
 HARMLESS_FIELDS = frozenset(
@@ -393,6 +395,6 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if found is not None:
     check_workdir(config, workdir, has_checkpoint=False)  # raises: another config's
   path = os.path.join(workdir, FINGERPRINT_FILE)
-  with open(f"{path}.tmp", "w") as f:
+  with strict_json.open_nofollow(f"{path}.tmp", "w") as f:  # no link followed, as every write
     f.write(mine + "\n")
   os.replace(f"{path}.tmp", path)

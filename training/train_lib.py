@@ -236,7 +236,7 @@ class _StopRequest:
         f"interrupted {self.where}; nothing is lost: the checkpoint of step {self.latest_step} "
         "holds all training so far; run the same command again to resume"
       )
-    found = _checkpoint_steps(self.workdir)
+    found = checkpoints.committed_steps(os.path.join(self.workdir, "checkpoints"))
     if not found:
       return f"interrupted {self.where}; no checkpoint yet: run the same command again to start"
     which = (
@@ -261,15 +261,6 @@ class _StopRequest:
     finally:
       for signum, previous in self._previous.items():
         signal.signal(signum, previous)
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of the committed checkpoints in ``workdir`` (orbax's temporary directories aside)."""
-  try:
-    names = os.listdir(os.path.join(workdir, "checkpoints"))
-  except OSError:
-    return []
-  return sorted(int(name) for name in names if name.isdigit())
 
 
 def _listed(found: list[int]) -> str:
