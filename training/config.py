@@ -54,7 +54,8 @@ SGD_FIELDS = (
 
 # Optional fields of every optimizer section (absent: SGD with a piecewise-constant rate, as
 # before they existed); docs/TRAINING.md documents them.
-OPTIMIZER_FIELDS = ("optimizer", "b1", "b2", "eps", "schedule", "clip_norm")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("piecewise", "cosine")
 OPTIMIZER_DEFAULTS = {
   "optimizer": "sgd",
   "b1": 0.9,
@@ -153,11 +154,11 @@ def check_sgd_section(config: Any, section: str) -> None:
     check(config, f"{section}.{name}", *rules[name])
   cfg = config[section]
   optional = {
-    "optimizer": (lambda x: x in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+    "optimizer": (lambda x: x in OPTIMIZERS, "'sgd' or 'adamw'"),
     "b1": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
     "b2": (lambda x: is_number(x) and 0 <= x < 1, "in [0, 1)"),
     "eps": (lambda x: is_finite(x) and x >= 0, "a finite number >= 0"),
-    "schedule": (lambda x: x in ("piecewise", "cosine"), "'piecewise' or 'cosine'"),
+    "schedule": (lambda x: x in SCHEDULES, "'piecewise' or 'cosine'"),
     "clip_norm": (
       lambda x: is_finite(x) and x >= 0,
       "a finite number >= 0 (0: no gradient clipping)",

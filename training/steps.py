@@ -299,10 +299,6 @@ def make_lr_schedule(
   return schedule
 
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("piecewise", "cosine")
-
-
 def section_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:
   """The learning-rate schedule of an optimizer config section.
 
