@@ -89,10 +89,8 @@ def gsm_adamw(
   """
   _check_args(learning_rate, b1, b2, eps, weight_decay)
   decay_mask = _pool.default_pool if weight_decay_mask is None else weight_decay_mask
-  adamw = optax.chain(
-    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-    optax.add_decayed_weights(weight_decay, mask=decay_mask),
-    optax.scale_by_learning_rate(learning_rate),
+  adamw = optax.adamw(
+    learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
   )
   return passive.shrink_passive(
     adamw, compression, passive_shrink=passive_shrink, pool=pool, selection=selection

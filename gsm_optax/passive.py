@@ -140,12 +140,7 @@ def gsm_sgd_shrink(
     An `optax.GradientTransformationExtraArgs` whose `update` requires
     `params`; its state is a `ShrinkPassiveState`.
   """
-  _checks.check_sgd_args(learning_rate, momentum, weight_decay)
-  sgd = optax.chain(
-    optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),
-    optax.trace(decay=momentum, nesterov=nesterov),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  sgd = optax.chain(*transform.paper_sgd(learning_rate, momentum, weight_decay, nesterov, pool))
   return shrink_passive(
     sgd, compression, passive_shrink=passive_shrink, pool=pool, selection=selection
   )

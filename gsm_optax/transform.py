@@ -680,6 +680,26 @@ def gsm(
   return gsm_chain(masks, learning_rate, momentum, weight_decay, nesterov, pool)
 
 
+def paper_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float,
+  weight_decay: optax.ScalarOrSchedule,
+  nesterov: bool,
+  pool: _pool.Pool,
+) -> list[optax.GradientTransformation]:
+  """[add_decayed_weights(eta, pool), trace(beta), scale_by_learning_rate(alpha)]: the
+  momentum SGD after GSM's mask (eq. 7-8), weight decay on the pool only.
+
+  Raises a TypeError or ValueError for a constant alpha, beta or eta out of range.
+  """
+  _checks.check_sgd_args(learning_rate, momentum, weight_decay)
+  return [
+    optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),
+    optax.trace(decay=momentum, nesterov=nesterov),
+    optax.scale_by_learning_rate(learning_rate),
+  ]
+
+
 def gsm_chain(
   masks: list[optax.GradientTransformation],
   learning_rate: optax.ScalarOrSchedule,
@@ -694,13 +714,7 @@ def gsm_chain(
   N:M); `init` warns when the dtype cannot represent the passive weights' shrink.
   Raises a TypeError or ValueError for a constant alpha, beta or eta out of range.
   """
-  _checks.check_sgd_args(learning_rate, momentum, weight_decay)
-  chain = optax.chain(
-    *masks,
-    optax.add_decayed_weights(weight_decay, mask=_pool.default_pool if pool is None else pool),
-    optax.trace(decay=momentum, nesterov=nesterov),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  chain = optax.chain(*masks, *paper_sgd(learning_rate, momentum, weight_decay, nesterov, pool))
 
   def init_fn(params):
     state = chain.init(params)
