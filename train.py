@@ -187,7 +187,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _exit_with_flag_error(argv, err)
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 _LOCAL_FILE = re.compile(r'local file "([^"]+?)/?(?:ocdbt\.process_\d+/?)?"')
 
 
@@ -197,15 +196,14 @@ def _storage_error(err: BaseException) -> str | None:
   orbax writes through TensorStore, which reports a full disk as
   ``ValueError: RESOURCE_EXHAUSTED: ... [os_error_code='28']``, not as an OSError.
   """
-  while err is not None:
-    text = str(err)
-    code = _OS_ERROR_CODE.search(text)
-    if isinstance(err, ValueError) and code:
+  for link in checkpoints.exception_chain(err):
+    code = checkpoints.os_error_code(link)
+    if isinstance(link, ValueError) and code is not None:
+      text = str(link)
       where = _LOCAL_FILE.search(text)
       verb = "reading" if "Error reading" in text else "writing"
-      reason = os.strerror(int(code.group(1)))
+      reason = os.strerror(code)
       return f"{reason} while {verb} {where.group(1)}" if where else reason
-    err = err.__cause__ or err.__context__
   return None
 
 

@@ -144,19 +144,29 @@ def _one_line(err: BaseException) -> str:
   return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def os_error_code(err: BaseException) -> int | None:
+  """The errno a TensorStore error carries (``[os_error_code='28']``: it raises a
+  ValueError, not an OSError, for a failed read or write), else None."""
+  found = _OS_ERROR_CODE.search(str(err))
+  return int(found.group(1)) if found else None
+
+
 def _reason(err: BaseException) -> str:
   """One line saying what went wrong: the system's words and the file, where there are."""
   if isinstance(err, OSError) and err.strerror:
     return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-  os_error = re.search(r"\[os_error_code='(\d+)'\]", str(err))
-  if os_error:
+  code = os_error_code(err)
+  if code is not None:
     paths = re.findall(r'"(/[^"]*)"', str(err))
-    words = os.strerror(int(os_error.group(1)))
+    words = os.strerror(code)
     return f"{words}: {paths[-1]}" if paths else words
   return _one_line(err)
 
 
-def _chain(err: BaseException) -> list[BaseException]:
+def exception_chain(err: BaseException) -> list[BaseException]:
   """``err`` and the exceptions it was raised from or during, outermost first."""
   chain = []
   while err is not None and all(err is not seen for seen in chain):
@@ -171,11 +181,10 @@ def _says_unreadable(err: BaseException) -> bool:
     return True
   if isinstance(err, OSError):
     return err.errno not in _MISSING
-  text = str(err)
-  os_error = re.search(r"\[os_error_code='(\d+)'\]", text)
-  if os_error:
-    return int(os_error.group(1)) not in _MISSING
-  status = re.match(r"\s*([A-Z_]+):", text)
+  code = os_error_code(err)
+  if code is not None:
+    return code not in _MISSING
+  status = re.match(r"\s*([A-Z_]+):", str(err))
   return bool(status and status.group(1) in _READ_STATUS)
 
 
@@ -197,7 +206,7 @@ def _classify(err: BaseException) -> tuple[str, BaseException]:
   Damage is what only a file other than the one written explains (``_says_damaged``);
   any sign of a read error wins, and anything else is unknown: not proven damaged.
   """
-  chain = _chain(err)
+  chain = exception_chain(err)
   for link in chain:
     if _says_unreadable(link):
       return "read", link
