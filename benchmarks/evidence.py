@@ -98,7 +98,13 @@ from training import strict_json  # noqa: E402
 CONFIGS = {
   "lenet_300_100": os.path.join(ROOT, "configs", "evidence_lenet300.py"),
   "lenet5": os.path.join(ROOT, "configs", "evidence_lenet5.py"),
+  "gpt_austen": os.path.join(ROOT, "configs", "evidence_gpt.py"),
 }
+# The metric a model's cells are compared on (summary.json's ``<metric>_final`` and twins),
+# and whether larger is better.
+METRIC = {"lenet_300_100": "accuracy", "lenet5": "accuracy", "gpt_austen": "bits_per_byte"}
+LARGER_IS_BETTER = {"accuracy": True, "bits_per_byte": False}
+LM_MODELS = ("gpt_austen",)
 METHODS = ("gsm", "gsm_gradual", "magnitude", "gmp", "admm")  # swept
 VARIANTS = ("gsm_ema", "gsm_age", "gsm_ft")  # GSM variants, not swept: gsm's rate
 TICKETS = ("ticket_magnitude", "ticket_gsm")
@@ -118,8 +124,21 @@ STRUCTURED_FIELDS = {  # LeNet-5's conv1 has 1 input channel: no group of 4 alon
   "lenet_300_100": {},
 }
 NM_COMPRESSION = 2.0  # 2:4 keeps half the pool: the C in an N:M cell's name
-TRAIN_METHOD = {m: "gsm" for m in ("gsm_gradual", *VARIANTS)} | dict.fromkeys(TICKETS, "lottery")
-GRADUAL_RAMP = 0.25  # gsm_gradual: C reaches its target after this fraction of the budget
+# Issue 23's lead: gradual GSM whose ramp ends earlier (C reached at B / 8, B / 16), gsm_gradual's rate.
+RAMPS = {"gsm_gradual": 0.25, "gsm_ramp8": 0.125, "gsm_ramp16": 0.0625}
+RATE_OF |= {"gsm_ramp8": "gsm_gradual", "gsm_ramp16": "gsm_gradual"}
+# The language model (issue 23): GSM with AdamW, GSM with the paper's momentum SGD, GMP and
+# magnitude + fine-tuning (AdamW), at 2x, 4x and 10x over the pooled kernels, LM_BUDGET epochs
+# of 100 steps after an 8-epoch dense model; the sweep at C = 10 with per-optimizer rates.
+LM_METHODS = ("gsm", "gsm_sgd", "gmp", "magnitude")
+LM_COMPRESSIONS = (2.0, 4.0, 10.0)
+LM_BUDGET, LM_DENSE_EPOCHS = 4, 8
+LM_SWEEP_RATES = {"adamw": (3e-4, 1e-3, 3e-3), "sgd": (0.01, 0.03, 0.1)}
+LM_SWEEP_COMPRESSION = 10.0
+GSM_SGD = {"optimizer": "sgd", "momentum": 0.99, "nesterov": True, "weight_decay": 5e-4}
+TRAIN_METHOD = {m: "gsm" for m in ("gsm_sgd", *RAMPS, *VARIANTS)} | dict.fromkeys(
+  TICKETS, "lottery"
+)
 SCORE_EMA = 0.9  # gsm_ema
 PASSIVE_GROWTH, PASSIVE_HORIZON_EPOCHS = 4.0, 1.0  # gsm_age
 FINETUNE_SHARE = 6  # gsm_ft: the last B // 6 epochs fine-tune
@@ -133,6 +152,9 @@ TRAIN_EXAMPLES = 60000  # Fashion-MNIST
 # 1.05 s (GSM), 0.9 s (GMP, ADMM); a run adds 16-18 s (start, compiles, load, report).
 EPOCH_SECONDS = 1.05
 RUN_OVERHEAD_SECONDS = 18.0
+# The tiny GPT on 2 CPU cores (Intel Xeon, loaded): 12.5 s per 100-step epoch, ~35 s per run
+# more (start, compiles, the dense model's load and four evaluations of the test split).
+LM_EPOCH_SECONDS, LM_RUN_OVERHEAD_SECONDS = 13.0, 35.0
 EXIT_DIVERGED = 3
 
 
@@ -174,13 +196,20 @@ class Cell:
 def grid_groups(
   model: str = "lenet_300_100", grid: str = "methods"
 ) -> list[tuple[str, float, int]]:
-  """(method, C, B) of issue 13 (``grid="methods"``) or of issue 14 (``"structured"``).
+  """(method, C, B) of issue 13 (``grid="methods"``), of issue 14 (``"structured"``) or of
+  issue 23 (the LM's methods and 2:4; ``"ramp"``: gradual GSM's ramps on LeNet-300-100).
 
   LeNet-300-100: 4 C at B = 60, 2 C at B = 120, a budget curve at 60x, then the
   variants at 60x and 120x, B = 60. LeNet-5: every method and variant at 125x
   and 300x, B = 60. Structured: channel GSM and L1 filter pruning at 2x and 4x
   fewer MACs (LeNet-5), 2:4 GSM and magnitude 2:4 (both), B = 60.
   """
+  if grid == "ramp":
+    return [(m, c, 60) for c in (60.0, 120.0) for m in RAMPS]
+  if model in LM_MODELS:
+    if grid == "structured":
+      return [(m, NM_COMPRESSION, LM_BUDGET) for m in STRUCTURED[2:]]
+    return [(m, c, LM_BUDGET) for c in LM_COMPRESSIONS for m in LM_METHODS]
   if grid == "structured":
     groups = [(m, c, 60) for c in CHANNEL_COMPRESSIONS[model] for m in STRUCTURED[:2]]
     return groups + [(m, NM_COMPRESSION, 60) for m in STRUCTURED[2:]]
@@ -204,16 +233,19 @@ def all_cells(
   """The dense cells, the sweep (first seed), the grid and the tickets, in the order they run."""
   budget = lambda b: b if epochs is None else epochs  # noqa: E731
   cells = [Cell("dense", "dense", 1.0, dense_epochs, s, model=model) for s in seeds]
-  if grid == "structured":  # the rates of an earlier sweep (--rates_from), no tickets
+  if grid in ("structured", "ramp"):  # the rates of an earlier sweep (--rates_from), no tickets
     groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model, grid))
     return cells + [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   if sweep:
+    compression, sweep_budget = sweep_point(model)
     cells += [
-      Cell("sweep", m, SWEEP_COMPRESSION, budget(SWEEP_BUDGET), seeds[0], lr, model)
-      for m in METHODS
-      for lr in SWEEP_RATES
+      Cell("sweep", m, compression, budget(sweep_budget), seeds[0], lr, model)
+      for m, rates in sweep_rates(model).items()
+      for lr in rates
     ]
   groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model))
+  if model in LM_MODELS:  # no tickets
+    return cells + [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   # Seed-major: a run cut short (--deadline) has every group at its first seeds.
   cells += [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   cells += [
@@ -223,6 +255,20 @@ def all_cells(
     for s in seeds
   ]
   return cells
+
+
+def sweep_rates(model: str) -> dict[str, tuple[float, ...]]:
+  """The swept methods and their rates: SGD's for the images, per optimizer for the LM."""
+  if model in LM_MODELS:
+    return {m: LM_SWEEP_RATES["sgd" if m == "gsm_sgd" else "adamw"] for m in LM_METHODS}
+  return dict.fromkeys(METHODS, SWEEP_RATES)
+
+
+def sweep_point(model: str) -> tuple[float, int]:
+  """(C, B) of the sweep."""
+  if model in LM_MODELS:
+    return LM_SWEEP_COMPRESSION, LM_BUDGET
+  return SWEEP_COMPRESSION, SWEEP_BUDGET
 
 
 def ticket_source(cell: Cell, epochs: int | None) -> Cell:
@@ -281,6 +327,8 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
   fields: dict[str, Any] = {"seed": cell.seed, "method": TRAIN_METHOD.get(cell.method, cell.method)}
   if cell.model not in CONFIGS:
     raise ValueError(f"model {cell.model!r}: one of {', '.join(CONFIGS)}")
+  if cell.model in LM_MODELS:
+    return fields | lm_cell_fields(cell, lr, args)
   fields.update(data_fields(args))
   d = args.dense_epochs
   fields.update({"dense.epochs": d, "dense.boundaries": tuple(b for b in (0.5 * d, 0.77 * d) if b)})
@@ -313,8 +361,8 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
   elif TRAIN_METHOD.get(cell.method, cell.method) == "gsm":
     fields.update(_sgd("gsm", b, lr))
     fields["gsm.warmup_epochs"] = min(5.0, b / 4)
-    if cell.method == "gsm_gradual":
-      fields["gsm.ramp_epochs"] = GRADUAL_RAMP * b
+    if cell.method in RAMPS:
+      fields["gsm.ramp_epochs"] = RAMPS[cell.method] * b
     elif cell.method == "gsm_ema":
       fields["gsm.score_ema"] = SCORE_EMA
     elif cell.method == "gsm_age":
@@ -329,6 +377,32 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
       fields["gmp.update_every_steps"] = max(1, steps // 4)
     else:
       fields["admm.steps_per_iteration"] = max(1, steps)
+  return fields
+
+
+def lm_cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[str, Any]:
+  """The LM cell's fields on top of ``configs/evidence_gpt.py`` (AdamW sections, cosine)."""
+  fields: dict[str, Any] = {"dense.epochs": args.dense_epochs}
+  if args.data_dir:
+    fields["data_dir"] = args.data_dir
+  if cell.stage == "dense":
+    return fields
+  b, half = cell.budget, max(1, cell.budget // 2)
+  fields["compression"] = cell.compression
+  fields["dense_checkpoint"] = os.path.join(args.workdir_root, dense_name(cell))
+  if cell.method in ("gsm", "gsm_sgd", "gsm_nm"):
+    fields.update({"gsm.epochs": b, "gsm.learning_rate": lr})
+    if cell.method == "gsm_sgd":  # the paper's momentum SGD; passive weights shrink as gsm's
+      fields.update({f"gsm.{key}": value for key, value in GSM_SGD.items()})
+    if cell.method == "gsm_nm":  # the mask in front of AdamW: the paper's decay rule
+      fields["gsm.passive_rule"] = "decay"
+  elif cell.method in ("magnitude", "magnitude_nm"):
+    fields.update({"finetune.epochs": b, "finetune.learning_rate": lr})
+  elif cell.method == "gmp":
+    fields.update({"gmp.epochs": half, "gmp.learning_rate": lr})
+    fields.update({"finetune.epochs": b - half, "finetune.learning_rate": lr})
+  else:
+    raise ValueError(f"method {cell.method!r} has no LM cell: one of {LM_METHODS + STRUCTURED[2:]}")
   return fields
 
 
@@ -402,13 +476,10 @@ def record(cell: Cell, lr: float | None, argv: list[str], workdir: str, status: 
   if status == "done":
     with open(path) as f:
       summary = json.load(f)
+    m = METRIC[cell.model]
     keys = (
-      "dense_accuracy",
-      "dense_validation_accuracy",
-      "accuracy_before_prune",
-      "accuracy_after_prune",
-      "accuracy_final",
-      "validation_accuracy_final",
+      *(f"dense_{m}", f"dense_validation_{m}", f"{m}_before_prune", f"{m}_after_prune"),
+      *(f"{m}_final", f"validation_{m}_final"),
       "num_train",
       "num_validation",
       "num_test",
@@ -435,16 +506,18 @@ def write_json(path: str, obj: Any) -> None:
   strict_json.write_json(path, obj, indent=1)
 
 
-def chosen_rates(records: list[dict]) -> dict[str, float]:
-  """Per method whose sweep is complete: the rate of best validation accuracy (ties: smaller)."""
+def chosen_rates(records: list[dict], model: str = "lenet_300_100") -> dict[str, float]:
+  """Per method whose sweep is complete: the rate of best validation metric (ties: smaller)."""
   chosen = {}
-  for method in METHODS:
+  metric = METRIC[model]
+  sign = 1.0 if LARGER_IS_BETTER[metric] else -1.0
+  for method, rates in sweep_rates(model).items():
     mine = [r for r in records if r["method"] == method]
-    if len(mine) < len(SWEEP_RATES):
+    if len(mine) < len(rates):
       continue
     done = [r for r in mine if r["status"] == "done"]
     if done:
-      best = max(done, key=lambda r: (r["validation_accuracy_final"], -r["learning_rate"]))
+      best = max(done, key=lambda r: (sign * r[f"validation_{metric}_final"], -r["learning_rate"]))
       chosen[method] = best["learning_rate"]
   return chosen
 
@@ -466,7 +539,8 @@ def aggregate(records: list[dict]) -> list[dict[str, Any]]:
     row = {"stage": stage, "model": model, "method": method, "compression": c, "budget": b}
     row["seeds"] = len(rs)
     row["learning_rate"] = rs[0]["learning_rate"]
-    for key in ("accuracy_final", "validation_accuracy_final", "dense_accuracy"):
+    row["metric"] = m = METRIC[model]
+    for key in (f"{m}_final", f"validation_{m}_final", f"dense_{m}"):
       values = np.array([r[key] for r in rs], np.float64)
       row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
     macs = [r.get("method_results") or {} for r in rs]
@@ -497,6 +571,8 @@ def markdown(
     "| dense test accuracy % | MACs |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
+  lm = [r for r in rows if r["metric"] != "accuracy"]
+  rows = [r for r in rows if r["metric"] == "accuracy"]
   for r in rows:
     cells = [f"{100 * r[k][0]:.2f} ± {100 * r[k][1]:.2f}" for k in _ACCURACIES]
     macs = f"{r['macs_fraction']:.3f}" if "macs_fraction" in r else "-"
@@ -504,7 +580,29 @@ def markdown(
       f"| {r['model']} | {r['compression']:g} | {r['budget']} | {r['method']} | "
       f"{_rate(r['learning_rate'])} | {r['seeds']} | {' | '.join(cells)} | {macs} |"
     )
+  if lm:
+    lines += ["", *lm_markdown(lm)]
   return "\n".join(lines) + "\n"
+
+
+def lm_markdown(rows: list[dict[str, Any]]) -> list[str]:
+  """The language models' rows: bits per byte (lower is better), mean +- std over seeds."""
+  lines = [
+    "Language models: bits per byte on the test and validation splits (lower is better).",
+    "",
+    "| model | C | epochs | method | lr | seeds | test bits/byte | validation bits/byte "
+    "| dense test bits/byte |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    m = r["metric"]
+    keys = (f"{m}_final", f"validation_{m}_final", f"dense_{m}")
+    cells = [f"{r[k][0]:.4f} ± {r[k][1]:.4f}" for k in keys]
+    lines.append(
+      f"| {r['model']} | {r['compression']:g} | {r['budget']} | {r['method']} | "
+      f"{_rate(r['learning_rate'])} | {r['seeds']} | {' | '.join(cells)} |"
+    )
+  return lines
 
 
 def _rate(lr: float | None) -> str:
@@ -523,6 +621,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   import matplotlib.pyplot as plt
 
   rows = [r for r in rows if r["stage"] in ("grid", "ticket")]  # tickets: budget = dense epochs
+  metric = rows[0]["metric"] if rows else "accuracy"
+  scale = 100.0 if metric == "accuracy" else 1.0
   curves = len({(r["method"], r["compression"], r["budget"]) for r in rows}) > len(
     {(r["method"], r["compression"]) for r in rows}
   )  # some method was run at several budgets: the second panel
@@ -538,15 +638,16 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         continue
       ax.errorbar(
         [r[x] for r in rs],
-        [100 * r["accuracy_final"][0] for r in rs],
-        yerr=[100 * r["accuracy_final"][1] for r in rs],
+        [scale * r[f"{metric}_final"][0] for r in rs],
+        yerr=[scale * r[f"{metric}_final"][1] for r in rs],
         marker="o",
         capsize=3,
         label=f"{method}, {line} {value:g}",
       )
     ax.set_xscale("log")
     ax.set_xlabel({"compression": "compression C", "budget": "epochs after the dense model"}[x])
-    ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+    what = "test accuracy %" if metric == "accuracy" else "test bits per byte"
+    ax.set_ylabel(f"{what} (mean ± std over seeds)")
     if ax.lines:
       ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -574,6 +675,8 @@ def write_outputs(
 
 def cell_seconds(cell: Cell, args: argparse.Namespace) -> float:
   """Estimated CPU wall time: epochs x the measured epoch time (scaled by examples) + overhead."""
+  if cell.model in LM_MODELS:
+    return cell.budget * LM_EPOCH_SECONDS + LM_RUN_OVERHEAD_SECONDS
   examples = args.max_examples or TRAIN_EXAMPLES
   return cell.budget * args.epoch_seconds * examples / TRAIN_EXAMPLES + RUN_OVERHEAD_SECONDS
 
@@ -618,7 +721,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--max_examples", type=int, default=None, help="smoke runs: a data subset")
   p.add_argument("--validation_examples", type=int, default=None)
   p.add_argument("--epochs", type=int, default=None, help="smoke runs: every budget")
-  p.add_argument("--dense_epochs", type=int, default=30)
+  p.add_argument("--dense_epochs", type=int, default=None, help="default: 30 (images), 8 (LM)")
   p.add_argument("--learning_rate", type=float, default=None, help="smoke runs: skip the sweep")
   p.add_argument("--lock", default=None, help="a file each cell holds flock on (shared CPUs)")
   p.add_argument("--jobs", type=int, default=1, help="cells run at a time")
@@ -642,9 +745,9 @@ class Runner:
       self.sweep = {"records": [], "chosen": read_json(args.rates_from, {})["chosen"]}
     else:
       self.sweep = read_json(self.lr_path, {"records": [], "chosen": {}}) | {
-        "rates": list(SWEEP_RATES)
+        "rates": {m: list(r) for m, r in sweep_rates(args.model).items()}
       }
-      self.sweep["chosen"] = chosen_rates(self.sweep["records"])  # the rates may have grown
+      self.sweep["chosen"] = chosen_rates(self.sweep["records"], args.model)  # rates may grow
     self.known = {r["name"]: r for r in self.records + self.sweep["records"]}
     self.env = None
     if args.jobs > 1:  # several JAX processes share one accelerator: no preallocation
@@ -695,7 +798,7 @@ class Runner:
     self.known[cell.name] = rec
     if cell.stage == "sweep":
       self.sweep["records"] = _replace(self.sweep["records"], rec)
-      self.sweep["chosen"] = chosen_rates(self.sweep["records"])
+      self.sweep["chosen"] = chosen_rates(self.sweep["records"], self.args.model)
       write_json(self.lr_path, self.sweep)
     else:
       self.records = _replace(self.records, rec)
@@ -747,14 +850,16 @@ def _replace(records: list[dict], rec: dict) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   args.workdir_root = os.path.abspath(args.workdir_root)
+  if args.dense_epochs is None:
+    args.dense_epochs = LM_DENSE_EPOCHS if args.model in LM_MODELS else 30
   args.finetune_rate = None  # magnitude's chosen rate, set by the runner
   only = dict(item.split("=", 1) for item in args.only.split(",") if item)
   seeds = [int(s) for s in args.seeds.split(",")]
   cells = all_cells(
     seeds, args.dense_epochs, args.epochs, args.model, not args.rates_from, args.grid
   )
-  if args.grid == "structured" and not (args.rates_from or args.learning_rate):
-    sys.exit("--grid structured takes the sweep's rates: give --rates_from (or --learning_rate)")
+  if args.grid != "methods" and not (args.rates_from or args.learning_rate):
+    sys.exit(f"--grid {args.grid} takes a sweep's rates: give --rates_from (or --learning_rate)")
   cells = select(cells, only, args.stage)
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args, cells)
