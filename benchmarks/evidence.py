@@ -55,6 +55,21 @@ theta_0 * mask with the dense schedule (the lottery-ticket protocol of the
 paper's Table 4): the mask of the dense model's magnitudes
 (``ticket_magnitude``) or of the grid's ``gsm`` cell at B = 60 (``ticket_gsm``).
 
+``--model gpt_austen`` (issue 23) runs the byte-level GPT on Jane Austen
+(``configs/evidence_gpt.py``: the tiny size, context 64, 100-step epochs, AdamW
+with a cosine schedule in every section): one 8-epoch dense model per seed,
+then B = 4 epochs (400 steps) for ``LM_METHODS`` at 2x, 4x and 10x over the
+pooled attention and MLP kernels: ``gsm`` (GSM with AdamW, passive weights
+shrinking to exp(-10) over the budget), ``gsm_sgd`` (the paper's momentum SGD,
+beta 0.99 Nesterov, wd 5e-4, with the same passive shrink), ``gmp`` (2 + 2
+epochs) and ``magnitude`` (4 epochs of fine-tuning). Its sweep is at C = 10 on
+the first seed with ``LM_SWEEP_RATES`` per optimizer, chosen on the validation
+split's bits per byte (lower is better). ``--grid structured`` with it runs
+2:4 GSM against magnitude 2:4 + retraining on every pooled kernel.
+``--grid ramp`` runs gradual GSM on LeNet-300-100 at 60x and 120x with its
+ramp ending at B / 4 (``gsm_gradual``), B / 8 and B / 16 (``RAMPS``), all at
+gsm_gradual's chosen rate.
+
 ``--jobs N`` runs N cells at a time (an accelerator machine with many cores;
 cells wait for the dense models, the sweep and the grid cells they start from);
 ``--deadline S`` starts no cell after S seconds, so a time-limited run returns
@@ -709,9 +724,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--stage", choices=("all", "sweep", "grid", "ticket"), default="all")
   p.add_argument(
     "--grid",
-    choices=("methods", "structured"),
+    choices=("methods", "structured", "ramp"),
     default="methods",
-    help="issue 13's methods, or issue 14's structured methods (needs --rates_from)",
+    help="issue 13's methods (the LM: issue 23's), issue 14's structured methods (the LM: 2:4) "
+    "or gradual GSM's ramps on LeNet-300-100 (both need --rates_from)",
   )
   p.add_argument("--only", default="", help="field=value,... over the cell fields")
   p.add_argument("--seeds", default="0,1,2")

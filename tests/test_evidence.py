@@ -166,7 +166,7 @@ def test_structured_grid_takes_the_sweeps_rates_and_prunes_conv2(tmp_path, monke
   monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
   monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
   common = ["--model=lenet5", "--grid=structured", "--seeds=0,1", f"--out={tmp_path / 'out'}"]
-  with pytest.raises(SystemExit, match="--grid structured takes the sweep's rates"):
+  with pytest.raises(SystemExit, match="--grid structured takes a sweep's rates"):
     evidence.main(common)
   args = [*common, f"--rates_from={rates}", f"--workdir_root={tmp_path / 'runs'}", "--tag=s"]
   assert evidence.main(args) == 0
@@ -188,3 +188,87 @@ def test_structured_grid_takes_the_sweeps_rates_and_prunes_conv2(tmp_path, monke
   # seeds 0 and 1: MACs 1/4 and 2/4 of the dense model's, mean 0.375
   assert "| lenet5 | 7.1 | 60 | filter_l1 | 0.1 | 2 | 5.00 ± 7.07 |" in table
   assert table.count("| 0.375 |") == 4 and table.count("| - |\n") == 2
+
+
+def _fake_lm_train(started: list[str]):
+  """A run_cell for the LM: validation bits per byte |log10(lr) + 3| + seed / 10 (best at 1e-3
+  for AdamW; SGD's rates all lie above 1e-3, so its smallest wins), test = validation + 0.01."""
+
+  def run_cell(argv, workdir, lock=None, env=None):
+    flags = dict(a[2:].split("=", 1) for a in argv[2:])
+    started.append(workdir)
+    section = {"gmp": "gmp", "magnitude": "finetune"}.get(flags["config.method"], "gsm")
+    lr = float(flags.get(f"config.{section}.learning_rate", "1e-3"))
+    validation = abs(np.log10(lr) + 3) + float(flags["config.seed"]) / 10
+    summary = {
+      "bits_per_byte_final": validation + 0.01,
+      "validation_bits_per_byte_final": validation,
+      "dense_bits_per_byte": 2.0,
+      "flags": flags,
+    }
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return 0
+
+  return run_cell
+
+
+def test_lm_grid_sweeps_per_optimizer_picks_the_lowest_validation_bits_and_sets_each_cell(
+  tmp_path, monkeypatch
+):
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_lm_train(started))
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
+  args = ["--model=gpt_austen", "--seeds=0,1", "--tag=lm", f"--out={tmp_path / 'out'}"]
+  assert evidence.main([*args, f"--workdir_root={tmp_path / 'runs'}"]) == 0
+  # 2 dense, 4 methods x 3 rates swept on seed 0, 4 methods x 3 C x 2 seeds
+  assert len(started) == 2 + 12 + 24 and len(set(started)) == len(started)
+  lr = json.loads((tmp_path / "out" / "lm_lr.json").read_text())
+  assert lr["chosen"] == {"gsm": 1e-3, "gsm_sgd": 0.01, "gmp": 1e-3, "magnitude": 1e-3}
+
+  def flags(name):
+    return json.loads((tmp_path / "runs" / "gpt_austen" / name / "summary.json").read_text())[
+      "flags"
+    ]
+
+  dense = flags("dense/seed1")
+  assert dense["config.dense.epochs"] == "8" and "config.compression" not in dense
+  sgd = flags("grid/gsm_sgd_c4_e4/seed1")
+  assert (sgd["config.method"], sgd["config.gsm.optimizer"], sgd["config.gsm.momentum"]) == (
+    "gsm",
+    "sgd",
+    "0.99",
+  )
+  assert sgd["config.gsm.learning_rate"] == "0.01" and sgd["config.gsm.epochs"] == "4"
+  adamw = flags("grid/gsm_c2_e4/seed0")
+  assert "config.gsm.optimizer" not in adamw and adamw["config.compression"] == "2.0"
+  gmp = flags("grid/gmp_c10_e4/seed0")
+  assert (gmp["config.gmp.epochs"], gmp["config.finetune.epochs"]) == ("2", "2")
+  assert gmp["config.dense_checkpoint"].endswith("gpt_austen/dense/seed0")
+  table = (tmp_path / "out" / "lm.md").read_text()
+  # seeds 0 and 1 at the chosen rate: test 0.01 and 0.11, mean 0.06, std 0.0707
+  assert "| gpt_austen | 10 | 4 | gsm_sgd | 0.01 | 2 | 1.0600 ± 0.0707 | 1.0500 ± 0.0707 " in table
+  assert "| gpt_austen | 2 | 4 | gsm | 0.001 | 2 | 0.0600 ± 0.0707 |" in table
+
+
+def test_ramp_grid_takes_gsm_graduals_rate_and_ends_the_ramp_at_b_over_8_and_16(
+  tmp_path, monkeypatch
+):
+  rates = tmp_path / "lr.json"
+  rates.write_text(json.dumps({"chosen": {"gsm": 0.03, "gsm_gradual": 0.1}}))
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
+  args = ["--grid=ramp", "--seeds=0", f"--rates_from={rates}", "--tag=r"]
+  assert evidence.main([*args, f"--workdir_root={tmp_path}", f"--out={tmp_path}"]) == 0
+  assert len(started) == 1 + 2 * 3
+
+  def flags(name):
+    path = tmp_path / "lenet_300_100" / "grid" / name / "seed0" / "summary.json"
+    return json.loads(path.read_text())["flags"]
+
+  for method, ramp in (("gsm_gradual", "15.0"), ("gsm_ramp8", "7.5"), ("gsm_ramp16", "3.75")):
+    cell = flags(f"{method}_c120_e60")
+    assert (cell["config.method"], cell["config.gsm.ramp_epochs"]) == ("gsm", ramp)
+    assert cell["config.gsm.learning_rate"] == "0.1"
