@@ -74,24 +74,64 @@ SOURCES = (
     "retraining (every kernel)",
     "bash benchmarks/evidence_gpu.sh OUT DATA_DIR DEADLINE_S structured (its second runner)",
   ),
+  (
+    "evidence_ramp_raw.json",
+    "Gradual GSM's ramp (issue 23): C reached at B / 4 (gsm_gradual), B / 8 (gsm_ramp8) and "
+    "B / 16 (gsm_ramp16), LeNet-300-100, 2 CPU cores (new dense models, this machine's)",
+    "python benchmarks/evidence.py --grid ramp --tag evidence_ramp "
+    "--rates_from benchmarks/results/evidence_lr.json",
+  ),
+  (
+    "evidence_lm_raw.json",
+    "The byte-level GPT on Jane Austen (issue 23): tiny size (478,976 parameters, 393,216 "
+    "pooled in the attention and MLP kernels), context 64, an 8-epoch dense model (800 steps of "
+    "32 windows), then 4 epochs (400 steps) for every method, 2 CPU cores",
+    "python benchmarks/evidence.py --model gpt_austen --tag evidence_lm",
+  ),
+  (
+    "evidence_lm_structured_raw.json",
+    "2:4 on the byte-level GPT (issue 23): 2:4 GSM (its mask in front of AdamW) vs magnitude "
+    "2:4 + fine-tuning, every pooled kernel, the same dense models and budget, 2 CPU cores",
+    "python benchmarks/evidence.py --model gpt_austen --grid structured "
+    "--tag evidence_lm_structured --rates_from benchmarks/results/evidence_lm_lr.json",
+  ),
 )
-ORDER = evidence.METHODS + evidence.VARIANTS + evidence.TICKETS + evidence.STRUCTURED
+ORDER = (
+  evidence.METHODS
+  + ("gsm_ramp8", "gsm_ramp16", "gsm_sgd")
+  + evidence.VARIANTS
+  + evidence.TICKETS
+  + evidence.STRUCTURED
+)
 NO_FINETUNE_VARIANTS = ("gsm_gradual", "gsm_ema", "gsm_age")
 FULL_BUDGET = 60  # the protocol's B; shorter budgets are the budget curve's
 
 
-def pct(stat: tuple[float, float], seeds: int) -> str:
-  mean, std = stat
-  return f"{100 * mean:.2f} ± {100 * std:.2f}" + ("" if seeds >= 3 else f" (n={seeds})")
+def scale(metric: str) -> float:
+  """Accuracies are printed in points (x100), bits per byte as they are."""
+  return 100.0 if metric == "accuracy" else 1.0
+
+
+def pct(stat: tuple[float, float], seeds: int, metric: str = "accuracy") -> str:
+  """mean ± std of a metric over seeds (accuracy in %, 2 decimals; bits per byte, 4)."""
+  mean, std = (scale(metric) * v for v in stat)
+  digits = 2 if metric == "accuracy" else 4
+  return f"{mean:.{digits}f} ± {std:.{digits}f}" + ("" if seeds >= 3 else f" (n={seeds})")
+
+
+def diff_text(diff: float, metric: str) -> str:
+  return f"{diff:+.2f}" if metric == "accuracy" else f"{diff:+.4f}"
 
 
 def clear(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, bool | None]:
-  """(a - b in points, whether |a - b| > 2 standard errors; None with one seed)."""
-  (ma, sa), (mb, sb) = a["accuracy_final"], b["accuracy_final"]
-  diff = 100 * (ma - mb)
+  """(a - b in points (bits per byte), whether |a - b| > 2 standard errors; None with one seed)."""
+  metric = a.get("metric", "accuracy")
+  (ma, sa), (mb, sb) = a[f"{metric}_final"], b[f"{metric}_final"]
+  k = scale(metric)
+  diff = k * (ma - mb)
   if min(a["seeds"], b["seeds"]) < 2:
     return diff, None
-  se = 100 * math.sqrt(sa**2 / a["seeds"] + sb**2 / b["seeds"])
+  se = k * math.sqrt(sa**2 / a["seeds"] + sb**2 / b["seeds"])
   return diff, abs(diff) > 2 * se
 
 
@@ -110,18 +150,22 @@ def by_compression(
   methods += [m for m in ORDER if m not in methods and m in failed_here]
   if not mine:
     return []
+  metric = mine[0].get("metric", "accuracy")
+  what = "test accuracy %" if metric == "accuracy" else "test bits per byte, lower is better"
   lines = [
-    f"**{model}, {budget} epochs after the dense model** (test accuracy %, mean ± std over seeds)",
+    f"**{model}, {budget} epochs after the dense model** ({what}, mean ± std over seeds)",
     "",
     "| method | lr | " + " | ".join(f"{c:g}x" for c in cs) + " |",
     "|---|---|" + "---|" * len(cs),
   ]
-  dense = [r for r in mine if r["method"] in ("gsm", "magnitude", *evidence.STRUCTURED)]
+  dense = [
+    r for r in mine if r["method"] in ("gsm", "gsm_gradual", "magnitude", *evidence.STRUCTURED)
+  ]
   for m in methods:
     cells = []
     for c in cs:
       row = next((r for r in mine if r["method"] == m and r["compression"] == c), None)
-      text = pct(row["accuracy_final"], row["seeds"]) if row else ""
+      text = pct(row[f"{metric}_final"], row["seeds"], metric) if row else ""
       failed = diverged.get((model, m, c, budget), 0)
       cells.append(f"{text}{'; ' if text else ''}{failed} diverged" if failed else text)
     lr = next((r["learning_rate"] for r in mine if r["method"] == m), None)
@@ -138,8 +182,9 @@ def by_compression(
       "| *dense model* | | "
       + " | ".join(
         pct(
-          next(r for r in dense if r["compression"] == c)["dense_accuracy"],
+          next(r for r in dense if r["compression"] == c)[f"dense_{metric}"],
           next(r for r in dense if r["compression"] == c)["seeds"],
+          metric,
         )
         if any(r["compression"] == c for r in dense)
         else ""
@@ -164,16 +209,18 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     ]
     if len(mine) < 2:
       continue
-    mine.sort(key=lambda r: -r["accuracy_final"][0])
+    metric = mine[0].get("metric", "accuracy")
+    sign = -1.0 if evidence.LARGER_IS_BETTER[metric] else 1.0
+    mine.sort(key=lambda r: sign * r[f"{metric}_final"][0])
     best = mine[0]
     others = []
     for r in mine[1:]:
       diff, is_clear = clear(r, best)
       label = {True: "clear", False: "within the spread", None: "one seed"}[is_clear]
-      others.append(f"{r['method']} {diff:+.2f} ({label})")
+      others.append(f"{r['method']} {diff_text(diff, metric)} ({label})")
     lines.append(
       f"- {model}, {c:g}x, {b} epochs: **{best['method']}** "
-      f"{pct(best['accuracy_final'], best['seeds'])}; " + "; ".join(others) + "."
+      f"{pct(best[f'{metric}_final'], best['seeds'], metric)}; " + "; ".join(others) + "."
     )
     lines += _variant_line(mine)
   return lines
@@ -185,42 +232,56 @@ def _variant_line(rows: list[dict[str, Any]]) -> list[str]:
   variants = [r for r in rows if r["method"] in NO_FINETUNE_VARIANTS]
   if gsm is None or not variants:
     return []
-  best = max(variants, key=lambda r: r["accuracy_final"][0])
+  metric = gsm.get("metric", "accuracy")
+  sign = 1.0 if evidence.LARGER_IS_BETTER[metric] else -1.0
+  best = max(variants, key=lambda r: sign * r[f"{metric}_final"][0])
   diff, is_clear = clear(best, gsm)
   label = {True: "clear", False: "within the spread", None: "one seed"}[is_clear]
   return [
-    f"  - best GSM variant with no fine-tuning: {best['method']}, {diff:+.2f} ({label}) vs gsm."
+    f"  - best GSM variant with no fine-tuning: {best['method']}, {diff_text(diff, metric)} "
+    f"({label}) vs gsm."
   ]
 
 
-def cut_costs(records: list[dict[str, Any]], method: str = "gsm") -> dict[tuple, list[float]]:
-  """Per (model, C, budget): each seed's cost of `method`'s final cut in points
-  (test accuracy just before the cut minus just after it)."""
+def cut_costs(
+  records: list[dict[str, Any]], method: str = "gsm", metric: str = "accuracy"
+) -> dict[tuple, list[float]]:
+  """Per (model, C, budget): each seed's cost of `method`'s final cut: test accuracy just
+  before the cut minus just after it, in points (bits per byte: after minus before)."""
   costs: dict[tuple, list[float]] = {}
+  sign = scale(metric) if evidence.LARGER_IS_BETTER[metric] else -scale(metric)
   for r in records:
     if (r["stage"], r["status"], r["method"]) != ("grid", "done", method):
       continue
-    before, after = r.get("accuracy_before_prune"), r.get("accuracy_after_prune")
+    if evidence.METRIC.get(r["model"], "accuracy") != metric:
+      continue
+    before, after = r.get(f"{metric}_before_prune"), r.get(f"{metric}_after_prune")
     if before is not None and after is not None:
       key = (r["model"], r["compression"], r["budget"])
-      costs.setdefault(key, []).append(100 * (before - after))
+      costs.setdefault(key, []).append(sign * (before - after))
   return costs
 
 
 def cut_table(records: list[dict[str, Any]]) -> list[str]:
   """The cut cost of GSM and its no-fine-tuning variants per cell: mean and max over seeds."""
   lines = []
-  for method in ("gsm", *NO_FINETUNE_VARIANTS):
-    for (model, c, budget), costs in sorted(cut_costs(records, method).items()):
+  metric = evidence.METRIC.get(records[0]["model"], "accuracy") if records else "accuracy"
+  digits = 2 if metric == "accuracy" else 4
+  for method in ("gsm", "gsm_sgd", "gsm_ramp8", "gsm_ramp16", *NO_FINETUNE_VARIANTS):
+    for (model, c, budget), costs in sorted(cut_costs(records, method, metric).items()):
       lines.append(
         f"| {method} | {model} | {c:g}x | {budget} | {len(costs)} | "
-        f"{sum(costs) / len(costs):.2f} | {max(costs):.2f} |"
+        f"{sum(costs) / len(costs):.{digits}f} | {max(costs):.{digits}f} |"
       )
   if not lines:
     return []
+  unit = (
+    "test accuracy just before it minus just after it, points"
+    if metric == "accuracy"
+    else "test bits per byte just after it minus just before it"
+  )
   head = [
-    "The final cut's cost (test accuracy just before it minus just after it, points; no "
-    "fine-tuning follows it):",
+    f"The final cut's cost ({unit}; no fine-tuning follows it):",
     "",
     "| method | model | C | epochs | seeds | mean cost | max cost |",
     "|---|---|---|---|---|---|---|",

@@ -115,3 +115,50 @@ def test_the_docs_say_what_the_committed_records_say_about_the_cut():
     text = f.read()
   regenerated = evidence_report.replace_between(text, evidence_report.section())
   assert regenerated == text, "run python benchmarks/evidence_report.py"
+
+
+def _lm_records(method, compression, bits, before=None):
+  """Synthetic LM records, one per seed; `before`: bits per byte just before the cut."""
+  before = bits if before is None else before
+  return [
+    {
+      "stage": "grid",
+      "model": "gpt_austen",
+      "method": method,
+      "compression": compression,
+      "budget": 4,
+      "seed": seed,
+      "name": f"gpt_austen/grid/{method}_c{compression:g}_e4/seed{seed}",
+      "status": "done",
+      "learning_rate": 1e-3,
+      "bits_per_byte_before_prune": b,
+      "bits_per_byte_after_prune": a,
+      "bits_per_byte_final": a,
+      "validation_bits_per_byte_final": a,
+      "dense_bits_per_byte": 2.3,
+    }
+    for seed, (a, b) in enumerate(zip(bits, before))
+  ]
+
+
+def test_language_model_cells_rank_lowest_bits_per_byte_first_and_cost_the_cut_in_bits(tmp_path):
+  gsm, gmp = [2.43, 2.44, 2.45], [2.40, 2.401, 2.402]
+  records = _lm_records("gsm", 10.0, gsm, before=[2.42, 2.44, 2.45]) + _lm_records("gmp", 10.0, gmp)
+  (tmp_path / "evidence_lm_raw.json").write_text(json.dumps({"records": records}))
+  source = ("evidence_lm_raw.json", "LM", "python benchmarks/evidence.py --model gpt_austen")
+  old = evidence_report.SOURCES
+  evidence_report.SOURCES = (source,)
+  try:
+    text = evidence_report.section(str(tmp_path))
+  finally:
+    evidence_report.SOURCES = old
+  assert "(test bits per byte, lower is better, mean ± std over seeds)" in text
+  assert f"| gsm | 0.001 | {np.mean(gsm):.4f} ± {np.std(gsm, ddof=1):.4f} |" in text
+  d = np.mean(gsm) - np.mean(gmp)
+  se = np.sqrt(np.var(gsm, ddof=1) / 3 + np.var(gmp, ddof=1) / 3)
+  assert d > 2 * se
+  verdict = next(line for line in text.splitlines() if line.startswith("- gpt_austen, 10x"))
+  assert verdict == (f"- gpt_austen, 10x, 4 epochs: **gmp** 2.4010 ± 0.0010; gsm {d:+.4f} (clear).")
+  # the cut: after - before in bits per byte, 0.01 / 3 on average, 0.01 at most
+  assert "| gsm | gpt_austen | 10x | 4 | 3 | 0.0033 | 0.0100 |" in text
+  assert "GSM's cut, over every run below" not in text  # the sentence is the images'
