@@ -58,7 +58,7 @@ paper's Table 4): the mask of the dense model's magnitudes
 ``--model gpt_austen`` (issue 23) runs the byte-level GPT on Jane Austen
 (``configs/evidence_gpt.py``: the tiny size, context 64, 100-step epochs, AdamW
 with a cosine schedule in every section): one 8-epoch dense model per seed,
-then B = 4 epochs (400 steps) for ``LM_METHODS`` at 2x, 4x and 10x over the
+then B = 4 epochs (400 steps) for its ``TRANSFORMERS`` methods at 2x, 4x and 10x over the
 pooled attention and MLP kernels: ``gsm`` (GSM with AdamW, passive weights
 shrinking to exp(-10) over the budget), ``gsm_sgd`` (the paper's momentum SGD,
 beta 0.99 Nesterov, wd 5e-4, with the same passive shrink), ``gmp`` (2 + 2
@@ -66,6 +66,9 @@ epochs) and ``magnitude`` (4 epochs of fine-tuning). Its sweep is at C = 10 on
 the first seed with ``LM_SWEEP_RATES`` per optimizer, chosen on the validation
 split's bits per byte (lower is better). ``--grid structured`` with it runs
 2:4 GSM against magnitude 2:4 + retraining on every pooled kernel.
+``--model vit_fashion`` runs the tiny ViT on Fashion-MNIST
+(``configs/evidence_vit.py``, 5,000 training images held out for the sweep):
+GSM with AdamW against GMP at 10x and 30x, 6 epochs after a 6-epoch dense model.
 ``--grid ramp`` runs gradual GSM on LeNet-300-100 at 60x and 120x with its
 ramp ending at B / 4 (``gsm_gradual``), B / 8 and B / 16 (``RAMPS``), all at
 gsm_gradual's chosen rate.
@@ -114,12 +117,17 @@ CONFIGS = {
   "lenet_300_100": os.path.join(ROOT, "configs", "evidence_lenet300.py"),
   "lenet5": os.path.join(ROOT, "configs", "evidence_lenet5.py"),
   "gpt_austen": os.path.join(ROOT, "configs", "evidence_gpt.py"),
+  "vit_fashion": os.path.join(ROOT, "configs", "evidence_vit.py"),
 }
 # The metric a model's cells are compared on (summary.json's ``<metric>_final`` and twins),
 # and whether larger is better.
-METRIC = {"lenet_300_100": "accuracy", "lenet5": "accuracy", "gpt_austen": "bits_per_byte"}
+METRIC = {
+  "lenet_300_100": "accuracy",
+  "lenet5": "accuracy",
+  "gpt_austen": "bits_per_byte",
+  "vit_fashion": "accuracy",
+}
 LARGER_IS_BETTER = {"accuracy": True, "bits_per_byte": False}
-LM_MODELS = ("gpt_austen",)
 METHODS = ("gsm", "gsm_gradual", "magnitude", "gmp", "admm")  # swept
 VARIANTS = ("gsm_ema", "gsm_age", "gsm_ft")  # GSM variants, not swept: gsm's rate
 TICKETS = ("ticket_magnitude", "ticket_gsm")
@@ -142,14 +150,32 @@ NM_COMPRESSION = 2.0  # 2:4 keeps half the pool: the C in an N:M cell's name
 # Issue 23's lead: gradual GSM whose ramp ends earlier (C reached at B / 8, B / 16), gsm_gradual's rate.
 RAMPS = {"gsm_gradual": 0.25, "gsm_ramp8": 0.125, "gsm_ramp16": 0.0625}
 RATE_OF |= {"gsm_ramp8": "gsm_gradual", "gsm_ramp16": "gsm_gradual"}
-# The language model (issue 23): GSM with AdamW, GSM with the paper's momentum SGD, GMP and
-# magnitude + fine-tuning (AdamW), at 2x, 4x and 10x over the pooled kernels, LM_BUDGET epochs
-# of 100 steps after an 8-epoch dense model; the sweep at C = 10 with per-optimizer rates.
-LM_METHODS = ("gsm", "gsm_sgd", "gmp", "magnitude")
-LM_COMPRESSIONS = (2.0, 4.0, 10.0)
-LM_BUDGET, LM_DENSE_EPOCHS = 4, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerGrid:
+  """Issue 23's grid of a transformer (AdamW sections): methods x C at one budget B (epochs
+  after a ``dense_epochs`` dense model), swept at C = ``sweep_compression`` on the first seed."""
+
+  methods: tuple[str, ...]
+  compressions: tuple[float, ...]
+  budget: int
+  dense_epochs: int
+  sweep_compression: float = 10.0
+  epoch_seconds: float = 13.0  # 2 CPU cores, for --plan
+  run_overhead_seconds: float = 35.0
+
+
+# The language model: GSM with AdamW, GSM with the paper's momentum SGD, GMP and magnitude +
+# fine-tuning (AdamW), at 2x, 4x and 10x over the pooled kernels, 4 epochs of 100 steps after
+# an 8-epoch dense model (the tiny GPT on 2 Xeon cores, loaded: 12.5 s per epoch, ~35 s more
+# per run: start, compiles, the dense model's load, four evaluations of the test split). The
+# ViT: GSM with AdamW against GMP at 10x and 30x, 6 epochs after a 6-epoch dense model.
+TRANSFORMERS = {
+  "gpt_austen": TransformerGrid(("gsm", "gsm_sgd", "gmp", "magnitude"), (2.0, 4.0, 10.0), 4, 8),
+  "vit_fashion": TransformerGrid(("gsm", "gmp"), (10.0, 30.0), 6, 6, epoch_seconds=14.0),
+}
 LM_SWEEP_RATES = {"adamw": (3e-4, 1e-3, 3e-3), "sgd": (0.01, 0.03, 0.1)}
-LM_SWEEP_COMPRESSION = 10.0
 GSM_SGD = {"optimizer": "sgd", "momentum": 0.99, "nesterov": True, "weight_decay": 5e-4}
 TRAIN_METHOD = {m: "gsm" for m in ("gsm_sgd", *RAMPS, *VARIANTS)} | dict.fromkeys(
   TICKETS, "lottery"
@@ -167,9 +193,6 @@ TRAIN_EXAMPLES = 60000  # Fashion-MNIST
 # 1.05 s (GSM), 0.9 s (GMP, ADMM); a run adds 16-18 s (start, compiles, load, report).
 EPOCH_SECONDS = 1.05
 RUN_OVERHEAD_SECONDS = 18.0
-# The tiny GPT on 2 CPU cores (Intel Xeon, loaded): 12.5 s per 100-step epoch, ~35 s per run
-# more (start, compiles, the dense model's load and four evaluations of the test split).
-LM_EPOCH_SECONDS, LM_RUN_OVERHEAD_SECONDS = 13.0, 35.0
 EXIT_DIVERGED = 3
 
 
@@ -221,10 +244,11 @@ def grid_groups(
   """
   if grid == "ramp":
     return [(m, c, 60) for c in (60.0, 120.0) for m in RAMPS]
-  if model in LM_MODELS:
+  if model in TRANSFORMERS:
+    t = TRANSFORMERS[model]
     if grid == "structured":
-      return [(m, NM_COMPRESSION, LM_BUDGET) for m in STRUCTURED[2:]]
-    return [(m, c, LM_BUDGET) for c in LM_COMPRESSIONS for m in LM_METHODS]
+      return [(m, NM_COMPRESSION, t.budget) for m in STRUCTURED[2:]]
+    return [(m, c, t.budget) for c in t.compressions for m in t.methods]
   if grid == "structured":
     groups = [(m, c, 60) for c in CHANNEL_COMPRESSIONS[model] for m in STRUCTURED[:2]]
     return groups + [(m, NM_COMPRESSION, 60) for m in STRUCTURED[2:]]
@@ -259,7 +283,7 @@ def all_cells(
       for lr in rates
     ]
   groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model))
-  if model in LM_MODELS:  # no tickets
+  if model in TRANSFORMERS:  # no tickets
     return cells + [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   # Seed-major: a run cut short (--deadline) has every group at its first seeds.
   cells += [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
@@ -274,15 +298,16 @@ def all_cells(
 
 def sweep_rates(model: str) -> dict[str, tuple[float, ...]]:
   """The swept methods and their rates: SGD's for the images, per optimizer for the LM."""
-  if model in LM_MODELS:
-    return {m: LM_SWEEP_RATES["sgd" if m == "gsm_sgd" else "adamw"] for m in LM_METHODS}
+  if model in TRANSFORMERS:
+    methods = TRANSFORMERS[model].methods
+    return {m: LM_SWEEP_RATES["sgd" if m == "gsm_sgd" else "adamw"] for m in methods}
   return dict.fromkeys(METHODS, SWEEP_RATES)
 
 
 def sweep_point(model: str) -> tuple[float, int]:
   """(C, B) of the sweep."""
-  if model in LM_MODELS:
-    return LM_SWEEP_COMPRESSION, LM_BUDGET
+  if model in TRANSFORMERS:
+    return TRANSFORMERS[model].sweep_compression, TRANSFORMERS[model].budget
   return SWEEP_COMPRESSION, SWEEP_BUDGET
 
 
@@ -342,8 +367,8 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
   fields: dict[str, Any] = {"seed": cell.seed, "method": TRAIN_METHOD.get(cell.method, cell.method)}
   if cell.model not in CONFIGS:
     raise ValueError(f"model {cell.model!r}: one of {', '.join(CONFIGS)}")
-  if cell.model in LM_MODELS:
-    return fields | lm_cell_fields(cell, lr, args)
+  if cell.model in TRANSFORMERS:
+    return fields | transformer_cell_fields(cell, lr, args)
   fields.update(data_fields(args))
   d = args.dense_epochs
   fields.update({"dense.epochs": d, "dense.boundaries": tuple(b for b in (0.5 * d, 0.77 * d) if b)})
@@ -395,8 +420,10 @@ def cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[
   return fields
 
 
-def lm_cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> dict[str, Any]:
-  """The LM cell's fields on top of ``configs/evidence_gpt.py`` (AdamW sections, cosine)."""
+def transformer_cell_fields(
+  cell: Cell, lr: float | None, args: argparse.Namespace
+) -> dict[str, Any]:
+  """A transformer cell's fields on top of its config (AdamW sections, cosine schedules)."""
   fields: dict[str, Any] = {"dense.epochs": args.dense_epochs}
   if args.data_dir:
     fields["data_dir"] = args.data_dir
@@ -417,7 +444,8 @@ def lm_cell_fields(cell: Cell, lr: float | None, args: argparse.Namespace) -> di
     fields.update({"gmp.epochs": half, "gmp.learning_rate": lr})
     fields.update({"finetune.epochs": b - half, "finetune.learning_rate": lr})
   else:
-    raise ValueError(f"method {cell.method!r} has no LM cell: one of {LM_METHODS + STRUCTURED[2:]}")
+    methods = TRANSFORMERS[cell.model].methods + STRUCTURED[2:]
+    raise ValueError(f"method {cell.method!r} has no {cell.model} cell: one of {methods}")
   return fields
 
 
@@ -690,8 +718,9 @@ def write_outputs(
 
 def cell_seconds(cell: Cell, args: argparse.Namespace) -> float:
   """Estimated CPU wall time: epochs x the measured epoch time (scaled by examples) + overhead."""
-  if cell.model in LM_MODELS:
-    return cell.budget * LM_EPOCH_SECONDS + LM_RUN_OVERHEAD_SECONDS
+  if cell.model in TRANSFORMERS:
+    t = TRANSFORMERS[cell.model]
+    return cell.budget * t.epoch_seconds + t.run_overhead_seconds
   examples = args.max_examples or TRAIN_EXAMPLES
   return cell.budget * args.epoch_seconds * examples / TRAIN_EXAMPLES + RUN_OVERHEAD_SECONDS
 
@@ -707,10 +736,13 @@ def print_plan(cells: list[Cell], args: argparse.Namespace, known: dict[str, dic
   for c in todo:
     print(f"{c.name}  ~{cell_seconds(c, args) / 60:.1f} min")
   total = sum(cell_seconds(c, args) for c in todo)
+  t = TRANSFORMERS.get(args.model)
+  seconds, overhead = (
+    (t.epoch_seconds, t.run_overhead_seconds) if t else (args.epoch_seconds, RUN_OVERHEAD_SECONDS)
+  )
   print(
     f"{len(todo)} of {len(cells)} cells to run, {sum(c.budget for c in todo)} epochs: "
-    f"~{total / 3600:.1f} h at {args.epoch_seconds:g} s per full epoch "
-    f"+ {RUN_OVERHEAD_SECONDS:g} s per run"
+    f"~{total / 3600:.1f} h at {seconds:g} s per full epoch + {overhead:g} s per run"
   )
 
 
@@ -867,7 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   args.workdir_root = os.path.abspath(args.workdir_root)
   if args.dense_epochs is None:
-    args.dense_epochs = LM_DENSE_EPOCHS if args.model in LM_MODELS else 30
+    t = TRANSFORMERS.get(args.model)
+    args.dense_epochs = t.dense_epochs if t else 30
   args.finetune_rate = None  # magnitude's chosen rate, set by the runner
   only = dict(item.split("=", 1) for item in args.only.split(",") if item)
   seeds = [int(s) for s in args.seeds.split(",")]

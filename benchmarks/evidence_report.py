@@ -95,6 +95,12 @@ SOURCES = (
     "python benchmarks/evidence.py --model gpt_austen --grid structured "
     "--tag evidence_lm_structured --rates_from benchmarks/results/evidence_lm_lr.json",
   ),
+  (
+    "evidence_vit_raw.json",
+    "The tiny ViT on Fashion-MNIST (issue 23): GSM with AdamW vs GMP, a 6-epoch dense model, "
+    "then 6 epochs for each (GMP: 3 + 3 of fine-tuning), 2 CPU cores",
+    "python benchmarks/evidence.py --model vit_fashion --tag evidence_vit",
+  ),
 )
 ORDER = (
   evidence.METHODS

@@ -272,3 +272,18 @@ def test_ramp_grid_takes_gsm_graduals_rate_and_ends_the_ramp_at_b_over_8_and_16(
     cell = flags(f"{method}_c120_e60")
     assert (cell["config.method"], cell["config.gsm.ramp_epochs"]) == ("gsm", ramp)
     assert cell["config.gsm.learning_rate"] == "0.1"
+
+
+def test_the_vit_grid_is_gsm_against_gmp_at_10x_and_30x_swept_with_adamws_rates():
+  assert evidence.grid_groups("vit_fashion") == [
+    ("gsm", 10.0, 6),
+    ("gmp", 10.0, 6),
+    ("gsm", 30.0, 6),
+    ("gmp", 30.0, 6),
+  ]
+  assert evidence.sweep_rates("vit_fashion") == {
+    "gsm": (3e-4, 1e-3, 3e-3),
+    "gmp": (3e-4, 1e-3, 3e-3),
+  }
+  cells = evidence.all_cells([0, 1, 2], 6, None, "vit_fashion")
+  assert [c.stage for c in cells].count("sweep") == 6 and len(cells) == 3 + 6 + 12
