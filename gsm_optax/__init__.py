@@ -19,6 +19,16 @@ from gsm_optax.export import nm_storage_bytes
 from gsm_optax.export import save_sparse
 from gsm_optax.export import sparse_dense
 from gsm_optax.export import to_bcoo
+from gsm_optax.groups import ChannelGroupReport
+from gsm_optax.groups import ChannelSlice
+from gsm_optax.groups import GroupChannels
+from gsm_optax.groups import channel_group_mask
+from gsm_optax.groups import channel_group_report
+from gsm_optax.groups import group_pool
+from gsm_optax.groups import gsm_channel_groups
+from gsm_optax.groups import mask_by_global_group_taylor
+from gsm_optax.groups import prune_channel_groups
+from gsm_optax.groups import resolve_groups
 from gsm_optax.passive import ShrinkPassiveState
 from gsm_optax.passive import gsm_sgd_shrink
 from gsm_optax.passive import shrink_passive
@@ -63,7 +73,10 @@ __version__ = "0.1.0"
 
 __all__ = [
   "CHANNEL_SCORES",
+  "ChannelGroupReport",
   "ChannelReport",
+  "ChannelSlice",
+  "GroupChannels",
   "GsmAdamWState",
   "LeafChannels",
   "LeafNM",
@@ -81,15 +94,19 @@ __all__ = [
   "apply_mask",
   "baselines",
   "budget_shrink_rate",
-  "channel_stats",
+  "channel_group_mask",
+  "channel_group_report",
   "channel_report",
+  "channel_stats",
   "default_pool",
   "global_channel_mask",
   "global_kth_largest",
   "global_kth_largest_magnitude",
   "global_magnitude_mask",
+  "group_pool",
   "gsm",
   "gsm_adamw",
+  "gsm_channel_groups",
   "gsm_channels",
   "gsm_nm",
   "gsm_sgd_shrink",
@@ -98,6 +115,7 @@ __all__ = [
   "key_path_name",
   "load_sparse",
   "mask_by_global_channel_taylor",
+  "mask_by_global_group_taylor",
   "mask_by_global_taylor",
   "mask_by_nm_taylor",
   "mask_overlap",
@@ -111,8 +129,10 @@ __all__ = [
   "path_pool",
   "pool_size",
   "prune",
+  "prune_channel_groups",
   "prune_channels",
   "prune_nm",
+  "resolve_groups",
   "resolve_pool",
   "save_sparse",
   "shrink_passive",
