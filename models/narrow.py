@@ -14,6 +14,14 @@ float rounding):
   all-ones image (`NarrowBasicBlock.fold`): exact at every position and input
   size, 9 * cout numbers instead of a channel.
 
+Transformers (GPT, ViT; `narrow_transformer`) lose, block by block, the MLP
+hidden neurons and the attention heads that add nothing or a constant: a
+neuron whose fc2 row is zero, or whose fc1 column is zero (GELU(bias) times its
+fc2 row is folded into fc2's bias); a head whose out rows are zero, or whose
+value columns are zero (its output is then the value bias at every position,
+the attention weights summing to 1, folded into out's bias through its out
+rows). Blocks may keep different numbers of neurons and heads, 0 included.
+
 `count_macs` counts the multiply-accumulates of a model's convolutions and
 matmuls for one input, before and after.
 """
@@ -21,6 +29,7 @@ matmuls for one input, before and after.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from flax import nnx
 import jax
@@ -29,10 +38,13 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from models.gpt import GPT
 from models.lenet import LeNet5
 from models.lenet import LeNet300100
 from models.resnet_cifar import BasicBlock
 from models.resnet_cifar import ResNetCifar
+from models.transformer import Block
+from models.vit import ViT
 
 # --------------------------------------------------------------------------
 # Helpers.
@@ -198,11 +210,93 @@ def narrow_resnet(model: ResNetCifar) -> ResNetCifar:
 
 
 # --------------------------------------------------------------------------
+# Transformers: the MLP neurons and attention heads of every block.
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+  """GELU, exact (erf) form, as the blocks' MLP."""
+  return 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2.0)))
+
+
+def _zero(kernel: np.ndarray, axis: int) -> np.ndarray:
+  """Per index of `axis`: whether that slice of a 2-D kernel is all zero."""
+  return ~np.any(kernel != 0, axis=1 - axis)
+
+
+def _mlp_arrays(block: Block) -> tuple[list[np.ndarray], int]:
+  """[fc1 kernel, fc1 bias, fc2 kernel, fc2 bias] of the kept neurons, and their number."""
+  k1, b1 = _array(block.mlp.fc1.kernel), _array(block.mlp.fc1.bias)
+  k2, b2 = _array(block.mlp.fc2.kernel), _array(block.mlp.fc2.bias)
+  dead_in, dead_out = _zero(k1, 1), _zero(k2, 0)
+  fold = dead_in & ~dead_out  # outputs GELU(b1) times its fc2 row, whatever the input
+  b2 = b2 + _gelu(b1[fold]) @ k2[fold]
+  keep = ~(dead_in | dead_out)
+  return [k1[:, keep], b1[keep], k2[keep], b2], int(keep.sum())
+
+
+def _attention_arrays(block: Block) -> tuple[list[np.ndarray], int]:
+  """[q, k, v kernels and biases, out kernel and bias] of the kept heads, and their number."""
+  attn = block.attn
+  hd = attn.head_dim
+  q, k, v, o = (_array(layer.kernel) for layer in (attn.query, attn.key, attn.value, attn.out))
+  bq, bk, bv, bo = (_array(layer.bias) for layer in (attn.query, attn.key, attn.value, attn.out))
+
+  def per_head(dead: np.ndarray) -> np.ndarray:
+    return dead.reshape(-1, hd).all(axis=1)
+
+  dead_v, dead_out = per_head(_zero(v, 1)), per_head(_zero(o, 0))
+  fold = np.repeat(dead_v & ~dead_out, hd)  # outputs its value bias at every position
+  bo = bo + bv[fold] @ o[fold]
+  keep = np.repeat(~(dead_v | dead_out), hd)
+  arrays = [q[:, keep], bq[keep], k[:, keep], bk[keep], v[:, keep], bv[keep], o[keep], bo]
+  return arrays, int(keep.sum()) // hd
+
+
+def narrow_block(block: Block) -> Block:
+  """A `Block` without the MLP neurons and attention heads that add nothing or a
+  constant (folded into fc2's or out's bias); 0 of either may remain."""
+  mlp, hidden = _mlp_arrays(block)
+  attention, heads = _attention_arrays(block)
+  d_model, hd = block.ln1.scale.shape[0], block.attn.head_dim
+  new = _abstract(
+    lambda: Block(
+      d_model,
+      heads,
+      hidden,
+      causal=block.attn.causal,
+      num_layers=1,
+      head_dim=hd,
+      rngs=nnx.Rngs(0),
+    )
+  )
+  for norm, old in ((new.ln1, block.ln1), (new.ln2, block.ln2)):
+    _set(norm.scale, _array(old.scale))
+    _set(norm.bias, _array(old.bias))
+  attn = new.attn
+  layers = (attn.query, attn.key, attn.value, attn.out, new.mlp.fc1, new.mlp.fc2)
+  values = attention + mlp
+  for i, layer in enumerate(layers):
+    _set(layer.kernel, values[2 * i])
+    _set(layer.bias, values[2 * i + 1])
+  return new
+
+
+def narrow_transformer(model: GPT | ViT) -> GPT | ViT:
+  """A copy of a GPT or ViT whose blocks keep only the MLP neurons and attention
+  heads that contribute more than a constant (`narrow_block`); it computes what
+  the masked model computes, up to float rounding."""
+  new = nnx.clone(model)
+  new.blocks = nnx.List([narrow_block(block) for block in model.blocks])
+  return new
+
+
+# --------------------------------------------------------------------------
 # Multiply-accumulates.
 
 
 def narrow(model: nnx.Module) -> nnx.Module:
-  """The narrowed copy of a LeNet-300-100, LeNet-5 or CIFAR ResNet (the functions above).
+  """The narrowed copy of a LeNet-300-100, LeNet-5, CIFAR ResNet, GPT or ViT (the
+  functions above).
 
   Raises:
     TypeError: for a model with no narrowing.
@@ -211,11 +305,13 @@ def narrow(model: nnx.Module) -> nnx.Module:
     (LeNet300100, narrow_lenet300),
     (LeNet5, narrow_lenet5),
     (ResNetCifar, narrow_resnet),
+    ((GPT, ViT), narrow_transformer),
   ):
     if isinstance(model, cls):
       return fn(model)
   raise TypeError(
-    f"no narrowing for {type(model).__name__}: LeNet300100, LeNet5 and ResNetCifar have one"
+    f"no narrowing for {type(model).__name__}: LeNet300100, LeNet5, ResNetCifar, GPT and ViT "
+    "have one"
   )
 
 
@@ -239,13 +335,14 @@ def _jaxpr_macs(jaxpr: jex.Jaxpr) -> int:
   return total
 
 
-def count_macs(model: nnx.Module, input_shape: tuple[int, ...]) -> int:
+def count_macs(model: nnx.Module, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> int:
   """Multiply-accumulates of the convolutions and matmuls of one forward pass
-  on one input of `input_shape` (no batch axis); traced, nothing is run."""
+  on one input of `input_shape` and `dtype` (no batch axis; a GPT takes int32
+  tokens); traced, nothing is run."""
   graphdef, state = nnx.split(model)
 
   def forward(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, *input_shape), dtype)
   return _jaxpr_macs(jax.make_jaxpr(forward)(state, x).jaxpr)

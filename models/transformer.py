@@ -15,10 +15,15 @@ LayerNorm scale one; the two projections that write into the residual stream
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
+from typing import Callable
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+import gsm_optax
 
 INIT_STD = 0.02
 LN_EPSILON = 1e-5
@@ -30,6 +35,15 @@ zeros = nnx.initializers.zeros_init()
 # Their kernels a GSM pool takes by default (regexes over key paths such as
 # "blocks/0/attn/query/kernel"): attention and MLP only, the models' `pool_include`.
 BLOCK_KERNELS = (r"attn/(query|key|value|out)/kernel$", r"mlp/fc[12]/kernel$")
+
+# Structured pruning of the blocks: a channel is an MLP hidden neuron or an attention head.
+CHANNEL_GROUP_KINDS = ("neurons", "heads")
+# kind -> the block's module and the axis of the channel in each of its [in, out] kernels
+_GROUP_AXES = {
+  "neurons": ("mlp", {"fc1": -1, "fc2": 0}),
+  "heads": ("attn", {"query": -1, "key": -1, "value": -1, "out": 0}),
+}
+_BLOCK_KERNEL = re.compile(r"^blocks/(\d+)/(mlp|attn)/(\w+)/kernel$")
 
 
 def residual_std(num_layers: int) -> float:
@@ -50,7 +64,10 @@ def layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class MultiHeadAttention(nnx.Module):
   """Multi-head scaled dot-product self-attention; causal mask when ``causal``.
 
-  Scores and softmax are computed in float32 whatever the input dtype.
+  ``head_dim`` defaults to ``d_model // num_heads``; given, the heads need not
+  fill ``d_model`` (a narrowed block may keep any number of heads, 0 included:
+  then it adds ``out``'s bias only). Scores and softmax are computed in float32
+  whatever the input dtype.
   """
 
   def __init__(
@@ -60,20 +77,24 @@ class MultiHeadAttention(nnx.Module):
     *,
     causal: bool,
     out_std: float = INIT_STD,
+    head_dim: int | None = None,
     rngs: nnx.Rngs,
   ):
-    if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}.")
+    if head_dim is None:
+      if d_model % num_heads:
+        raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}.")
+      head_dim = d_model // num_heads
     self.num_heads = num_heads
-    self.head_dim = d_model // num_heads
+    self.head_dim = head_dim
     self.causal = causal
-    self.query = dense(d_model, d_model, rngs)
-    self.key = dense(d_model, d_model, rngs)
-    self.value = dense(d_model, d_model, rngs)
-    self.out = dense(d_model, d_model, rngs, std=out_std)
+    inner = num_heads * head_dim
+    self.query = dense(d_model, inner, rngs)
+    self.key = dense(d_model, inner, rngs)
+    self.value = dense(d_model, inner, rngs)
+    self.out = dense(inner, d_model, rngs, std=out_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    batch, length, d_model = x.shape
+    batch, length, _ = x.shape
 
     def heads(y: jax.Array) -> jax.Array:  # [B, T, d] -> [B, T, H, head_dim]
       return y.reshape(batch, length, self.num_heads, self.head_dim)
@@ -85,7 +106,8 @@ class MultiHeadAttention(nnx.Module):
       allowed = jnp.tril(jnp.ones((length, length), bool))
       scores = jnp.where(allowed, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, d_model)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    y = y.reshape(batch, length, self.num_heads * self.head_dim)
     return self.out(y)
 
 
@@ -104,7 +126,8 @@ class Block(nnx.Module):
   """Pre-LayerNorm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``.
 
   ``num_layers`` (the model's depth) scales the init of the residual
-  projections ``attn/out`` and ``mlp/fc2``.
+  projections ``attn/out`` and ``mlp/fc2``; ``head_dim`` as in
+  ``MultiHeadAttention``.
   """
 
   def __init__(
@@ -115,11 +138,14 @@ class Block(nnx.Module):
     *,
     causal: bool,
     num_layers: int,
+    head_dim: int | None = None,
     rngs: nnx.Rngs,
   ):
     std = residual_std(num_layers)
     self.ln1 = layer_norm(d_model, rngs)
-    self.attn = MultiHeadAttention(d_model, num_heads, causal=causal, out_std=std, rngs=rngs)
+    self.attn = MultiHeadAttention(
+      d_model, num_heads, causal=causal, out_std=std, head_dim=head_dim, rngs=rngs
+    )
     self.ln2 = layer_norm(d_model, rngs)
     self.mlp = MLP(d_model, mlp_hidden, out_std=std, rngs=rngs)
 
@@ -138,3 +164,35 @@ def stack_blocks(
       for _ in range(num_layers)
     ]
   )
+
+
+def channel_groups(kind: str, head_dim: int | None = None) -> Callable[[Any], Any]:
+  """params -> a ``gsm_optax.ChannelSlice`` on each block kernel of `kind`, None elsewhere.
+
+  "neurons": hidden neuron j of block i is column j of ``blocks/i/mlp/fc1/kernel``
+  and row j of ``blocks/i/mlp/fc2/kernel`` (group ``blocks/i/mlp``). "heads": head
+  h of block i is columns ``h * head_dim : (h + 1) * head_dim`` of the query, key
+  and value kernels and the same rows of the out kernel (group ``blocks/i/attn``).
+  Biases stay out: a cut neuron or head then adds nothing (its fc2 / out rows are
+  zero), so ``models.narrow`` removes it exactly.
+
+  Raises:
+    ValueError: an unknown kind, or "heads" without a positive head_dim.
+  """
+  if kind not in _GROUP_AXES:
+    raise ValueError(
+      f"unknown channel group kind {kind!r}; kinds: {', '.join(CHANNEL_GROUP_KINDS)}."
+    )
+  if kind == "heads" and not (isinstance(head_dim, int) and head_dim >= 1):
+    raise ValueError(f"channel groups of heads need the head_dim (an int >= 1), got {head_dim!r}.")
+  module, axes = _GROUP_AXES[kind]
+  width = head_dim if kind == "heads" else 1
+
+  def spec(path: tuple, leaf: Any) -> gsm_optax.ChannelSlice | None:
+    del leaf
+    match = _BLOCK_KERNEL.match(gsm_optax.key_path_name(path))
+    if match is None or match[2] != module or match[3] not in axes:
+      return None
+    return gsm_optax.ChannelSlice(f"blocks/{match[1]}/{module}", axes[match[3]], width)
+
+  return lambda params: jax.tree_util.tree_map_with_path(spec, params)
