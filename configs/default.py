@@ -51,7 +51,10 @@ docs/TRAINING.md; in short:
     filter_l1) with channels.score="sum": a channel with a larger fan-in sums
     more weights and tends to rank higher (on LeNet-5, every conv1 channel goes
     first; docs/RESULTS.md); channels.score="mean" divides by the channel's
-    number of weights.
+    number of weights. channels.groups (gpt and vit only): "" per-leaf
+    channels as above; "neurons": a channel is an MLP hidden neuron (fc1
+    column + fc2 row); "heads": an attention head (its query/key/value columns
+    + out rows); ranked over every block, C counts them (C = 2: half).
   nm.n, nm.m, nm.axis: N:M sparsity for gsm_nm and magnitude_nm: N non-zeros
     in every group of M consecutive weights along ``axis`` (-2: the input
     features of Linear and Conv kernels); M must divide that axis of every
@@ -147,7 +150,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Structured methods (gsm_channels, filter_l1: C counts output channels; gsm_nm, magnitude_nm).
   # channels.layers / nm.layers: "" (every kernel; channels: but the classifier's) or "conv2,fc1".
-  config.channels = ml_collections.ConfigDict(dict(axis=-1, score="sum", layers=""))
+  # channels.groups: "" (per-leaf channels), or for gpt / vit "neurons" (MLP) or "heads".
+  config.channels = ml_collections.ConfigDict(dict(axis=-1, score="sum", layers="", groups=""))
   config.nm = ml_collections.ConfigDict(dict(n=2, m=4, axis=-2, layers=""))  # N of every M
 
   # Devices: the batch is split over all of them; fsdp > 1 also splits the params and

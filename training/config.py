@@ -262,6 +262,7 @@ ADDED_FIELDS = {
   "nm.axis": -2,
   "channels.score": "sum",
   "channels.layers": "",
+  "channels.groups": "",
   "nm.layers": "",
   "pool.include": [],
   "pool.exclude": [],

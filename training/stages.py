@@ -34,7 +34,10 @@ function ``ctx -> list[Stage]`` (and the checks of its config section) to
 * ``gsm_channels`` / ``filter_l1`` (Li et al. 2017): C counts output channels
   (``config.channels.axis``): ``gsm.epochs`` of ``gsm_optax.gsm_channels`` then
   ``prune_channels`` with no fine-tuning / ``prune_channels`` of the dense
-  model then ``finetune.epochs`` of masked fine-tuning.
+  model then ``finetune.epochs`` of masked fine-tuning. With
+  ``config.channels.groups`` ("neurons", "heads"; gpt and vit) a channel is a
+  transformer's MLP neuron or attention head, ranked over every block
+  (``gsm_optax.gsm_channel_groups``, ``prune_channel_groups``).
 * ``gsm_nm`` / ``magnitude_nm`` (NVIDIA ASP): ``config.nm`` N of every M:
   ``gsm.epochs`` of ``gsm_optax.gsm_nm`` then ``prune_nm`` / ``prune_nm`` of the
   dense model then ``finetune.epochs`` of masked retraining.
@@ -64,6 +67,7 @@ import gsm_optax
 from gsm_optax import baselines
 import models
 from models import narrow as narrow_lib
+from models import transformer
 from training import checkpoints
 from training import config as config_lib
 from training import data as data_lib
@@ -927,6 +931,31 @@ def _channel_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   return channel_pool(config.model, config.channels.layers, pool_spec(config))
 
 
+def group_kind(config: ml_collections.ConfigDict) -> str:
+  """``config.channels.groups``: "" (per-leaf channels), "neurons" or "heads"."""
+  return config.channels.get("groups", "")
+
+
+@functools.lru_cache(maxsize=8)
+def _head_dim(model: str, options: tuple) -> int:
+  abstract = nnx.eval_shape(lambda: models.create_model(model, rngs=nnx.Rngs(0), **dict(options)))
+  return abstract.blocks[0].attn.head_dim
+
+
+def group_args(config: ml_collections.ConfigDict) -> tuple[str, int | None]:
+  """(kind, head_dim) of the run's channel groups: head_dim of the model's
+  attention for "heads", None otherwise (hashable: the phase cache keys on it)."""
+  kind = group_kind(config)
+  if kind != "heads":
+    return kind, None
+  options = tuple(tasks.for_dataset(config.dataset).model_options(config))
+  return kind, _head_dim(config.model, options)
+
+
+def _channel_groups(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  return transformer.channel_groups(*group_args(config))
+
+
 def _nm_pool(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   return layer_pool(config.nm.layers, spec=pool_spec(config))
 
@@ -961,6 +990,34 @@ def gsm_channels_optimizer(
     nesterov=cfg.nesterov,
     pool=pool,
     channel_axis=axis,
+    channel_score=score,
+  )
+  return _structured_gsm(cfg, lr, mask, preset), lr
+
+
+def gsm_channel_groups_optimizer(
+  cfg: Any,
+  steps_per_epoch: int,
+  compression: float,
+  kind: str,
+  head_dim: int | None,
+  score: str,
+) -> tuple[optax.GradientTransformation, Any]:
+  """``gsm_optax.gsm_channel_groups`` over a transformer's neurons or heads (C in
+  channels); with AdamW, ``mask_by_global_group_taylor`` in front of ``optax.adamw``."""
+  lr = steps.section_schedule(cfg, steps_per_epoch)
+  groups = transformer.channel_groups(kind, head_dim)
+  mask = functools.partial(
+    gsm_optax.mask_by_global_group_taylor, compression, groups, channel_score=score
+  )
+  preset = functools.partial(
+    gsm_optax.gsm_channel_groups,
+    lr,
+    compression,
+    groups,
+    momentum=cfg.momentum,
+    weight_decay=cfg.weight_decay,
+    nesterov=cfg.nesterov,
     channel_score=score,
   )
   return _structured_gsm(cfg, lr, mask, preset), lr
@@ -1004,7 +1061,17 @@ def _structured_gsm(
 
 
 def channel_cut(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """params -> the Q = int(#pooled channels / C) channels of greatest sum (mean) |w| kept."""
+  """params -> the Q = int(#pooled channels / C) channels of greatest sum (mean) |w| kept
+  (with ``channels.groups``: channels of the groups, each over all its member slices)."""
+  if group_kind(config):
+    return jax.jit(
+      functools.partial(
+        gsm_optax.prune_channel_groups,
+        compression=float(config.compression),
+        groups=_channel_groups(config),
+        channel_score=config.channels.score,
+      )
+    )
   cut = functools.partial(
     gsm_optax.prune_channels,
     compression=float(config.compression),
@@ -1032,7 +1099,9 @@ def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int
   classifier = models.MODELS[config.model].classifier
   num_classes = int(np.shape(params[classifier]["kernel"])[-1])
   options = dict(tasks.for_dataset(config.dataset).model_options(config))
-  model = models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0), **options)
+  model = nnx.eval_shape(  # shapes only: the params are set below, no initialiser runs
+    lambda: models.create_model(config.model, num_classes=num_classes, rngs=nnx.Rngs(0), **options)
+  )
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.device_get(params))
   nnx.update(model, state)
@@ -1040,16 +1109,21 @@ def narrow_macs(config: ml_collections.ConfigDict, params: Any) -> dict[str, int
     narrowed = narrow_lib.narrow(model)
   except TypeError:
     return {}
-  shape = data_lib.image_shape(config.dataset)
+  if isinstance(model, models.GPT):  # one sequence of the model's context
+    shape, dtype = (model.context,), jnp.int32
+  else:
+    shape, dtype = data_lib.image_shape(config.dataset), jnp.float32
   return {
-    "macs_dense": narrow_lib.count_macs(model, shape),
-    "macs_narrow": narrow_lib.count_macs(narrowed, shape),
+    "macs_dense": narrow_lib.count_macs(model, shape, dtype),
+    "macs_narrow": narrow_lib.count_macs(narrowed, shape, dtype),
   }
 
 
 def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
   """What a channel method reached: channels kept of all pooled ones, both
   compressions, and the MACs of the narrowed model."""
+  if group_kind(config):
+    return _group_results(config, params)
   report = gsm_optax.channel_report(
     params, pool=_channel_pool(config), channel_axis=config.channels.axis
   )
@@ -1065,6 +1139,22 @@ def channel_results(config: ml_collections.ConfigDict, params: Any) -> dict[str,
     "channels_total": report.total_channels,
     "channels_kept": report.total_channels_kept,
     "channels_kept_per_layer": {row.path: row.channels_kept for row in report.rows},
+    "channel_compression_reached": report.channel_compression,
+    "weight_compression_reached": report.compression,
+    **narrow_macs(config, params),
+  }
+
+
+def _group_results(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
+  """``channel_results`` with ``channels.groups``: channels kept per group (a block's
+  MLP or attention; 0 is allowed, the block's residual carries on)."""
+  report = gsm_optax.channel_group_report(params, _channel_groups(config))
+  return {
+    "channel_groups": group_kind(config),
+    "groups_without_channels": [row.group for row in report.rows if row.channels_kept == 0],
+    "channels_total": report.total_channels,
+    "channels_kept": report.total_channels_kept,
+    "channels_kept_per_group": report.kept_per_group,
     "channel_compression_reached": report.channel_compression,
     "weight_compression_reached": report.compression,
     **narrow_macs(config, params),
@@ -1117,8 +1207,12 @@ def _gsm_then_cut(
 def gsm_channels_stages(ctx: Context) -> list[Stage]:
   """Channel GSM, then the channel cut to C (in channels) with no fine-tuning."""
   config, ch = ctx.config, ctx.config.channels
-  extra = (float(config.compression), config.model, ch.layers, ch.axis, ch.score, pool_spec(config))
-  phase = ctx.phase("gsm", gsm_channels_optimizer, config.gsm, *extra)
+  if group_kind(config):
+    extra = (float(config.compression), *group_args(config), ch.score)
+    phase = ctx.phase("gsm", gsm_channel_groups_optimizer, config.gsm, *extra)
+  else:
+    extra = (float(config.compression), config.model, ch.layers, ch.axis, ch.score)
+    phase = ctx.phase("gsm", gsm_channels_optimizer, config.gsm, *extra, pool_spec(config))
   return _gsm_then_cut(ctx, phase, channel_cut(config), _channel_bar_stats, _channel_epoch_stats)
 
 
@@ -1163,6 +1257,22 @@ def check_channels(config: ml_collections.ConfigDict) -> None:
     config, "channels.score", lambda x: x in gsm_optax.CHANNEL_SCORES, "'sum' or 'mean'"
   )
   config_lib.check(config, "channels.layers", lambda x: isinstance(x, str), "a string")
+  kind = group_kind(config)
+  if kind not in ("", *transformer.CHANNEL_GROUP_KINDS):
+    raise config_lib.ConfigError(
+      f"config.channels.groups must be '' (per-leaf channels), 'neurons' (MLP hidden neurons) "
+      f"or 'heads' (attention heads), got {kind!r}"
+    )
+  if kind and not issubclass(models.MODELS[config.model], (models.GPT, models.ViT)):
+    raise config_lib.ConfigError(
+      f"config.channels.groups={kind!r} prunes the {kind} of transformer blocks: use model gpt "
+      f"or vit, not {config.model} (or config.channels.groups='')"
+    )
+  if kind and config.channels.layers:
+    raise config_lib.ConfigError(
+      f"config.channels.layers={config.channels.layers!r} selects layers of per-leaf channels; "
+      f"with config.channels.groups={kind!r} the groups are every block's: set it to ''"
+    )
 
 
 def _check_layers(config: ml_collections.ConfigDict, field: str, params: Any) -> None:
@@ -1219,8 +1329,28 @@ def check_magnitude_nm(config: ml_collections.ConfigDict) -> None:
   check_nm(config)
 
 
+def _check_group_params(config: ml_collections.ConfigDict, params: Any) -> None:
+  """The groups' kernels are in the run's pool (the fine-tuning keeps its zeros), and C
+  keeps 1 <= Q <= #channels of the groups."""
+  kind = group_kind(config)
+  pool = jax.tree.leaves(gsm_optax.resolve_pool(params, model_pool(config)))
+  try:
+    layout = gsm_optax.resolve_groups(params, _channel_groups(config))
+    outside = [p for p, i in zip(layout.paths, layout.leaves) if not pool[i]]
+    if outside:
+      raise ValueError(f"config.pool leaves out {', '.join(outside)}, which the groups prune")
+    jax.eval_shape(channel_cut(config), params)
+  except (ValueError, TypeError) as err:
+    raise config_lib.ConfigError(
+      f"config.compression={config.compression:g}, config.channels.groups={kind!r}: {err}"
+    ) from None
+
+
 def check_channel_params(config: ml_collections.ConfigDict, params: Any) -> None:
   """C (in channels) keeps 1 <= Q <= #pooled channels, along an axis every pooled leaf has."""
+  if group_kind(config):
+    _check_group_params(config, params)
+    return
   _check_layers(config, "channels.layers", params)
   try:
     jax.eval_shape(channel_cut(config), params)
