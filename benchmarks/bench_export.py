@@ -1,4 +1,4 @@
-"""Pruned models that are really smaller: narrow LeNet-5, BCOO LeNet-300-100, N:M storage.
+"""Pruned models that are really smaller: narrow LeNet-5 and GPT, BCOO LeNet-300-100, N:M storage.
 
 On random-init weights cut with the library's final cuts (no training; the
 sizes and speeds do not depend on the values):
@@ -15,12 +15,19 @@ sizes and speeds do not depend on the values):
   * LeNet-300-100, `gsm_optax.prune` at densities 1/60, 1/10, 1/2: jitted forward
     with BCOO kernels (`gsm_optax.to_bcoo`) vs dense masked kernels, and bytes on
     disk of `gsm_optax.save_sparse` vs `np.savez` of the dense params;
-  * LeNet-300-100 kernels at 2:4 (`gsm_optax.prune_nm`): `nm_compress` bytes vs dense.
+  * LeNet-300-100 kernels at 2:4 (`gsm_optax.prune_nm`): `nm_compress` bytes vs dense;
+  * the tiny GPT (2 blocks, d 128, 4 heads, MLP 512, context 128), cut with
+    `gsm_optax.prune_channel_groups` at C = 2 over its MLP neurons, and at C = 2 over its
+    attention heads (one ranking over both blocks): parameters, MACs per token, bytes and
+    CPU latency per token (forwards of GPT_BATCHES sequences of the full context), masked vs
+    `models.narrow.narrow_transformer`, their logits checked equal.
 
 Latency: median over interleaved samples of CHAIN forwards dispatched back to
-back (bench_update.time_interleaved). Writes benchmarks/results/bench_export.{json,md}.
+back (bench_update.time_interleaved). Writes benchmarks/results/bench_export.{json,md};
+``--only gpt`` runs the GPT rows alone and writes bench_export_gpt.{json,md} (a quick check:
+``--only gpt --repeats 2 --out /tmp/bench``).
 
-  python benchmarks/bench_export.py [--repeats 15] [--resnet_repeats 3]
+  python benchmarks/bench_export.py [--repeats 15] [--resnet_repeats 3] [--only all|gpt]
 """
 
 from __future__ import annotations
@@ -48,17 +55,23 @@ from benchmarks import machine  # noqa: E402
 import gsm_optax  # noqa: E402
 from gsm_optax import export  # noqa: E402
 from models import count_params  # noqa: E402
+from models.gpt import GPT  # noqa: E402
 from models.lenet import LeNet5  # noqa: E402
 from models.narrow import count_macs  # noqa: E402
 from models.narrow import narrow_lenet5  # noqa: E402
 from models.narrow import narrow_resnet  # noqa: E402
+from models.narrow import narrow_transformer  # noqa: E402
 from models.resnet_cifar import ResNet56  # noqa: E402
+from models.transformer import channel_groups  # noqa: E402
 
 CHAIN = 10
 BATCHES = (1, 256)
 CONV2_KEEP = (21, 7)  # of conv2's 50 output channels
 LENET5_INPUT = (28, 28, 1)
 RESNET_INPUT = (32, 32, 3)
+GPT_BATCHES = (1, 8)  # sequences of the tiny GPT's full context (128 tokens) per forward
+GPT_KINDS = ("neurons", "heads")  # each cut to C = 2: half the MLP neurons, half the heads
+EQUAL_ATOL = 1e-4  # the narrow GPT's logits must equal the masked one's to this
 
 
 def random_model(build, seed: int, bias_scale: float = 0.1) -> nnx.Module:
@@ -182,6 +195,113 @@ def resnet_widths(narrow: nnx.Module) -> list[int]:
 def bench_resnet56(repeats: int) -> dict[str, Any]:
   """ResNet-56, half of every block's inner channels cut, masked vs `narrow_resnet`."""
   return compare_narrow(resnet56_masked(), repeats, narrow_resnet, resnet_widths, RESNET_INPUT)
+
+
+def gpt_masked(kind: str, seed: int = 6) -> GPT:
+  """A random tiny GPT cut by `gsm_optax.prune_channel_groups` at C = 2 over its `kind`
+  ("neurons" or "heads"), one ranking over both blocks (their widths may differ)."""
+  model = random_model(lambda: GPT(rngs=nnx.Rngs(0), size="tiny"), seed)
+  groups = channel_groups(kind, model.blocks[0].attn.head_dim)
+  state = nnx.state(model, nnx.Param)
+  pruned = gsm_optax.prune_channel_groups(nnx.to_pure_dict(state), 2.0, groups)
+  nnx.replace_by_pure_dict(state, pruned)
+  nnx.update(model, state)
+  return model
+
+
+def gpt_widths(model: GPT) -> list[list[int]]:
+  """[heads, MLP hidden neurons] of every block."""
+  return [[block.attn.num_heads, block.mlp.fc1.kernel.shape[1]] for block in model.blocks]
+
+
+def bench_gpt(kind: str, repeats: int) -> dict[str, Any]:
+  """The tiny GPT at half its `kind`: masked vs `narrow_transformer`, per token."""
+  masked = gpt_masked(kind)
+  narrow = narrow_transformer(masked)
+  models = dict(masked=masked, narrow=narrow)
+  context = masked.context
+  macs = {k: count_macs(m, (context,), jnp.int32) for k, m in models.items()}
+  out: dict[str, Any] = dict(
+    kind=kind,
+    context=context,
+    widths=gpt_widths(narrow),
+    params={k: count_params(m) for k, m in models.items()},
+    macs_per_token={k: v / context for k, v in macs.items()},
+    bytes={k: model_bytes(m) for k, m in models.items()},
+    latency_ms={},
+    latency_us_per_token={},
+  )
+  tokens = np.random.default_rng(7).integers(0, 256, (max(GPT_BATCHES), context))
+  for batch in GPT_BATCHES:
+    x = jnp.asarray(tokens[:batch], jnp.int32)
+    steps = {k: forward_step(m, x) for k, m in models.items()}
+    diff = float(jnp.max(jnp.abs(steps["narrow"](None, 0) - steps["masked"](None, 0))))
+    if not diff <= EQUAL_ATOL:
+      raise AssertionError(f"the narrow GPT ({kind}) differs from the masked one by {diff:g}")
+    ms = times(steps, repeats)
+    out["latency_ms"][str(batch)] = ms
+    out["latency_us_per_token"][str(batch)] = {
+      k: 1e3 * v / (batch * context) for k, v in ms.items()
+    }
+    out[f"max_abs_diff_batch_{batch}"] = diff
+  return out
+
+
+def gpt_markdown(results: dict[str, Any]) -> list[str]:
+  """The tiny GPT's caption and table: masked | narrow | ratio per kind."""
+  rows = results["gpt_tiny"]
+
+  def row(label: str, get, fmt: str) -> str:
+    cells = []
+    for r in rows:
+      masked, narrow = get(r)["masked"], get(r)["narrow"]
+      cells += [format(masked, fmt), format(narrow, fmt), f"{narrow / masked:.2f}"]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+  widths = "; ".join(
+    f"{r['kind']}: [heads, MLP] per block {r['widths']}, max |diff| of the logits "
+    f"{max(r[f'max_abs_diff_batch_{b}'] for b in GPT_BATCHES):.1e}"
+    for r in rows
+  )
+  lines = [
+    "Tiny GPT (2 blocks, d 128, 4 heads, MLP 512, context 128; random weights), "
+    "`prune_channel_groups` at C = 2 over the MLP neurons, and at C = 2 over the attention "
+    f"heads (one ranking over both blocks); narrow = `narrow_transformer` ({widths}); MACs and "
+    "latency per token of forwards of whole 128-token sequences; savez bytes = `np.savez` "
+    f"of the params; latency: median of {results['repeats']} interleaved samples of {CHAIN} "
+    "jitted forwards",
+    "",
+    "| | "
+    + " | ".join(f"masked {r['kind']} | narrow {r['kind']} | narrow / masked" for r in rows)
+    + " |",
+    "|---|" + "---:|---:|---:|" * len(rows),
+    row("parameters", lambda r: r["params"], ","),
+    row("MACs per token", lambda r: r["macs_per_token"], ",.0f"),
+    row("savez bytes", lambda r: r["bytes"], ","),
+  ]
+  for batch in GPT_BATCHES:
+    lines.append(
+      row(
+        f"latency per token, batch {batch} x 128 (us)",
+        lambda r, b=str(batch): r["latency_us_per_token"][b],
+        ".2f",
+      )
+    )
+  return lines
+
+
+def gpt_verdict(results: dict[str, Any]) -> str:
+  """The tiny GPT's MAC and time ratios in words."""
+  return " ".join(
+    f"GPT, half the {r['kind']}: {r['macs_per_token']['narrow'] / r['macs_per_token']['masked']:.2f}x "
+    "the MACs, "
+    + ", ".join(
+      f"{ms['narrow'] / ms['masked']:.2f}x the time at batch {b}"
+      for b, ms in r["latency_ms"].items()
+    )
+    + "."
+    for r in results["gpt_tiny"]
+  )
 
 
 def lenet300_params(seed: int = 2) -> dict:
@@ -365,6 +485,8 @@ def markdown(results: dict[str, Any]) -> str:
     f"({nm['nm_bytes_packed'] / nm['dense_bytes']:.3f}x). Storage only: JAX has no public "
     "2:4 sparse matmul.",
     "",
+    *gpt_markdown(results),
+    "",
     results["verdict"],
   ]
   return "\n".join(lines)
@@ -416,7 +538,7 @@ def verdict(results: dict[str, Any]) -> str:
     )
     + "."
   )
-  return text
+  return f"{text} {gpt_verdict(results)}"
 
 
 def main() -> None:
@@ -424,6 +546,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--resnet_repeats", type=int, default=3, help="samples for ResNet-56")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument(
+    "--only", choices=("all", "gpt"), default="all", help="gpt: the GPT rows alone (quick)"
+  )
   args = parser.parse_args()
   load = machine.LoadWatch()
   results: dict[str, Any] = dict(
@@ -433,13 +558,21 @@ def main() -> None:
     resnet_repeats=args.resnet_repeats,
     chain=CHAIN,
     command="python benchmarks/bench_export.py"
-    + f" --repeats {args.repeats} --resnet_repeats {args.resnet_repeats}",
+    + f" --repeats {args.repeats} --resnet_repeats {args.resnet_repeats}"
+    + ("" if args.only == "all" else f" --only {args.only}"),
   )
+  if args.only == "gpt":
+    results["gpt_tiny"] = [bench_gpt(kind, args.repeats) for kind in GPT_KINDS]
+    results["verdict"] = gpt_verdict(results)
+    table = "\n".join([*gpt_markdown(results), "", results["verdict"]])
+    bench_update.write_results(args.out, "bench_export_gpt", results, table, load)
+    return
   results["lenet5"] = bench_lenet5(args.repeats)
   results["lenet5_conv2"] = bench_lenet5_conv2(args.repeats)
   results["resnet56"] = bench_resnet56(args.resnet_repeats)
   results["lenet300"] = [bench_lenet300(c, args.repeats) for c in (60.0, 10.0, 2.0)]
   results["nm_2_4"] = bench_nm()
+  results["gpt_tiny"] = [bench_gpt(kind, args.repeats) for kind in GPT_KINDS]
   results["verdict"] = verdict(results)
   bench_update.write_results(args.out, "bench_export", results, markdown(results), load)
 
