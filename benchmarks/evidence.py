@@ -802,10 +802,25 @@ class Runner:
       self.env = os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
   def workdir(self, cell: Cell) -> str:
+    """Where ``cell`` runs; a transformer grid cell that its sweep already ran (same seed,
+    C, B and the chosen rate: the same command) reuses the sweep cell's run."""
+    twin = self.sweep_twin(cell)
+    if twin is not None and os.path.exists(os.path.join(self.workdir(twin), "summary.json")):
+      return self.workdir(twin)
     return os.path.join(self.args.workdir_root, cell.name)
 
+  def sweep_twin(self, cell: Cell) -> Cell | None:
+    if cell.stage != "grid" or cell.model not in TRANSFORMERS or self.args.epochs is not None:
+      return None
+    compression, budget = sweep_point(cell.model)
+    lr = self.learning_rate(cell)
+    if (cell.compression, cell.budget) != (compression, budget) or lr is None:
+      return None
+    return Cell("sweep", cell.method, compression, budget, cell.seed, lr, cell.model)
+
   def finished(self, cell: Cell) -> bool:
-    return is_done(cell, self.args, self.known)
+    diverged = self.known.get(cell.name, {}).get("status") == "diverged"
+    return diverged or os.path.exists(os.path.join(self.workdir(cell), "summary.json"))
 
   def learning_rate(self, cell: Cell) -> float | None:
     if cell.stage in ("sweep", "dense"):
@@ -868,6 +883,9 @@ class Runner:
           if len(running) >= max(1, self.args.jobs):
             break
           pending.remove(cell)
+          if self.finished(cell):  # its sweep twin ran it meanwhile
+            self.finish(cell)
+            continue
           print(f"{time.strftime('%H:%M:%S')} {cell.name}", flush=True)
           job = pool.submit(run_cell, self.argv(cell), self.workdir(cell), self.args.lock, self.env)
           running[job] = cell

@@ -222,8 +222,13 @@ def test_lm_grid_sweeps_per_optimizer_picks_the_lowest_validation_bits_and_sets_
   monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
   args = ["--model=gpt_austen", "--seeds=0,1", "--tag=lm", f"--out={tmp_path / 'out'}"]
   assert evidence.main([*args, f"--workdir_root={tmp_path / 'runs'}"]) == 0
-  # 2 dense, 4 methods x 3 rates swept on seed 0, 4 methods x 3 C x 2 seeds
-  assert len(started) == 2 + 12 + 24 and len(set(started)) == len(started)
+  # 2 dense, 4 methods x 3 rates swept on seed 0, 4 methods x 3 C x 2 seeds, but seed 0's
+  # C = 10 cells are the sweep's runs at the chosen rates (the same command): not run again
+  assert len(started) == 2 + 12 + 24 - 4 and len(set(started)) == len(started)
+  records = json.loads((tmp_path / "out" / "lm_raw.json").read_text())["records"]
+  twin = next(r for r in records if r["name"] == "gpt_austen/grid/gsm_sgd_c10_e4/seed0")
+  assert "gsm_sgd_c10_e4_lr0.01/seed0" in twin["command"] and twin["status"] == "done"
+  assert twin["validation_bits_per_byte_final"] == 1.0  # |log10(0.01) + 3|
   lr = json.loads((tmp_path / "out" / "lm_lr.json").read_text())
   assert lr["chosen"] == {"gsm": 1e-3, "gsm_sgd": 0.01, "gmp": 1e-3, "magnitude": 1e-3}
 
@@ -243,9 +248,9 @@ def test_lm_grid_sweeps_per_optimizer_picks_the_lowest_validation_bits_and_sets_
   assert sgd["config.gsm.learning_rate"] == "0.01" and sgd["config.gsm.epochs"] == "4"
   adamw = flags("grid/gsm_c2_e4/seed0")
   assert "config.gsm.optimizer" not in adamw and adamw["config.compression"] == "2.0"
-  gmp = flags("grid/gmp_c10_e4/seed0")
+  gmp = flags("grid/gmp_c10_e4/seed1")
   assert (gmp["config.gmp.epochs"], gmp["config.finetune.epochs"]) == ("2", "2")
-  assert gmp["config.dense_checkpoint"].endswith("gpt_austen/dense/seed0")
+  assert gmp["config.dense_checkpoint"].endswith("gpt_austen/dense/seed1")
   table = (tmp_path / "out" / "lm.md").read_text()
   # seeds 0 and 1 at the chosen rate: test 0.01 and 0.11, mean 0.06, std 0.0707
   assert "| gpt_austen | 10 | 4 | gsm_sgd | 0.01 | 2 | 1.0600 ± 0.0707 | 1.0500 ± 0.0707 " in table
