@@ -66,6 +66,9 @@ epochs) and ``magnitude`` (4 epochs of fine-tuning). Its sweep is at C = 10 on
 the first seed with ``LM_SWEEP_RATES`` per optimizer, chosen on the validation
 split's bits per byte (lower is better). ``--grid structured`` with it runs
 2:4 GSM against magnitude 2:4 + retraining on every pooled kernel.
+``--grid channels`` with it runs channel GSM against L1 + fine-tuning (C = 2)
+with a channel an MLP neuron (``gsm_neurons``, ``l1_neurons``) or an attention
+head (``gsm_heads``, ``l1_heads``), ranked over every block.
 ``--model vit_fashion`` runs the tiny ViT on Fashion-MNIST
 (``configs/evidence_vit.py``, 5,000 training images held out for the sweep):
 GSM with AdamW against GMP at 10x and 30x, 6 epochs after a 6-epoch dense model.
@@ -175,11 +178,23 @@ TRANSFORMERS = {
   "gpt_austen": TransformerGrid(("gsm", "gsm_sgd", "gmp", "magnitude"), (2.0, 4.0, 10.0), 4, 8),
   "vit_fashion": TransformerGrid(("gsm", "gmp"), (10.0, 30.0), 6, 6, epoch_seconds=14.0),
 }
+# Transformer channels (--grid channels): MLP neurons or attention heads as channel groups
+# (config.channels.groups), GSM against L1 + fine-tuning, C = 2 (half the neurons / heads).
+GROUP_METHODS = {
+  "gsm_neurons": ("gsm_channels", "neurons"),
+  "l1_neurons": ("filter_l1", "neurons"),
+  "gsm_heads": ("gsm_channels", "heads"),
+  "l1_heads": ("filter_l1", "heads"),
+}
+GROUP_COMPRESSION = 2.0
+RATE_OF |= {"gsm_neurons": "gsm", "gsm_heads": "gsm", "l1_neurons": "magnitude"}
+RATE_OF |= {"l1_heads": "magnitude"}
 LM_SWEEP_RATES = {"adamw": (3e-4, 1e-3, 3e-3), "sgd": (0.01, 0.03, 0.1)}
 GSM_SGD = {"optimizer": "sgd", "momentum": 0.99, "nesterov": True, "weight_decay": 5e-4}
 TRAIN_METHOD = {m: "gsm" for m in ("gsm_sgd", *RAMPS, *VARIANTS)} | dict.fromkeys(
   TICKETS, "lottery"
 )
+TRAIN_METHOD |= {m: method for m, (method, _) in GROUP_METHODS.items()}
 SCORE_EMA = 0.9  # gsm_ema
 PASSIVE_GROWTH, PASSIVE_HORIZON_EPOCHS = 4.0, 1.0  # gsm_age
 FINETUNE_SHARE = 6  # gsm_ft: the last B // 6 epochs fine-tune
@@ -248,6 +263,8 @@ def grid_groups(
     t = TRANSFORMERS[model]
     if grid == "structured":
       return [(m, NM_COMPRESSION, t.budget) for m in STRUCTURED[2:]]
+    if grid == "channels":
+      return [(m, GROUP_COMPRESSION, t.budget) for m in GROUP_METHODS]
     return [(m, c, t.budget) for c in t.compressions for m in t.methods]
   if grid == "structured":
     groups = [(m, c, 60) for c in CHANNEL_COMPRESSIONS[model] for m in STRUCTURED[:2]]
@@ -272,7 +289,11 @@ def all_cells(
   """The dense cells, the sweep (first seed), the grid and the tickets, in the order they run."""
   budget = lambda b: b if epochs is None else epochs  # noqa: E731
   cells = [Cell("dense", "dense", 1.0, dense_epochs, s, model=model) for s in seeds]
-  if grid in ("structured", "ramp"):  # the rates of an earlier sweep (--rates_from), no tickets
+  if grid in (
+    "structured",
+    "ramp",
+    "channels",
+  ):  # the rates of an earlier sweep (--rates_from), no tickets
     groups = dict.fromkeys((m, c, budget(b)) for m, c, b in grid_groups(model, grid))
     return cells + [Cell("grid", m, c, b, s, model=model) for s in seeds for (m, c, b) in groups]
   if sweep:
@@ -432,19 +453,21 @@ def transformer_cell_fields(
   b, half = cell.budget, max(1, cell.budget // 2)
   fields["compression"] = cell.compression
   fields["dense_checkpoint"] = os.path.join(args.workdir_root, dense_name(cell))
-  if cell.method in ("gsm", "gsm_sgd", "gsm_nm"):
+  if cell.method in GROUP_METHODS:
+    fields["channels.groups"] = GROUP_METHODS[cell.method][1]
+  if cell.method in ("gsm", "gsm_sgd", "gsm_nm", "gsm_neurons", "gsm_heads"):
     fields.update({"gsm.epochs": b, "gsm.learning_rate": lr})
     if cell.method == "gsm_sgd":  # the paper's momentum SGD; passive weights shrink as gsm's
       fields.update({f"gsm.{key}": value for key, value in GSM_SGD.items()})
-    if cell.method == "gsm_nm":  # the mask in front of AdamW: the paper's decay rule
+    if cell.method not in ("gsm", "gsm_sgd"):  # structured: the mask in front of AdamW
       fields["gsm.passive_rule"] = "decay"
-  elif cell.method in ("magnitude", "magnitude_nm"):
+  elif cell.method in ("magnitude", "magnitude_nm", "l1_neurons", "l1_heads"):
     fields.update({"finetune.epochs": b, "finetune.learning_rate": lr})
   elif cell.method == "gmp":
     fields.update({"gmp.epochs": half, "gmp.learning_rate": lr})
     fields.update({"finetune.epochs": b - half, "finetune.learning_rate": lr})
   else:
-    methods = TRANSFORMERS[cell.model].methods + STRUCTURED[2:]
+    methods = TRANSFORMERS[cell.model].methods + STRUCTURED[2:] + tuple(GROUP_METHODS)
     raise ValueError(f"method {cell.method!r} has no {cell.model} cell: one of {methods}")
   return fields
 
@@ -756,10 +779,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--stage", choices=("all", "sweep", "grid", "ticket"), default="all")
   p.add_argument(
     "--grid",
-    choices=("methods", "structured", "ramp"),
+    choices=("methods", "structured", "ramp", "channels"),
     default="methods",
     help="issue 13's methods (the LM: issue 23's), issue 14's structured methods (the LM: 2:4) "
-    "or gradual GSM's ramps on LeNet-300-100 (both need --rates_from)",
+    "gradual GSM's ramps on LeNet-300-100, or a transformer's neurons and heads "
+    "(all but the first need --rates_from)",
   )
   p.add_argument("--only", default="", help="field=value,... over the cell fields")
   p.add_argument("--seeds", default="0,1,2")

@@ -96,6 +96,14 @@ SOURCES = (
     "--tag evidence_lm_structured --rates_from benchmarks/results/evidence_lm_lr.json",
   ),
   (
+    "evidence_lm_channels_raw.json",
+    "Transformer channels on the byte-level GPT (issue 23): half the MLP neurons (C = 2 over "
+    "the neurons of both blocks) or half the attention heads, channel GSM (its mask in front of "
+    "AdamW) vs L1 pruning + fine-tuning, the same dense models and budget, 2 CPU cores",
+    "python benchmarks/evidence.py --model gpt_austen --grid channels "
+    "--tag evidence_lm_channels --rates_from benchmarks/results/evidence_lm_lr.json",
+  ),
+  (
     "evidence_vit_raw.json",
     "The tiny ViT on Fashion-MNIST (issue 23): GSM with AdamW vs GMP, a 6-epoch dense model, "
     "then 6 epochs for each (GMP: 3 + 3 of fine-tuning), 2 CPU cores",
@@ -108,6 +116,7 @@ ORDER = (
   + evidence.VARIANTS
   + evidence.TICKETS
   + evidence.STRUCTURED
+  + tuple(evidence.GROUP_METHODS)
 )
 NO_FINETUNE_VARIANTS = ("gsm_gradual", "gsm_ema", "gsm_age")
 FULL_BUDGET = 60  # the protocol's B; shorter budgets are the budget curve's
@@ -165,7 +174,10 @@ def by_compression(
     "|---|---|" + "---|" * len(cs),
   ]
   dense = [
-    r for r in mine if r["method"] in ("gsm", "gsm_gradual", "magnitude", *evidence.STRUCTURED)
+    r
+    for r in mine
+    if r["method"]
+    in ("gsm", "gsm_gradual", "magnitude", *evidence.STRUCTURED, *evidence.GROUP_METHODS)
   ]
   for m in methods:
     cells = []

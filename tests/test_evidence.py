@@ -292,3 +292,29 @@ def test_the_vit_grid_is_gsm_against_gmp_at_10x_and_30x_swept_with_adamws_rates(
   }
   cells = evidence.all_cells([0, 1, 2], 6, None, "vit_fashion")
   assert [c.stage for c in cells].count("sweep") == 6 and len(cells) == 3 + 6 + 12
+
+
+def test_the_lm_channel_grid_prunes_neurons_and_heads_with_gsms_and_magnitudes_rates(
+  tmp_path, monkeypatch
+):
+  rates = tmp_path / "lr.json"
+  rates.write_text(json.dumps({"chosen": {"gsm": 0.003, "magnitude": 0.001}}))
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_lm_train(started))
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
+  args = ["--model=gpt_austen", "--grid=channels", "--seeds=0", f"--rates_from={rates}"]
+  assert evidence.main([*args, f"--workdir_root={tmp_path}", f"--out={tmp_path}", "--tag=c"]) == 0
+  assert len(started) == 1 + 4
+
+  def flags(name):
+    path = tmp_path / "gpt_austen" / "grid" / name / "seed0" / "summary.json"
+    return json.loads(path.read_text())["flags"]
+
+  heads = flags("gsm_heads_c2_e4")
+  assert (heads["config.method"], heads["config.channels.groups"]) == ("gsm_channels", "heads")
+  assert (
+    heads["config.gsm.passive_rule"] == "decay" and heads["config.gsm.learning_rate"] == "0.003"
+  )
+  l1 = flags("l1_neurons_c2_e4")
+  assert (l1["config.method"], l1["config.channels.groups"]) == ("filter_l1", "neurons")
+  assert (l1["config.finetune.learning_rate"], l1["config.finetune.epochs"]) == ("0.001", "4")
