@@ -189,7 +189,8 @@ GROUP_METHODS = {
 GROUP_COMPRESSION = 2.0
 RATE_OF |= {"gsm_neurons": "gsm", "gsm_heads": "gsm", "l1_neurons": "magnitude"}
 RATE_OF |= {"l1_heads": "magnitude"}
-LM_SWEEP_RATES = {"adamw": (3e-4, 1e-3, 3e-3), "sgd": (0.01, 0.03, 0.1)}
+# 1e-2 and 0.3 were added when GSM chose the largest rate of each first sweep (3e-3, 0.1).
+LM_SWEEP_RATES = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "sgd": (0.01, 0.03, 0.1, 0.3)}
 GSM_SGD = {"optimizer": "sgd", "momentum": 0.99, "nesterov": True, "weight_decay": 5e-4}
 TRAIN_METHOD = {m: "gsm" for m in ("gsm_sgd", *RAMPS, *VARIANTS)} | dict.fromkeys(
   TICKETS, "lottery"
