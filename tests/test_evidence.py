@@ -286,12 +286,10 @@ def test_the_vit_grid_is_gsm_against_gmp_at_10x_and_30x_swept_with_adamws_rates(
     ("gsm", 30.0, 6),
     ("gmp", 30.0, 6),
   ]
-  assert evidence.sweep_rates("vit_fashion") == {
-    "gsm": (3e-4, 1e-3, 3e-3),
-    "gmp": (3e-4, 1e-3, 3e-3),
-  }
+  rates = (3e-4, 1e-3, 3e-3, 1e-2)
+  assert evidence.sweep_rates("vit_fashion") == {"gsm": rates, "gmp": rates}
   cells = evidence.all_cells([0, 1, 2], 6, None, "vit_fashion")
-  assert [c.stage for c in cells].count("sweep") == 6 and len(cells) == 3 + 6 + 12
+  assert [c.stage for c in cells].count("sweep") == 8 and len(cells) == 3 + 8 + 12
 
 
 def test_the_lm_channel_grid_prunes_neurons_and_heads_with_gsms_and_magnitudes_rates(
