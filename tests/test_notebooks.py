@@ -2,8 +2,9 @@
 
 Each notebook is executed in a fresh python3 kernel started in notebooks/ with
 GSM_NOTEBOOK_SMOKE=1 (its parameters cell reads it: a data subset and one or
-two epochs), and its outputs are checked, not written back: the committed
-notebooks keep the outputs of their full run. One notebook, by hand:
+two epochs; for the language model, short epochs and the first test windows),
+and its outputs are checked, not written back: the committed notebooks keep the
+outputs of their full run. One notebook, by hand:
 ``GSM_NOTEBOOK_SMOKE=1 pytest --nbmake notebooks/quickstart.ipynb``.
 
 The setup cell (first code cell) is also run without a kernel, its `!` shell
@@ -27,11 +28,22 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 from training import data  # noqa: E402
+from training import text_data  # noqa: E402
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("quickstart", "gsm_vs_magnitude", "winning_tickets", "structured")
+NOTEBOOKS = ("quickstart", "gsm_vs_magnitude", "winning_tickets", "structured", "transformer")
+LANGUAGE_MODELS = ("transformer",)  # the byte-level GPT on Jane Austen; the others: Fashion-MNIST
 CELL_TIMEOUT_S = 300
-SMOKE_TRAIN_EXAMPLES = 2048  # max_train_examples of the notebooks' smoke mode
+SMOKE_TRAIN_EXAMPLES = 2048  # max_train_examples of the image notebooks' smoke mode
+SMOKE_EVAL_WINDOWS = 256  # test windows the language model's smoke mode evaluates
+KERNEL_KINDS = 6  # query, key, value, out, fc1, fc2: the columns of the GPT's heat map
+
+
+def _smoke_marker(name: str) -> str:
+  """What the notebook prints in smoke mode only."""
+  if name in LANGUAGE_MODELS:
+    return f"eval_windows={SMOKE_EVAL_WINDOWS} of"
+  return f"num_train={SMOKE_TRAIN_EXAMPLES}"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +52,14 @@ def fashion_mnist_available() -> None:
     data.load_dataset("fashion_mnist", max_train_examples=1, max_test_examples=1)
   except data.DataNotFoundError as err:
     pytest.skip(f"Fashion-MNIST not available: {str(err).splitlines()[0]}")
+
+
+@pytest.fixture(scope="module")
+def austen_available() -> None:
+  # Only where it is already unpacked: the test never fetches the package.
+  directories = (os.path.join(text_data.cache_root(), "janeaustenr"), text_data.SYSTEM_AUSTEN_DIR)
+  if not any(os.path.isdir(d) and text_data.find_austen_rdx(d) for d in directories):
+    pytest.skip("Jane Austen's novels not available: r-cran-janeaustenr is not unpacked")
 
 
 def _stream_text(notebook) -> str:
@@ -61,9 +81,37 @@ def _count_images(notebook) -> int:
   )
 
 
+def _check_final_accuracy(name: str, text: str) -> None:
+  final = re.findall(r"final accuracy[^\n]*?(\d+\.\d+)%", text)
+  assert final, f"{name} printed no final accuracy"
+  assert all(0.0 <= float(value) <= 100.0 for value in final)
+
+
+def _check_language_model(name: str, text: str) -> None:
+  """The GPT notebook: its final bits per byte, the heat map's densities, the samples,
+  the narrow exports."""
+  final = re.findall(r"final bits per byte: (\d+\.\d+) at C = 10\.00 ", text)
+  assert len(final) == 1, f"{name} printed no final bits per byte after a cut to 10x"
+  # Below 8 bits, a uniform guess over the 256 bytes: even the smoke run learns something.
+  assert 0.0 < float(final[0]) < 8.0, final
+  # The heat map's numbers: one row of densities per block, for each of the two cuts.
+  grid = re.findall(rf"^  block \d+((?: +\d+\.\d\d){{{KERNEL_KINDS}}})$", text, flags=re.M)
+  assert len(grid) == 2 * 2, f"{name}: expected 2 blocks x 2 cuts of kernel densities"
+  densities = [float(value) for row in grid for value in row.split()]
+  assert all(0.0 <= value <= 100.0 for value in densities)
+  assert any(value > 0.0 for value in densities)
+  # Both samples continue the prompt (the dense and the pruned model's).
+  assert len(re.findall(r"It is a truth universally acknowledged", text)) >= 2
+  # The narrow exports (weight GSM, neuron GSM) compute what their masked models do.
+  gaps = re.findall(r"narrow vs masked: largest logit difference (\S+)", text)
+  assert len(gaps) == 2 and all(float(gap) < 1e-4 for gap in gaps), gaps
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom_in_smoke_mode(name, fashion_mnist_available, monkeypatch):
-  del fashion_mnist_available
+def test_notebook_runs_top_to_bottom_in_smoke_mode(name, request, monkeypatch):
+  request.getfixturevalue(
+    "austen_available" if name in LANGUAGE_MODELS else "fashion_mnist_available"
+  )
   monkeypatch.setenv("GSM_NOTEBOOK_SMOKE", "1")  # the kernel inherits the env
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   notebook = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
@@ -76,10 +124,12 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(name, fashion_mnist_available
   client.execute()  # raises CellExecutionError on the first failing cell
 
   text = _stream_text(notebook)
-  assert f"num_train={SMOKE_TRAIN_EXAMPLES}" in text, "smoke mode was not on"
-  final = re.findall(r"final accuracy[^\n]*?(\d+\.\d+)%", text)
-  assert final, f"{name} printed no final accuracy"
-  assert all(0.0 <= float(value) <= 100.0 for value in final)
+  assert _smoke_marker(name) in text, "smoke mode was not on"
+  if name in LANGUAGE_MODELS:
+    _check_language_model(name, text)
+  else:
+    _check_final_accuracy(name, text)
+  # The LM's two: its curves and the heat map of the kernels' densities.
   assert _count_images(notebook) >= 2, f"{name} drew no plots"
 
 
@@ -92,7 +142,7 @@ def test_notebooks_have_a_parameters_cell_and_committed_outputs():
     assert "GSM_NOTEBOOK_SMOKE" in tagged[0].source
     # The committed notebook shows a full (non-smoke) run with its plots.
     assert _count_images(notebook) >= 2, f"{name}: commit it with its outputs"
-    assert f"num_train={SMOKE_TRAIN_EXAMPLES}" not in _stream_text(notebook), (
+    assert _smoke_marker(name) not in _stream_text(notebook), (
       f"{name}: the committed outputs are from a smoke run"
     )
 
