@@ -8,6 +8,9 @@ from gsm_optax._pool import resolve_pool
 from gsm_optax.adam import GsmAdamWState
 from gsm_optax.adam import budget_shrink_rate
 from gsm_optax.adam import gsm_adamw
+from gsm_optax.adam import gsm_channel_groups_adamw
+from gsm_optax.adam import gsm_channels_adamw
+from gsm_optax.adam import gsm_nm_adamw
 from gsm_optax.diagnostics import MaskOverlap
 from gsm_optax.diagnostics import mask_overlap
 from gsm_optax.diagnostics import passive_decay
@@ -25,13 +28,18 @@ from gsm_optax.groups import GroupChannels
 from gsm_optax.groups import channel_group_mask
 from gsm_optax.groups import channel_group_report
 from gsm_optax.groups import group_pool
+from gsm_optax.groups import group_selector
 from gsm_optax.groups import gsm_channel_groups
 from gsm_optax.groups import mask_by_global_group_taylor
 from gsm_optax.groups import prune_channel_groups
 from gsm_optax.groups import resolve_groups
 from gsm_optax.passive import ShrinkPassiveState
+from gsm_optax.passive import gsm_channel_groups_sgd_shrink
+from gsm_optax.passive import gsm_channels_sgd_shrink
+from gsm_optax.passive import gsm_nm_sgd_shrink
 from gsm_optax.passive import gsm_sgd_shrink
 from gsm_optax.passive import shrink_passive
+from gsm_optax.passive import shrink_passive_with
 from gsm_optax.paths import key_path_name
 from gsm_optax.paths import path_pool
 from gsm_optax.pruning import apply_mask
@@ -50,6 +58,7 @@ from gsm_optax.structured import MaskByGlobalChannelTaylorState
 from gsm_optax.structured import MaskByNMTaylorState
 from gsm_optax.structured import NMReport
 from gsm_optax.structured import channel_report
+from gsm_optax.structured import channel_selector
 from gsm_optax.structured import channel_stats
 from gsm_optax.structured import global_channel_mask
 from gsm_optax.structured import gsm_channels
@@ -58,16 +67,21 @@ from gsm_optax.structured import mask_by_global_channel_taylor
 from gsm_optax.structured import mask_by_nm_taylor
 from gsm_optax.structured import nm_mask
 from gsm_optax.structured import nm_report
+from gsm_optax.structured import nm_selector
 from gsm_optax.structured import nm_stats
 from gsm_optax.structured import prune_channels
 from gsm_optax.structured import prune_nm
 from gsm_optax.transform import MaskByGlobalTaylorState
 from gsm_optax.transform import PassiveAgeDecayState
+from gsm_optax.transform import Selector
 from gsm_optax.transform import SmoothedTaylorState
+from gsm_optax.transform import TaylorStep
 from gsm_optax.transform import add_passive_age_decay
 from gsm_optax.transform import gsm
 from gsm_optax.transform import gsm_stats
 from gsm_optax.transform import mask_by_global_taylor
+from gsm_optax.transform import mask_transform
+from gsm_optax.transform import taylor_selector
 
 __version__ = "0.1.0"
 
@@ -87,9 +101,11 @@ __all__ = [
   "MaskOverlap",
   "NMReport",
   "PassiveAgeDecayState",
+  "Selector",
   "ShrinkPassiveState",
   "SmoothedTaylorState",
   "SparsityReport",
+  "TaylorStep",
   "add_passive_age_decay",
   "apply_mask",
   "baselines",
@@ -97,6 +113,7 @@ __all__ = [
   "channel_group_mask",
   "channel_group_report",
   "channel_report",
+  "channel_selector",
   "channel_stats",
   "default_pool",
   "global_channel_mask",
@@ -104,11 +121,18 @@ __all__ = [
   "global_kth_largest_magnitude",
   "global_magnitude_mask",
   "group_pool",
+  "group_selector",
   "gsm",
   "gsm_adamw",
   "gsm_channel_groups",
+  "gsm_channel_groups_adamw",
+  "gsm_channel_groups_sgd_shrink",
   "gsm_channels",
+  "gsm_channels_adamw",
+  "gsm_channels_sgd_shrink",
   "gsm_nm",
+  "gsm_nm_adamw",
+  "gsm_nm_sgd_shrink",
   "gsm_sgd_shrink",
   "gsm_stats",
   "keep_count",
@@ -119,10 +143,12 @@ __all__ = [
   "mask_by_global_taylor",
   "mask_by_nm_taylor",
   "mask_overlap",
+  "mask_transform",
   "nm_compress",
   "nm_decompress",
   "nm_mask",
   "nm_report",
+  "nm_selector",
   "nm_stats",
   "nm_storage_bytes",
   "passive_decay",
@@ -136,8 +162,10 @@ __all__ = [
   "resolve_pool",
   "save_sparse",
   "shrink_passive",
+  "shrink_passive_with",
   "sparse_dense",
   "sparsity_report",
   "taylor_mask",
+  "taylor_selector",
   "to_bcoo",
 ]

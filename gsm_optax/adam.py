@@ -11,7 +11,10 @@ Per step t, with g the gradient, w the params and B the GSM mask of
 so a weight passive for k steps in a row is w * prod(1 - r_t) over them.
 `budget_shrink_rate` sets r_t so that the product over a training budget is
 exp(-kappa). `gsm_adamw` is `passive.shrink_passive` around the AdamW chain;
-docs/METHOD.md, "GSM with Adam (transformers)", explains why.
+`gsm_channels_adamw`, `gsm_nm_adamw` and `gsm_channel_groups_adamw` are
+`passive.shrink_passive_with` around it with a structured mask's selector (B per
+channel, per N:M group, per channel group). docs/METHOD.md, "GSM with Adam
+(transformers)", explains why.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import optax
 
 from gsm_optax import _checks
 from gsm_optax import _pool
+from gsm_optax import groups as groups_lib
 from gsm_optax import passive
+from gsm_optax import structured
 
 GsmAdamWState = passive.ShrinkPassiveState  # the name `gsm_adamw`'s state had first
 
@@ -87,14 +92,110 @@ def gsm_adamw(
     `params`; its state is a `ShrinkPassiveState` (``base``: the AdamW chain's
     state), and `init` accepts abstract params.
   """
-  _check_args(learning_rate, b1, b2, eps, weight_decay)
-  decay_mask = _pool.default_pool if weight_decay_mask is None else weight_decay_mask
-  adamw = optax.adamw(
-    learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
-  )
+  adamw = _adamw(learning_rate, b1, b2, eps, weight_decay, weight_decay_mask)
   return passive.shrink_passive(
     adamw, compression, passive_shrink=passive_shrink, pool=pool, selection=selection
   )
+
+
+def _adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float,
+  b2: float,
+  eps: float,
+  weight_decay: optax.ScalarOrSchedule,
+  weight_decay_mask: Any,
+) -> optax.GradientTransformation:
+  """``optax.adamw`` with decay on `weight_decay_mask` (None: the kernels), arguments checked."""
+  _check_args(learning_rate, b1, b2, eps, weight_decay)
+  decay_mask = _pool.default_pool if weight_decay_mask is None else weight_decay_mask
+  return optax.adamw(
+    learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
+  )
+
+
+def gsm_channels_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  compression: optax.ScalarOrSchedule,
+  *,
+  passive_shrink: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Any = None,
+  pool: _pool.Pool = None,
+  channel_axis: structured.Axis = -1,
+  channel_score: str = "sum",
+) -> optax.GradientTransformationExtraArgs:
+  """Channel GSM with AdamW: u = AdamW's step on B_channel * g if active, -r_t w if passive.
+
+  `gsm_adamw` with the mask of `mask_by_global_channel_taylor` (C counts
+  channels, `structured.channel_selector`): a pooled weight of a passive
+  channel takes no Adam step and no weight decay, w <- (1 - r_t) w. With C = 1
+  this is ``optax.adamw(..., mask=weight_decay_mask)``. Arguments as in
+  `gsm_adamw` and `gsm_channels`; the state is a `ShrinkPassiveState`.
+  """
+  adamw = _adamw(learning_rate, b1, b2, eps, weight_decay, weight_decay_mask)
+  selector = structured.channel_selector(
+    compression, pool=pool, channel_axis=channel_axis, channel_score=channel_score
+  )
+  return passive.shrink_passive_with(adamw, selector, passive_shrink=passive_shrink)
+
+
+def gsm_nm_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  n: int,
+  m: int,
+  *,
+  passive_shrink: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Any = None,
+  pool: _pool.Pool = None,
+  axis: structured.Axis = -2,
+) -> optax.GradientTransformationExtraArgs:
+  """N:M GSM with AdamW: u = AdamW's step on B_nm * g if active, -r_t w if passive.
+
+  `gsm_adamw` with the per-group mask of `mask_by_nm_taylor`
+  (`structured.nm_selector`): the M - N passive weights of every group take
+  no Adam step and shrink, w <- (1 - r_t) w. With N = M this is
+  ``optax.adamw(..., mask=weight_decay_mask)``. Arguments as in `gsm_adamw`
+  and `gsm_nm`; the state is a `ShrinkPassiveState`.
+  """
+  adamw = _adamw(learning_rate, b1, b2, eps, weight_decay, weight_decay_mask)
+  selector = structured.nm_selector(n, m, pool=pool, axis=axis)
+  return passive.shrink_passive_with(adamw, selector, passive_shrink=passive_shrink)
+
+
+def gsm_channel_groups_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  compression: optax.ScalarOrSchedule,
+  groups: groups_lib.Groups,
+  *,
+  passive_shrink: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  weight_decay_mask: Any = None,
+  channel_score: str = "sum",
+) -> optax.GradientTransformationExtraArgs:
+  """Channel-group GSM with AdamW: u = AdamW's step on B_g * g if active, -r_t w if passive.
+
+  `gsm_adamw` with the mask of `mask_by_global_group_taylor` (C counts the
+  groups' channels, `groups.group_selector`): every slice of a passive
+  channel (an MLP neuron's fc1 column and fc2 row, a head's query, key, value
+  columns and out rows) takes no Adam step and shrinks, w <- (1 - r_t) w;
+  leaves in no group take AdamW's step. With C = 1 this is
+  ``optax.adamw(..., mask=weight_decay_mask)``. Arguments as in `gsm_adamw`
+  and `gsm_channel_groups`; the state is a `ShrinkPassiveState`.
+  """
+  adamw = _adamw(learning_rate, b1, b2, eps, weight_decay, weight_decay_mask)
+  selector = groups_lib.group_selector(compression, groups, channel_score=channel_score)
+  return passive.shrink_passive_with(adamw, selector, passive_shrink=passive_shrink)
 
 
 def _schedule_values(learning_rate: optax.ScalarOrSchedule, total_steps: int) -> np.ndarray:

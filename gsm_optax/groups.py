@@ -201,11 +201,11 @@ def _expand(active: jax.Array, member: _Member, ndim: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _mask_groups(grads, weights, keep, layout, channel_score):
-  """(masked member grads, threshold, num_active) of channel-group GSM."""
+  """(masked member grads, B per member leaf, threshold, num_active) of channel-group GSM."""
   scores = group_scores(transform.taylor_scores(grads, weights), layout, channel_score)
   threshold = selection.select_score_threshold(scores, keep).threshold
   keep_all = keep >= sum(layout.channels)
-  masked = list(grads)
+  masked, actives = list(grads), [None] * len(grads)  # every member leaf is set below
   num_active = jnp.zeros([], jnp.int32)
   for s, members in zip(scores, layout.members):
     # As the per-weight rule: ties at t kept, NaN never, 0 only when C = 1.
@@ -213,8 +213,10 @@ def _mask_groups(grads, weights, keep, layout, channel_score):
     num_active += jnp.sum(active, dtype=jnp.int32)
     for m in members:
       g = grads[m.index]
-      masked[m.index] = jnp.where(_expand(active, m, g.ndim), g, jnp.zeros_like(g))
-  return masked, threshold, num_active
+      expanded = _expand(active, m, g.ndim)
+      masked[m.index] = jnp.where(expanded, g, jnp.zeros_like(g))
+      actives[m.index] = jnp.broadcast_to(expanded, g.shape)
+  return masked, actives, threshold, num_active
 
 
 def mask_by_global_group_taylor(
@@ -233,6 +235,19 @@ def mask_by_global_group_taylor(
   Raises:
     ValueError: at construction for a constant C < 1 or not finite; at `init`
       for groups `resolve_groups` refuses, or C > #channels.
+  """
+  return transform.mask_transform(group_selector(compression, groups, channel_score=channel_score))
+
+
+def group_selector(
+  compression: optax.ScalarOrSchedule, groups: Groups, *, channel_score: str = "sum"
+) -> transform.Selector:
+  """B_g = [S_g >= t], S_g = sum |g * w| over channel g's member slices, t the Q-th greatest.
+
+  The `transform.Selector` of `mask_by_global_group_taylor` (its rules and
+  arguments; Q = int(#channels of all groups / C_t)): the pooled leaves are the
+  member leaves, its step's `active` is B_g broadcast over every member slice,
+  its state a `MaskByGlobalChannelTaylorState`.
   """
   transform._check_compression_arg(compression)
   structured._check_channel_score(channel_score)
@@ -257,8 +272,7 @@ def mask_by_global_group_taylor(
     keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
     return state_with_keep(keep)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step_fn(updates, state, params):
     structured._need_params(params, "mask_by_global_group_taylor")
     layout = resolve_groups(params, groups)
     if jax.tree.structure(updates) != jax.tree.structure(params):
@@ -269,7 +283,7 @@ def mask_by_global_group_taylor(
     flat, treedef = jax.tree.flatten(updates)
     flat_params = jax.tree.leaves(params)
     keep, invalid = transform._keep_for_step(sum(layout.channels), compression, state.count)
-    masked, threshold, num_active = _mask_groups(
+    masked, actives, threshold, num_active = _mask_groups(
       [flat[i] for i in layout.leaves],
       [flat_params[i] for i in layout.leaves],
       keep,
@@ -285,9 +299,10 @@ def mask_by_global_group_taylor(
       num_active=num_active,
       num_invalid_compression=state.num_invalid_compression + invalid.astype(jnp.int32),
     )
-    return jax.tree.unflatten(treedef, flat), new_state
+    indices = list(layout.leaves)
+    return transform.TaylorStep(jax.tree.unflatten(treedef, flat), indices, actives, new_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return transform.Selector(init_fn, step_fn)
 
 
 def gsm_channel_groups(

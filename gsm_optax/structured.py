@@ -192,29 +192,32 @@ def nm_top(score: jax.Array, n: int, m: int, axis: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _mask_channels(grads, weights, keep, axes, channel_score):
-  """(masked grads, threshold, num_active) of channel GSM over the pool."""
+  """(masked grads, B per leaf, threshold, num_active) of channel GSM over the pool."""
   scores = [channel_scores(g, w, a, channel_score) for g, w, a in zip(grads, weights, axes)]
   size = sum(s.size for s in scores)
   threshold = selection.select_score_threshold(scores, keep).threshold
   keep_all = keep >= size
-  masked, num_active = [], jnp.zeros([], jnp.int32)
+  masked, actives, num_active = [], [], jnp.zeros([], jnp.int32)
   for g, s, a in zip(grads, scores, axes):
     # As the per-weight rule: ties at t kept, NaN never, 0 only when C = 1.
     active = (s >= threshold) & ((s > 0) | keep_all)
     num_active += jnp.sum(active, dtype=jnp.int32)
-    masked.append(jnp.where(_broadcast_along(active, g.ndim, a), g, jnp.zeros_like(g)))
-  return masked, threshold, num_active
+    active = _broadcast_along(active, g.ndim, a)
+    masked.append(jnp.where(active, g, jnp.zeros_like(g)))
+    actives.append(jnp.broadcast_to(active, g.shape))
+  return masked, actives, threshold, num_active
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _mask_nm(grads, weights, n, m, axes):
-  """(masked grads, num_active) of N:M GSM."""
-  masked, num_active = [], jnp.zeros([], jnp.int32)
+  """(masked grads, B per leaf, num_active) of N:M GSM."""
+  masked, actives, num_active = [], [], jnp.zeros([], jnp.int32)
   for g, w, a in zip(grads, weights, axes):
     active = nm_top(transform.taylor_score(g, w), n, m, a)
     num_active += jnp.sum(active, dtype=jnp.int32)
     masked.append(jnp.where(active, g, jnp.zeros_like(g)))
-  return masked, num_active
+    actives.append(active)
+  return masked, actives, num_active
 
 
 def _split_pool(updates: Any, params: Any, pool_mask: Any, name: str):
@@ -292,6 +295,24 @@ def mask_by_global_channel_taylor(
     ValueError: at construction for a constant C < 1 or not finite; at `init`
       for a `channel_axis` a pooled leaf does not have, or C > #channels.
   """
+  return transform.mask_transform(
+    channel_selector(compression, pool=pool, channel_axis=channel_axis, channel_score=channel_score)
+  )
+
+
+def channel_selector(
+  compression: optax.ScalarOrSchedule,
+  *,
+  pool: _pool.Pool = None,
+  channel_axis: Axis = -1,
+  channel_score: str = "sum",
+) -> transform.Selector:
+  """B_j = [S_j >= t], S_j = sum |g * w| over channel j, t the Q-th greatest S_j.
+
+  The `transform.Selector` of `mask_by_global_channel_taylor` (its rules and
+  arguments; Q = int(#pooled channels / C_t)): its step's `active` is B_j
+  broadcast over each pooled leaf, its state a `MaskByGlobalChannelTaylorState`.
+  """
   transform._check_compression_arg(compression)
   _check_channel_score(channel_score)
 
@@ -316,8 +337,7 @@ def mask_by_global_channel_taylor(
     keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
     return state_with_keep(keep)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step_fn(updates, state, params):
     _need_params(params, "mask_by_global_channel_taylor")
     mask = _pool.resolve_pool(params, pool)
     axes = resolve_axes(params, mask, channel_axis, "channel_axis")
@@ -327,7 +347,9 @@ def mask_by_global_channel_taylor(
     keep, invalid = transform._keep_for_step(
       _num_channels(params, mask, axes), compression, state.count
     )
-    masked, threshold, num_active = _mask_channels(grads, weights, keep, axes, channel_score)
+    masked, actives, threshold, num_active = _mask_channels(
+      grads, weights, keep, axes, channel_score
+    )
     for i, g in zip(pooled, masked):
       flat[i] = g
     new_state = MaskByGlobalChannelTaylorState(
@@ -337,9 +359,9 @@ def mask_by_global_channel_taylor(
       num_active=num_active,
       num_invalid_compression=state.num_invalid_compression + invalid.astype(jnp.int32),
     )
-    return jax.tree.unflatten(treedef, flat), new_state
+    return transform.TaylorStep(jax.tree.unflatten(treedef, flat), pooled, actives, new_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return transform.Selector(init_fn, step_fn)
 
 
 def gsm_channels(
@@ -415,6 +437,15 @@ def mask_by_nm_taylor(
     ValueError: at construction unless 1 <= n <= m are integers; at `init`
       for an axis a pooled leaf does not have, or m not dividing its size.
   """
+  return transform.mask_transform(nm_selector(n, m, pool=pool, axis=axis))
+
+
+def nm_selector(n: int, m: int, *, pool: _pool.Pool = None, axis: Axis = -2) -> transform.Selector:
+  """B = [rank < N] in every group of M along `axis`, rank by -|g * w| (stable).
+
+  The `transform.Selector` of `mask_by_nm_taylor` (its rules and arguments):
+  its step's `active` is B per pooled leaf, its state a `MaskByNMTaylorState`.
+  """
   _check_nm(n, m)
   n, m = int(n), int(m)
 
@@ -425,19 +456,18 @@ def mask_by_nm_taylor(
       _nm_axes(params, _pool.resolve_pool(params, pool), n, m, axis)
     return MaskByNMTaylorState(count=jnp.zeros([], jnp.int32), num_active=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step_fn(updates, state, params):
     _need_params(params, "mask_by_nm_taylor")
     mask = _pool.resolve_pool(params, pool)
     axes = _nm_axes(params, mask, n, m, axis)
     flat, treedef, pooled, grads, weights = _split_pool(updates, params, mask, "mask_by_nm_taylor")
-    masked, num_active = _mask_nm(grads, weights, n, m, axes)
+    masked, actives, num_active = _mask_nm(grads, weights, n, m, axes)
     for i, g in zip(pooled, masked):
       flat[i] = g
     new_state = MaskByNMTaylorState(count=optax.safe_increment(state.count), num_active=num_active)
-    return jax.tree.unflatten(treedef, flat), new_state
+    return transform.TaylorStep(jax.tree.unflatten(treedef, flat), pooled, actives, new_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return transform.Selector(init_fn, step_fn)
 
 
 def gsm_nm(

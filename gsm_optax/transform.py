@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+from typing import Callable
 from typing import NamedTuple
 import warnings
 
@@ -319,19 +320,43 @@ def _next_taylor_state(state, keep, invalid, threshold, num_active, num_nonfinit
 
 
 class TaylorStep(NamedTuple):
-  """One update of `mask_by_global_taylor`.
+  """One update of a GSM mask (`global_taylor_step`, or a `Selector`'s step).
 
   Attributes:
     updates: the updates with B * g on the pool (unchanged elsewhere).
     indices: the positions of the pooled leaves among the tree's leaves.
-    active: B per pooled leaf (bool arrays, in the order of `indices`).
-    state: the next `MaskByGlobalTaylorState`.
+    active: B per pooled leaf (bool arrays of the leaf's shape, in the order
+      of `indices`; a structured mask broadcast over its channel or group).
+    state: the mask's next state (a `MaskByGlobalTaylorState` here).
   """
 
   updates: Any
   indices: list[int]
   active: list[jax.Array]
-  state: MaskByGlobalTaylorState
+  state: Any
+
+
+class Selector(NamedTuple):
+  """A GSM mask as two pure functions: which pooled weights are active (B).
+
+  ``init(params) -> state`` and ``step(updates, state, params) -> TaylorStep``.
+  The mask transforms (`mask_by_global_taylor`, the structured ones) are
+  `mask_transform` of their selector; `shrink_passive_with` reads B from one.
+  """
+
+  init: Callable[[Any], Any]
+  step: Callable[[Any, Any, Any], TaylorStep]
+
+
+def mask_transform(selector: Selector) -> optax.GradientTransformationExtraArgs:
+  """u = B * g: the selector's masked updates, its state as the transform's state."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    step = selector.step(updates, state, params)
+    return step.updates, step.state
+
+  return optax.GradientTransformationExtraArgs(selector.init, update_fn)
 
 
 def global_taylor_step(
@@ -355,6 +380,27 @@ def global_taylor_step(
     state, keep, invalid, mask.threshold, mask.num_active, mask.num_nonfinite
   )
   return TaylorStep(split.unflatten(masked), split.indices, mask.active, new_state)
+
+
+def taylor_selector(
+  compression: optax.ScalarOrSchedule, *, pool: _pool.Pool = None, selection: str = "auto"
+) -> Selector:
+  """B = [|g * w| >= t] over the pool, t the Q-th greatest, Q = int(|pool| / C_t).
+
+  The `Selector` of `mask_by_global_taylor` (its rules: ties at t kept, zero
+  scores active only when C = 1, NaN never): `init` is its state,
+  `step` is `global_taylor_step`. Raises as `mask_by_global_taylor` does.
+  """
+  _check_compression_arg(compression)
+  method = selection_lib.check_selection(selection)
+
+  def init_fn(params):
+    return _init_taylor_state(params, compression, pool)
+
+  def step_fn(updates, state, params):
+    return global_taylor_step(updates, state, params, compression, pool, method)
+
+  return Selector(init_fn, step_fn)
 
 
 def mask_by_global_taylor(
@@ -427,16 +473,7 @@ def mask_by_global_taylor(
   method = selection_lib.check_selection(selection)
   if decay > 0:
     return _mask_by_smoothed_taylor(compression, pool, decay, method)
-
-  def init_fn(params):
-    return _init_taylor_state(params, compression, pool)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    step = global_taylor_step(updates, state, params, compression, pool, method)
-    return step.updates, step.state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return mask_transform(taylor_selector(compression, pool=pool, selection=method))
 
 
 def _mask_by_smoothed_taylor(
