@@ -245,7 +245,6 @@ def test_a_pool_pattern_that_matches_nothing_is_one_error_line(corpus, tmp_path,
     ("gsm__ramp_epochs", 1.0, "a variant of the paper's momentum-SGD rule"),
     ("gsm__passive_rule", "zero", "config.gsm.passive_rule must be 'decay' or 'shrink'"),
     ("gsm__epochs", 1, "config.gsm.passive_shrink=10 over config.gsm.epochs=1 of 8 steps"),
-    ("method", "gsm_channels", "has the paper's passive rule only"),
   ],
 )
 def test_bad_text_config_is_refused_before_anything_runs(

@@ -41,6 +41,9 @@ function ``ctx -> list[Stage]`` (and the checks of its config section) to
 * ``gsm_nm`` / ``magnitude_nm`` (NVIDIA ASP): ``config.nm`` N of every M:
   ``gsm.epochs`` of ``gsm_optax.gsm_nm`` then ``prune_nm`` / ``prune_nm`` of the
   dense model then ``finetune.epochs`` of masked retraining.
+  Structured GSM takes ``gsm.passive_rule`` as ``gsm`` does: with "shrink",
+  ``gsm_optax.gsm_nm_adamw`` / ``gsm_nm_sgd_shrink`` (and the channel and
+  channel-group ones) instead of the paper's rule.
 
 The method notes: docs/METHOD.md; the config fields: docs/TRAINING.md.
 """
@@ -224,7 +227,7 @@ def check_pool_fields(config: ml_collections.ConfigDict) -> None:
 def check_budget(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
   """The GSM phase's optimizer can be built for ``steps_per_epoch`` (the passive shrink
   of ``passive_rule="shrink"`` stays below 1 per step), checked before training."""
-  uses_gsm = config.method == "gsm" or (
+  uses_gsm = config.method in ("gsm", "gsm_channels", "gsm_nm") or (
     config.method == "lottery"
     and config.lottery.ticket == "gsm"
     and not config.lottery.gsm_checkpoint
@@ -232,7 +235,9 @@ def check_budget(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Non
   if not uses_gsm or config.gsm.get("passive_rule", "decay") != "shrink":
     return
   try:
-    gsm_optimizer(config.gsm, steps_per_epoch, float(config.compression))
+    passive_shrink_rate(
+      config.gsm, steps.section_schedule(config.gsm, steps_per_epoch), steps_per_epoch
+    )
   except ValueError as err:
     raise config_lib.ConfigError(
       f"config.gsm.passive_shrink={config.gsm.passive_shrink:g} over config.gsm.epochs="
@@ -313,6 +318,15 @@ def passive_decay_horizon_steps(horizon_epochs: float, steps_per_epoch: int) -> 
 PASSIVE_RULES = ("decay", "shrink")
 
 
+def passive_shrink_rate(
+  cfg: Any, lr: optax.Schedule, steps_per_epoch: int
+) -> optax.ScalarOrSchedule:
+  """r_t of ``passive_rule="shrink"``: ``gsm_optax.budget_shrink_rate`` over the section's
+  epochs with kappa = ``cfg.passive_shrink`` (0 for a phase of no step)."""
+  total_steps = int(cfg.epochs * steps_per_epoch)
+  return gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink) if total_steps else 0.0
+
+
 def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float, spec: PoolSpec = None):
   """The GSM phase's optimizer: the section's optimizer with GSM's mask in front, by
   ``cfg.passive_rule`` (absent: "decay") and ``cfg.optimizer``:
@@ -330,8 +344,7 @@ def gsm_optimizer(cfg: Any, steps_per_epoch: int, compression: float, spec: Pool
   pool = pool_from_spec(spec)
   adamw = cfg.get("optimizer", "sgd") == "adamw"
   if cfg.get("passive_rule", "decay") == "shrink":
-    total_steps = int(cfg.epochs * steps_per_epoch)
-    rate = gsm_optax.budget_shrink_rate(lr, total_steps, cfg.passive_shrink) if total_steps else 0.0
+    rate = passive_shrink_rate(cfg, lr, steps_per_epoch)
     if adamw:
       tx = gsm_optax.gsm_adamw(
         lr,
@@ -554,19 +567,25 @@ def check_gsm(config: ml_collections.ConfigDict) -> None:
   check_gsm_variants(config)
 
 
+def _check_passive_rule(config: ml_collections.ConfigDict) -> None:
+  """``gsm.passive_rule`` (absent: "decay") and, for "shrink", ``gsm.passive_shrink``."""
+  check = functools.partial(config_lib.check, config)
+  if "passive_rule" in config.gsm:
+    check("gsm.passive_rule", lambda x: x in PASSIVE_RULES, "'decay' or 'shrink'")
+  if config.gsm.get("passive_rule", "decay") == "shrink":
+    check(
+      "gsm.passive_shrink",
+      lambda x: config_lib.is_number(x) and 0 < x < float("inf"),
+      "a finite number > 0 (passive weights end at exp(-passive_shrink) of their size)",
+    )
+
+
 def check_gsm_variants(config: ml_collections.ConfigDict) -> None:
   """The opt-in fields of the ``gsm`` section (absent: off, as before they existed)."""
   check = functools.partial(config_lib.check, config)
   is_number = config_lib.is_number
   cfg = config.gsm
-  if "passive_rule" in cfg:
-    check("gsm.passive_rule", lambda x: x in PASSIVE_RULES, "'decay' or 'shrink'")
-  if cfg.get("passive_rule", "decay") == "shrink":
-    check(
-      "gsm.passive_shrink",
-      lambda x: is_number(x) and 0 < x < float("inf"),
-      "a finite number > 0 (passive weights end at exp(-passive_shrink) of their size)",
-    )
+  _check_passive_rule(config)
   paper_rule = cfg.get("passive_rule", "decay") == "decay" and cfg.get("optimizer") != "adamw"
   for name in ("ramp_epochs", "score_ema", "passive_decay_growth"):
     if not paper_rule and cfg.get(name, 0.0):
@@ -970,29 +989,12 @@ def gsm_channels_optimizer(
   score: str,
   spec: PoolSpec = None,
 ) -> tuple[optax.GradientTransformation, Any]:
-  """``gsm_optax.gsm_channels`` (C in channels) with the section's learning rate;
-  with AdamW, ``mask_by_global_channel_taylor`` in front of ``optax.adamw``."""
+  """Channel GSM (C in channels) with the section's learning rate (`_structured_gsm`)."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
   pool = channel_pool(model, layers, spec)
-  mask = functools.partial(
-    gsm_optax.mask_by_global_channel_taylor,
-    compression,
-    pool=pool,
-    channel_axis=axis,
-    channel_score=score,
-  )
-  preset = functools.partial(
-    gsm_optax.gsm_channels,
-    lr,
-    compression,
-    momentum=cfg.momentum,
-    weight_decay=cfg.weight_decay,
-    nesterov=cfg.nesterov,
-    pool=pool,
-    channel_axis=axis,
-    channel_score=score,
-  )
-  return _structured_gsm(cfg, lr, mask, preset), lr
+  kwargs = dict(pool=pool, channel_axis=axis, channel_score=score)
+  tx = _structured_gsm(cfg, lr, steps_per_epoch, _CHANNELS, (compression,), kwargs)
+  return tx, lr
 
 
 def gsm_channel_groups_optimizer(
@@ -1003,58 +1005,83 @@ def gsm_channel_groups_optimizer(
   head_dim: int | None,
   score: str,
 ) -> tuple[optax.GradientTransformation, Any]:
-  """``gsm_optax.gsm_channel_groups`` over a transformer's neurons or heads (C in
-  channels); with AdamW, ``mask_by_global_group_taylor`` in front of ``optax.adamw``."""
+  """Channel-group GSM over a transformer's neurons or heads (C in channels) with the
+  section's learning rate (`_structured_gsm`)."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
   groups = transformer.channel_groups(kind, head_dim)
-  mask = functools.partial(
-    gsm_optax.mask_by_global_group_taylor, compression, groups, channel_score=score
-  )
-  preset = functools.partial(
-    gsm_optax.gsm_channel_groups,
-    lr,
-    compression,
-    groups,
-    momentum=cfg.momentum,
-    weight_decay=cfg.weight_decay,
-    nesterov=cfg.nesterov,
-    channel_score=score,
-  )
-  return _structured_gsm(cfg, lr, mask, preset), lr
+  args, kwargs = (compression, groups), dict(channel_score=score)
+  return _structured_gsm(cfg, lr, steps_per_epoch, _CHANNEL_GROUPS, args, kwargs), lr
 
 
 def gsm_nm_optimizer(
   cfg: Any, steps_per_epoch: int, n: int, m: int, axis: int, layers: str, spec: PoolSpec = None
 ) -> tuple[optax.GradientTransformation, Any]:
-  """``gsm_optax.gsm_nm`` with the section's learning rate; with AdamW,
-  ``mask_by_nm_taylor`` in front of ``optax.adamw``."""
+  """N:M GSM with the section's learning rate (`_structured_gsm`)."""
   lr = steps.section_schedule(cfg, steps_per_epoch)
-  pool = layer_pool(layers, spec=spec)
-  mask = functools.partial(gsm_optax.mask_by_nm_taylor, n, m, pool=pool, axis=axis)
-  preset = functools.partial(
-    gsm_optax.gsm_nm,
-    lr,
-    n,
-    m,
-    momentum=cfg.momentum,
-    weight_decay=cfg.weight_decay,
-    nesterov=cfg.nesterov,
-    pool=pool,
-    axis=axis,
-  )
-  return _structured_gsm(cfg, lr, mask, preset), lr
+  kwargs = dict(pool=layer_pool(layers, spec=spec), axis=axis)
+  return _structured_gsm(cfg, lr, steps_per_epoch, _NM, (n, m), kwargs), lr
+
+
+class _Structure(NamedTuple):
+  """The library's constructors of one structured GSM, by passive rule and optimizer."""
+
+  mask: Callable[..., optax.GradientTransformation]  # "decay" with AdamW: in front of AdamW
+  sgd: Callable[..., optax.GradientTransformation]  # "decay" with SGD: the paper's rule
+  adamw_shrink: Callable[..., optax.GradientTransformation]
+  sgd_shrink: Callable[..., optax.GradientTransformation]
+
+
+_CHANNELS = _Structure(
+  gsm_optax.mask_by_global_channel_taylor,
+  gsm_optax.gsm_channels,
+  gsm_optax.gsm_channels_adamw,
+  gsm_optax.gsm_channels_sgd_shrink,
+)
+_CHANNEL_GROUPS = _Structure(
+  gsm_optax.mask_by_global_group_taylor,
+  gsm_optax.gsm_channel_groups,
+  gsm_optax.gsm_channel_groups_adamw,
+  gsm_optax.gsm_channel_groups_sgd_shrink,
+)
+_NM = _Structure(
+  gsm_optax.mask_by_nm_taylor, gsm_optax.gsm_nm, gsm_optax.gsm_nm_adamw, gsm_optax.gsm_nm_sgd_shrink
+)
 
 
 def _structured_gsm(
-  cfg: Any, lr: optax.Schedule, mask: Callable[[], Any], preset: Callable[[], Any]
+  cfg: Any,
+  lr: optax.Schedule,
+  steps_per_epoch: int,
+  structure: _Structure,
+  args: tuple,
+  kwargs: dict[str, Any],
 ) -> optax.GradientTransformation:
-  """A structured GSM phase: the library's momentum-SGD ``preset()``, or with AdamW the
-  structured ``mask()`` in front of ``optax.adamw`` (the passive rule "decay"); the
-  gradient's global norm clipped first when ``clip_norm > 0``."""
-  if cfg.get("optimizer", "sgd") == "adamw":
-    tx = optax.chain(mask(), steps.adamw(cfg, lr))
+  """A structured GSM phase, by ``cfg.passive_rule`` (absent: "decay") and ``cfg.optimizer``:
+
+  * "decay", SGD: the library's momentum-SGD preset (``gsm_optax.gsm_nm``, ...);
+  * "decay", AdamW: the structured mask in front of ``optax.adamw``;
+  * "shrink": ``gsm_optax.gsm_nm_adamw`` / ``gsm_optax.gsm_nm_sgd_shrink`` (and the
+    channel and channel-group ones): passive weights take no optimizer step and shrink
+    to exp(-``cfg.passive_shrink``) of their size over the section's epochs.
+
+  ``args`` follow the learning rate (the mask takes them first), ``kwargs`` are the
+  structure's own (pool, axes, score). The gradient's global norm is clipped first
+  when ``clip_norm > 0``."""
+  adamw = cfg.get("optimizer", "sgd") == "adamw"
+  sgd_args = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+  if cfg.get("passive_rule", "decay") == "shrink":
+    rate = passive_shrink_rate(cfg, lr, steps_per_epoch)
+    if adamw:
+      adamw_args = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+      tx = structure.adamw_shrink(
+        lr, *args, passive_shrink=rate, weight_decay_mask=steps.pool_mask, **adamw_args, **kwargs
+      )
+    else:
+      tx = structure.sgd_shrink(lr, *args, passive_shrink=rate, **sgd_args, **kwargs)
+  elif adamw:
+    tx = optax.chain(structure.mask(*args, **kwargs), steps.adamw(cfg, lr))
   else:
-    tx = preset()
+    tx = structure.sgd(lr, *args, **sgd_args, **kwargs)
   if cfg.get("clip_norm", 0.0):
     tx = optax.chain(*steps.clipping(cfg), tx)
   return tx
@@ -1300,13 +1327,9 @@ def check_nm(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_structured_gsm(config: ml_collections.ConfigDict) -> None:
-  """Structured GSM has the paper's passive rule only (with SGD or AdamW)."""
+  """Structured GSM takes either passive rule (with SGD or AdamW)."""
   config_lib.check_sgd_section(config, "gsm")
-  if config.gsm.get("passive_rule", "decay") != "decay":
-    raise config_lib.ConfigError(
-      f"config.gsm.passive_rule={config.gsm.passive_rule!r}: method {config.method!r} has the "
-      "paper's passive rule only; set config.gsm.passive_rule='decay'"
-    )
+  _check_passive_rule(config)
 
 
 def check_gsm_channels(config: ml_collections.ConfigDict) -> None:
