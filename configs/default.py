@@ -37,7 +37,9 @@ docs/TRAINING.md; in short:
     decay through weight decay only; with AdamW, GSM's mask in front of AdamW)
     or "shrink" (passive weights take no optimizer step and shrink to
     exp(-gsm.passive_shrink) of their size over the GSM epochs:
-    ``gsm_optax.gsm_sgd_shrink`` / ``gsm_optax.gsm_adamw``, docs/METHOD.md).
+    ``gsm_optax.gsm_sgd_shrink`` / ``gsm_optax.gsm_adamw``, docs/METHOD.md);
+    both rules for gsm, gsm_channels and gsm_nm (``gsm_optax.gsm_nm_adamw``,
+    ``gsm_channels_sgd_shrink``, ...).
   pool.include, pool.exclude: the pool as regular expressions over parameter
     key paths (``gsm_optax.path_pool``); empty: the model's default (every
     kernel; for the transformers their attention and MLP kernels).
@@ -127,7 +129,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.gsm.passive_decay_horizon_epochs = 1.0  # ... reached after this long passive
   config.gsm.finetune = False  # masked fine-tuning (the finetune section) after the cut
   # Passive weights: "decay" (the paper: weight decay only) or "shrink" (no optimizer step,
-  # w <- (1 - r_t) w, ending at exp(-passive_shrink) of their size; docs/METHOD.md section 9).
+  # w <- (1 - r_t) w, ending at exp(-passive_shrink) of their size; docs/METHOD.md section 9),
+  # for gsm and the structured gsm_channels (channels, neurons, heads) and gsm_nm alike.
   config.gsm.passive_rule = "decay"
   config.gsm.passive_shrink = 10.0
 
