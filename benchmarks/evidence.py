@@ -167,6 +167,7 @@ class TransformerGrid:
   sweep_compression: float = 10.0
   epoch_seconds: float = 13.0  # 2 CPU cores, for --plan
   run_overhead_seconds: float = 35.0
+  more_rates: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (method, rates) swept besides
 
 
 # The language model: GSM with AdamW, GSM with the paper's momentum SGD, GMP and magnitude +
@@ -175,7 +176,14 @@ class TransformerGrid:
 # per run: start, compiles, the dense model's load, four evaluations of the test split). The
 # ViT: GSM with AdamW against GMP at 10x and 30x, 6 epochs after a 6-epoch dense model.
 TRANSFORMERS = {
-  "gpt_austen": TransformerGrid(("gsm", "gsm_sgd", "gmp", "magnitude"), (2.0, 4.0, 10.0), 4, 8),
+  "gpt_austen": TransformerGrid(
+    ("gsm", "gsm_sgd", "gmp", "magnitude"),
+    (2.0, 4.0, 10.0),
+    4,
+    8,
+    # gsm and magnitude chose 1e-2, the largest AdamW rate, again: one more for each
+    more_rates=(("gsm", (3e-2,)), ("magnitude", (3e-2,))),
+  ),
   "vit_fashion": TransformerGrid(("gsm", "gmp"), (10.0, 30.0), 6, 6, epoch_seconds=14.0),
 }
 # Transformer channels (--grid channels): MLP neurons or attention heads as channel groups
@@ -321,8 +329,11 @@ def all_cells(
 def sweep_rates(model: str) -> dict[str, tuple[float, ...]]:
   """The swept methods and their rates: SGD's for the images, per optimizer for the LM."""
   if model in TRANSFORMERS:
-    methods = TRANSFORMERS[model].methods
-    return {m: LM_SWEEP_RATES["sgd" if m == "gsm_sgd" else "adamw"] for m in methods}
+    t = TRANSFORMERS[model]
+    more = dict(t.more_rates)
+    return {
+      m: LM_SWEEP_RATES["sgd" if m == "gsm_sgd" else "adamw"] + more.get(m, ()) for m in t.methods
+    }
   return dict.fromkeys(METHODS, SWEEP_RATES)
 
 

@@ -222,9 +222,11 @@ def test_lm_grid_sweeps_per_optimizer_picks_the_lowest_validation_bits_and_sets_
   monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
   args = ["--model=gpt_austen", "--seeds=0,1", "--tag=lm", f"--out={tmp_path / 'out'}"]
   assert evidence.main([*args, f"--workdir_root={tmp_path / 'runs'}"]) == 0
-  # 2 dense, 4 methods x 4 rates swept on seed 0, 4 methods x 3 C x 2 seeds, but seed 0's
+  # 2 dense, 4 methods x 4 rates (and 3e-2 for gsm and magnitude) swept on seed 0, 4 methods x 3 C x 2 seeds, but seed 0's
   # C = 10 cells are the sweep's runs at the chosen rates (the same command): not run again
-  assert len(started) == 2 + 16 + 24 - 4 and len(set(started)) == len(started)
+  assert (
+    len(started) == 2 + 16 + 2 + 24 - 4
+  )  # 2: gsm and magnitude at 3e-2 too and len(set(started)) == len(started)
   records = json.loads((tmp_path / "out" / "lm_raw.json").read_text())["records"]
   twin = next(r for r in records if r["name"] == "gpt_austen/grid/gsm_sgd_c10_e4/seed0")
   assert "gsm_sgd_c10_e4_lr0.01/seed0" in twin["command"] and twin["status"] == "done"
