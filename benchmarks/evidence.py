@@ -65,7 +65,9 @@ beta 0.99 Nesterov, wd 5e-4, with the same passive shrink), ``gmp`` (2 + 2
 epochs) and ``magnitude`` (4 epochs of fine-tuning). Its sweep is at C = 10 on
 the first seed with ``LM_SWEEP_RATES`` per optimizer, chosen on the validation
 split's bits per byte (lower is better). ``--grid structured`` with it runs
-2:4 GSM against magnitude 2:4 + retraining on every pooled kernel.
+2:4 GSM against magnitude 2:4 + retraining on every pooled kernel; structured
+GSM takes gsm's passive rule (passive weights shrink to exp(-10) over the
+budget: ``gsm_optax.gsm_nm_adamw``, ``gsm_channel_groups_adamw``).
 ``--grid channels`` with it runs channel GSM against L1 + fine-tuning (C = 2)
 with a channel an MLP neuron (``gsm_neurons``, ``l1_neurons``) or an attention
 head (``gsm_heads``, ``l1_heads``), ranked over every block.
@@ -471,8 +473,6 @@ def transformer_cell_fields(
     fields.update({"gsm.epochs": b, "gsm.learning_rate": lr})
     if cell.method == "gsm_sgd":  # the paper's momentum SGD; passive weights shrink as gsm's
       fields.update({f"gsm.{key}": value for key, value in GSM_SGD.items()})
-    if cell.method not in ("gsm", "gsm_sgd"):  # structured: the mask in front of AdamW
-      fields["gsm.passive_rule"] = "decay"
   elif cell.method in ("magnitude", "magnitude_nm", "l1_neurons", "l1_heads"):
     fields.update({"finetune.epochs": b, "finetune.learning_rate": lr})
   elif cell.method == "gmp":

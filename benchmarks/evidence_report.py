@@ -90,7 +90,7 @@ SOURCES = (
   ),
   (
     "evidence_lm_structured_raw.json",
-    "2:4 on the byte-level GPT (issue 23): 2:4 GSM (its mask in front of AdamW) vs magnitude "
+    "2:4 on the byte-level GPT (issue 23): 2:4 GSM (AdamW, passive weights shrink) vs magnitude "
     "2:4 + fine-tuning, every pooled kernel, the same dense models and budget, 2 CPU cores",
     "python benchmarks/evidence.py --model gpt_austen --grid structured "
     "--tag evidence_lm_structured --rates_from benchmarks/results/evidence_lm_lr.json",
@@ -98,8 +98,8 @@ SOURCES = (
   (
     "evidence_lm_channels_raw.json",
     "Transformer channels on the byte-level GPT (issue 23): half the MLP neurons (C = 2 over "
-    "the neurons of both blocks) or half the attention heads, channel GSM (its mask in front of "
-    "AdamW) vs L1 pruning + fine-tuning, the same dense models and budget, 2 CPU cores",
+    "the neurons of both blocks) or half the attention heads, channel GSM (AdamW, passive "
+    "channels shrink) vs L1 pruning + fine-tuning, the same dense models and budget, 2 CPU cores",
     "python benchmarks/evidence.py --model gpt_austen --grid channels "
     "--tag evidence_lm_channels --rates_from benchmarks/results/evidence_lm_lr.json",
   ),
