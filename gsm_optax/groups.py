@@ -388,68 +388,17 @@ class GroupChannels:
 
 
 @dataclasses.dataclass(frozen=True)
-class ChannelGroupReport:
+class ChannelGroupReport(structured.ChannelTotals):
   """Channels kept per group and in all; str() is a table."""
 
   rows: tuple[GroupChannels, ...]
 
   @property
-  def total_channels(self) -> int:
-    return sum(r.channels for r in self.rows)
-
-  @property
-  def total_channels_kept(self) -> int:
-    return sum(r.channels_kept for r in self.rows)
-
-  @property
-  def total_size(self) -> int:
-    return sum(r.size for r in self.rows)
-
-  @property
-  def total_nonzeros(self) -> int:
-    return sum(r.nonzeros for r in self.rows)
-
-  @property
   def kept_per_group(self) -> dict[str, int]:
     return {r.group: r.channels_kept for r in self.rows}
 
-  @property
-  def channel_compression(self) -> float:
-    """#channels / #channels kept; inf when none is kept."""
-    return structured._ratio(self.total_channels, self.total_channels_kept)
-
-  @property
-  def compression(self) -> float:
-    """Member weights / non-zeros; inf when none is non-zero."""
-    return structured._ratio(self.total_size, self.total_nonzeros)
-
   def __str__(self) -> str:
-    header = ("group", "members", "channels", "kept", "weights", "non-zeros")
-    rows = [
-      (
-        r.group,
-        str(len(r.paths)),
-        str(r.channels),
-        str(r.channels_kept),
-        str(r.size),
-        str(r.nonzeros),
-      )
-      for r in self.rows
-    ]
-    total = (
-      "total",
-      "",
-      str(self.total_channels),
-      str(self.total_channels_kept),
-      str(self.total_size),
-      str(self.total_nonzeros),
-    )
-    return (
-      f"{structured._table(header, rows, total)}\n"
-      f"channel compression {self.channel_compression:.2f}x "
-      f"({self.total_channels} / {self.total_channels_kept}), "
-      f"weight compression {self.compression:.2f}x ({self.total_size} / {self.total_nonzeros})"
-    )
+    return self.table(("group", "members"), [(r.group, str(len(r.paths))) for r in self.rows])
 
 
 def channel_group_report(params: Any, groups: Groups) -> ChannelGroupReport:

@@ -624,11 +624,11 @@ class LeafChannels:
   nonzeros: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ChannelReport:
-  """Channel and weight sparsity of the pool; str() is a table."""
+class ChannelTotals:
+  """Totals over ``rows`` (each with channels, channels_kept, size, nonzeros) and the
+  table of `ChannelReport` and `groups.ChannelGroupReport`."""
 
-  rows: tuple[LeafChannels, ...]
+  rows: tuple[Any, ...]
 
   @property
   def total_channels(self) -> int:
@@ -653,14 +653,14 @@ class ChannelReport:
 
   @property
   def compression(self) -> float:
-    """|pool| / non-zeros (weights); inf when none is non-zero."""
+    """Weights / non-zeros; inf when none is non-zero."""
     return _ratio(self.total_size, self.total_nonzeros)
 
-  def __str__(self) -> str:
-    header = ("path", "shape", "channels", "kept", "weights", "non-zeros")
+  def table(self, header: tuple[str, str], leading: list[tuple[str, str]]) -> str:
+    """The rows' two ``leading`` columns, then channels, kept, weights, non-zeros; the totals."""
     rows = [
-      (r.path, str(r.shape), str(r.channels), str(r.channels_kept), str(r.size), str(r.nonzeros))
-      for r in self.rows
+      (*lead, str(r.channels), str(r.channels_kept), str(r.size), str(r.nonzeros))
+      for lead, r in zip(leading, self.rows)
     ]
     total = (
       "total",
@@ -670,12 +670,23 @@ class ChannelReport:
       str(self.total_size),
       str(self.total_nonzeros),
     )
+    columns = (*header, "channels", "kept", "weights", "non-zeros")
     return (
-      f"{_table(header, rows, total)}\n"
+      f"{_table(columns, rows, total)}\n"
       f"channel compression {self.channel_compression:.2f}x "
       f"({self.total_channels} / {self.total_channels_kept}), "
       f"weight compression {self.compression:.2f}x ({self.total_size} / {self.total_nonzeros})"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelReport(ChannelTotals):
+  """Channel and weight sparsity of the pool; str() is a table."""
+
+  rows: tuple[LeafChannels, ...]
+
+  def __str__(self) -> str:
+    return self.table(("path", "shape"), [(r.path, str(r.shape)) for r in self.rows])
 
 
 def channel_report(
