@@ -101,6 +101,7 @@ from concurrent import futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -186,7 +187,9 @@ TRANSFORMERS = {
     # gsm and magnitude chose 1e-2, the largest AdamW rate, again: one more for each
     more_rates=(("gsm", (3e-2,)), ("magnitude", (3e-2,))),
   ),
-  "vit_fashion": TransformerGrid(("gsm", "gmp"), (10.0, 30.0), 6, 6, epoch_seconds=14.0),
+  "vit_fashion": TransformerGrid(
+    ("gsm", "gmp"), (10.0, 30.0), 6, 6, epoch_seconds=14.0, more_rates=(("gsm", (3e-2,)),)
+  ),
 }
 # Transformer channels (--grid channels): MLP neurons or attention heads as channel groups
 # (config.channels.groups), GSM against L1 + fine-tuning, C = 2 (half the neurons / heads).
@@ -905,7 +908,22 @@ class Runner:
       self.args.out, self.records, self.sweep["chosen"], self.args.tag, self.args.machine
     )
 
+  def stale(self) -> list[str]:
+    """Finished grid cells whose workdir ran a different command (a rate the sweep no longer
+    chooses, another tag's settings): each with the differing config fields."""
+    lines = []
+    for cell in self.cells:
+      workdir = self.workdir(cell)
+      if cell.stage != "grid" or not self.finished(cell) or self.learning_rate(cell) is None:
+        continue
+      if differences := config_differences(workdir, self.argv(cell)):
+        lines.append(f"{cell.name}: {'; '.join(differences)}; delete {workdir} to rerun it")
+    return lines
+
   def run(self) -> int:
+    if stale := self.stale():
+      print("\n".join(["evidence.py: stale grid cells, nothing run:", *stale]), file=sys.stderr)
+      return 2
     for cell in self.cells:  # finished in an earlier run but not recorded
       if self.finished(cell) and cell.name not in self.known:
         self.finish(cell)
@@ -943,6 +961,38 @@ class Runner:
         why = f"no learning rate chosen for {cell.method} yet: run the sweep first"
       print(f"{cell.name}: not run ({why})")
     return code
+
+
+def config_differences(workdir: str, argv: list[str]) -> list[str]:
+  """The ``--config.a.b=v`` flags of ``argv`` that ``workdir/config.json`` (the config the
+  run started with) does not hold, as 'a.b ran with X, now v'; none without a config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    config = json.load(f)
+  differences = []
+  for flag in argv:
+    if not flag.startswith("--config."):
+      continue
+    key, value = flag[len("--config.") :].split("=", 1)
+    ran = functools.reduce(
+      lambda d, k: d.get(k, {}) if isinstance(d, dict) else {}, key.split("."), config
+    )
+    if not _same_value(ran, value):
+      differences.append(f"{key} ran with {ran}, now {value}")
+  return differences
+
+
+def _same_value(ran: Any, flag: str) -> bool:
+  """Whether a config.json value equals a flag's text (numbers by value, tuples by item)."""
+  if isinstance(ran, list):
+    items = [item for item in flag.strip("()[] ").split(",") if item.strip()]
+    return len(items) == len(ran) and all(map(_same_value, ran, items))
+  try:
+    return float(ran) == float(flag)
+  except (TypeError, ValueError):
+    return str(ran).lower() == flag.lower()
 
 
 def _replace(records: list[dict], rec: dict) -> list[dict]:

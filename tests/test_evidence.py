@@ -5,6 +5,7 @@ Slow (four train.py processes, ~50 s on 2 CPU cores): ``pytest -m slow tests/tes
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -93,9 +94,24 @@ def _fake_train(started: list[str]):
       summary["method_results"] = {"macs_narrow": 1 + int(flags["config.seed"]), "macs_dense": 4}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f)
+    _write_config(workdir, flags)
     return 0
 
   return run_cell
+
+
+def _write_config(workdir: str, flags: dict[str, str]) -> None:
+  """train.py's config.json: the config.* flags as nested fields."""
+  config: dict = {}
+  for key, value in flags.items():
+    if key.startswith("config."):
+      *parents, leaf = key.split(".")[1:]
+      node = config
+      for parent in parents:
+        node = node.setdefault(parent, {})
+      node[leaf] = value
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
 
 
 @pytest.mark.parametrize("jobs", [1, 3])
@@ -209,6 +225,7 @@ def _fake_lm_train(started: list[str]):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f)
+    _write_config(workdir, flags)
     return 0
 
   return run_cell
@@ -222,11 +239,10 @@ def test_lm_grid_sweeps_per_optimizer_picks_the_lowest_validation_bits_and_sets_
   monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
   args = ["--model=gpt_austen", "--seeds=0,1", "--tag=lm", f"--out={tmp_path / 'out'}"]
   assert evidence.main([*args, f"--workdir_root={tmp_path / 'runs'}"]) == 0
-  # 2 dense, 4 methods x 4 rates (and 3e-2 for gsm and magnitude) swept on seed 0, 4 methods x 3 C x 2 seeds, but seed 0's
-  # C = 10 cells are the sweep's runs at the chosen rates (the same command): not run again
-  assert (
-    len(started) == 2 + 16 + 2 + 24 - 4
-  )  # 2: gsm and magnitude at 3e-2 too and len(set(started)) == len(started)
+  # 2 dense; 4 methods x 4 rates swept on seed 0, and 3e-2 for gsm and magnitude; 4 methods x
+  # 3 C x 2 seeds, but seed 0's C = 10 cells are the sweep's runs at the chosen rates (the same
+  # command): not run again
+  assert len(started) == 2 + 16 + 2 + 24 - 4 and len(set(started)) == len(started)
   records = json.loads((tmp_path / "out" / "lm_raw.json").read_text())["records"]
   twin = next(r for r in records if r["name"] == "gpt_austen/grid/gsm_sgd_c10_e4/seed0")
   assert "gsm_sgd_c10_e4_lr0.01/seed0" in twin["command"] and twin["status"] == "done"
@@ -288,10 +304,34 @@ def test_the_vit_grid_is_gsm_against_gmp_at_10x_and_30x_swept_with_adamws_rates(
     ("gsm", 30.0, 6),
     ("gmp", 30.0, 6),
   ]
-  rates = (3e-4, 1e-3, 3e-3, 1e-2)
-  assert evidence.sweep_rates("vit_fashion") == {"gsm": rates, "gmp": rates}
+  rates = (3e-4, 1e-3, 3e-3, 1e-2)  # gsm chose 1e-2, the edge: 3e-2 swept too
+  assert evidence.sweep_rates("vit_fashion") == {"gsm": (*rates, 3e-2), "gmp": rates}
   cells = evidence.all_cells([0, 1, 2], 6, None, "vit_fashion")
-  assert [c.stage for c in cells].count("sweep") == 8 and len(cells) == 3 + 8 + 12
+  assert [c.stage for c in cells].count("sweep") == 9 and len(cells) == 3 + 9 + 12
+
+
+def test_a_grid_cell_run_at_a_rate_the_sweep_no_longer_chooses_stops_the_runner(
+  tmp_path, monkeypatch, capsys
+):
+  rates = tmp_path / "lr.json"
+  rates.write_text(json.dumps({"chosen": {"gsm_gradual": 0.03}}))
+  started = []
+  monkeypatch.setattr(evidence, "run_cell", _fake_train(started))
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
+  args = ["--grid=ramp", "--seeds=0", f"--rates_from={rates}", "--only=method=gsm_ramp8"]
+  args += [f"--workdir_root={tmp_path}", f"--out={tmp_path}", "--tag=r"]
+  assert evidence.main(args) == 0 and len(started) == 1 + 2
+  rates.write_text(json.dumps({"chosen": {"gsm_gradual": 0.1}}))
+  assert evidence.main(args) == 2 and len(started) == 3
+  err = capsys.readouterr().err
+  workdir = tmp_path / "lenet_300_100" / "grid" / "gsm_ramp8_c60_e60" / "seed0"
+  assert (
+    "lenet_300_100/grid/gsm_ramp8_c60_e60/seed0: gsm.learning_rate ran with 0.03, now 0.1; "
+    f"delete {workdir} to rerun it" in err
+  )
+  shutil.rmtree(workdir)
+  shutil.rmtree(workdir.parent.parent / "gsm_ramp8_c120_e60")
+  assert evidence.main(args) == 0 and len(started) == 5
 
 
 def test_the_lm_channel_grid_prunes_neurons_and_heads_with_gsms_and_magnitudes_rates(
