@@ -167,8 +167,13 @@ def by_compression(
     return []
   metric = mine[0].get("metric", "accuracy")
   what = "test accuracy %" if metric == "accuracy" else "test bits per byte, lower is better"
+  macs = (
+    "; MACs: the narrowed model's / the dense model's"
+    if any("macs_fraction" in r for r in mine)
+    else ""
+  )
   lines = [
-    f"**{model}, {budget} epochs after the dense model** ({what}, mean ± std over seeds)",
+    f"**{model}, {budget} epochs after the dense model** ({what}, mean ± std over seeds{macs})",
     "",
     "| method | lr | " + " | ".join(f"{c:g}x" for c in cs) + " |",
     "|---|---|" + "---|" * len(cs),
@@ -184,17 +189,12 @@ def by_compression(
     for c in cs:
       row = next((r for r in mine if r["method"] == m and r["compression"] == c), None)
       text = pct(row[f"{metric}_final"], row["seeds"], metric) if row else ""
+      if row and "macs_fraction" in row:  # channel methods: the narrowed model's MACs
+        text += f"; MACs {row['macs_fraction']:.3f}"
       failed = diverged.get((model, m, c, budget), 0)
       cells.append(f"{text}{'; ' if text else ''}{failed} diverged" if failed else text)
     lr = next((r["learning_rate"] for r in mine if r["method"] == m), None)
     lines.append(f"| {m} | {evidence._rate(lr)} | " + " | ".join(cells) + " |")
-  macs = {r["compression"]: r["macs_fraction"] for r in mine if "macs_fraction" in r}
-  if macs:
-    lines.append(
-      "| *MACs of the narrowed model / dense* | | "
-      + " | ".join(f"{macs[c]:.3f}" if c in macs else "" for c in cs)
-      + " |"
-    )
   if dense:
     lines.append(
       "| *dense model* | | "
@@ -216,14 +216,13 @@ def by_compression(
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
   """Per (model, C, budget): the winner, and every other method against it."""
   lines = []
-  cells = sorted(
-    {(r["model"], r["compression"], r["budget"]) for r in rows if r["stage"] == "grid"}
-  )
-  for model, c, b in cells:
+  grid = [r for r in rows if r["stage"] == "grid"]
+  cells = sorted({(r["model"], r["compression"], r["budget"], family(r["method"])) for r in grid})
+  for model, c, b, kind in cells:
     mine = [
       r
-      for r in rows
-      if (r["model"], r["compression"], r["budget"], r["stage"]) == (model, c, b, "grid")
+      for r in grid
+      if (r["model"], r["compression"], r["budget"], family(r["method"])) == (model, c, b, kind)
     ]
     if len(mine) < 2:
       continue
@@ -237,11 +236,17 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
       label = {True: "clear", False: "within the spread", None: "one seed"}[is_clear]
       others.append(f"{r['method']} {diff_text(diff, metric)} ({label})")
     lines.append(
-      f"- {model}, {c:g}x, {b} epochs: **{best['method']}** "
+      f"- {model}, {c:g}x{' ' + kind if kind else ''}, {b} epochs: **{best['method']}** "
       f"{pct(best[f'{metric}_final'], best['seeds'], metric)}; " + "; ".join(others) + "."
     )
     lines += _variant_line(mine)
   return lines
+
+
+def family(method: str) -> str:
+  """What a method's C counts when it is not the pool's weights: 'neurons' or 'heads' (the
+  transformer channel grid's two comparisons), else ''."""
+  return evidence.GROUP_METHODS[method][1] if method in evidence.GROUP_METHODS else ""
 
 
 def _variant_line(rows: list[dict[str, Any]]) -> list[str]:
@@ -307,21 +312,32 @@ def cut_table(records: list[dict[str, Any]]) -> list[str]:
   return head + lines + [""]
 
 
+def full_budget(model: str) -> int:
+  """The protocol's budget B of a model: 60 epochs for the LeNets, the transformer grid's."""
+  return evidence.TRANSFORMERS[model].budget if model in evidence.TRANSFORMERS else FULL_BUDGET
+
+
 def cut_sentence(cells: dict[tuple, list[float]]) -> str:
-  """GSM's cut cost over cells keyed (..., budget): the largest mean over seeds
-  with the full budget or more, and per shorter budget."""
+  """GSM's cut cost over cells keyed (..., model, C, budget): the largest mean over seeds
+  with the model's full budget or more, and per shorter budget."""
   means = {key: sum(v) / len(v) for key, v in cells.items()}
-  full = [key for key in cells if key[-1] >= FULL_BUDGET]
+  full = [key for key in cells if key[-1] >= full_budget(key[-3])]
   if not full:
     return ""
   worst = max(means[key] for key in full)
   worst_seed = max(max(cells[key]) for key in full)
+  models = sorted({key[-3] for key in full if key[-3] in evidence.TRANSFORMERS})
+  others = "".join(f", {full_budget(m)} for {m}" for m in models)
   text = (
     f"GSM's final cut costs at most {worst:.2f} point (mean over seeds; {worst_seed:.2f} for "
-    f"one seed) in every cell with {FULL_BUDGET} or more epochs after the dense model"
+    f"one seed) in every cell with the full budget ({FULL_BUDGET} or more epochs after the "
+    f"dense model{others})"
   )
-  short = sorted({key[-1] for key in cells if key[-1] < FULL_BUDGET}, reverse=True)
-  parts = [f"{max(means[key] for key in cells if key[-1] == b):.2f} with {b} epochs" for b in short]
+  short = sorted({key[-1] for key in cells if key not in full}, reverse=True)
+  parts = [
+    f"{max(means[key] for key in cells if key[-1] == b and key not in full):.2f} with {b} epochs"
+    for b in short
+  ]
   return text + (", but " + " and ".join(parts) if parts else "")
 
 
@@ -383,7 +399,8 @@ def section(results: str = RESULTS) -> str:
         diverged[key] = diverged.get(key, 0) + 1
     for model, budget in keys:
       out += by_compression(rows, model, budget, diverged)
-    out += ["Verdicts (differences in points against the best method of each cell):", ""]
+    unit = "bits per byte" if rows[0].get("metric") == "bits_per_byte" else "points"
+    out += [f"Verdicts (differences in {unit} against the best method of each cell):", ""]
     out += verdicts(rows) + [""]
     out += cut_table(records)
     if any(r["stage"] == "ticket" for r in rows):

@@ -90,8 +90,8 @@ def test_the_cut_cost_sentence_and_table_follow_the_records(tmp_path):
   # Means over seeds (0.1 + 0.4 + 0) / 3 at 60x and 0.15 at 120x; one seed lost 0.4.
   sentence = (
     "GSM's final cut costs at most 0.17 point (mean over seeds; 0.40 for one seed) in every "
-    "cell with 60 or more epochs after the dense model, but 1.00 with 30 epochs and 2.50 with "
-    "15 epochs"
+    "cell with the full budget (60 or more epochs after the dense model), but 1.00 with 30 "
+    "epochs and 2.50 with 15 epochs"
   )
   assert f"**GSM's cut, over every run below:** {sentence}." in text
   assert "| gsm | lenet_300_100 | 60x | 60 | 3 | 0.17 | 0.40 |" in text
@@ -162,3 +162,36 @@ def test_language_model_cells_rank_lowest_bits_per_byte_first_and_cost_the_cut_i
   # the cut: after - before in bits per byte, 0.01 / 3 on average, 0.01 at most
   assert "| gsm | gpt_austen | 10x | 4 | 3 | 0.0033 | 0.0100 |" in text
   assert "GSM's cut, over every run below" not in text  # the sentence is the images'
+
+
+def test_a_transformers_full_budget_is_its_grids_and_channel_kinds_are_compared_apart(tmp_path):
+  vit = [
+    dict(r, model="vit_fashion", budget=6) for r in _records("gsm", 10.0, [0.86], before=[0.87])
+  ]
+  records = _records("gsm", 60.0, [0.880], before=[0.881]) + vit
+  (tmp_path / "evidence_raw.json").write_text(json.dumps({"records": records}))
+  sentence = evidence_report.cut_sentence(evidence_report.all_cut_costs(str(tmp_path)))
+  assert sentence == (
+    "GSM's final cut costs at most 1.00 point (mean over seeds; 1.00 for one seed) in every cell "
+    "with the full budget (60 or more epochs after the dense model, 6 for vit_fashion)"
+  )
+  lm = []
+  for method, bits, macs in (
+    ("gsm_neurons", [2.8, 3.1, 3.4], 0.7),
+    ("l1_neurons", [2.9, 2.9, 2.9], 0.7),
+    ("gsm_heads", [2.6, 2.6, 2.6], 0.8),
+    ("l1_heads", [2.8, 2.8, 2.8], 0.8),
+  ):
+    for r in _lm_records(method, 2.0, bits):
+      lm.append(r | {"method_results": {"macs_narrow": macs, "macs_dense": 1.0}})
+  (tmp_path / "evidence_raw.json").write_text(json.dumps({"records": lm}))
+  text = evidence_report.section(str(tmp_path))
+  assert "| gsm_heads | 0.001 | 2.6000 ± 0.0000; MACs 0.800 |" in text
+  assert "| l1_neurons | 0.001 | 2.9000 ± 0.0000; MACs 0.700 |" in text
+  assert "- gpt_austen, 2x neurons, 4 epochs: **l1_neurons** 2.9000 ± 0.0000; " in text
+  assert "gsm_neurons +0.2000 (within the spread)." in text  # std 0.3: 2 SE = 0.35
+  assert (
+    "- gpt_austen, 2x heads, 4 epochs: **gsm_heads** 2.6000 ± 0.0000; l1_heads +0.2000 (clear)."
+    in text
+  )
+  assert "Verdicts (differences in bits per byte against the best method of each cell):" in text
