@@ -104,6 +104,22 @@ SOURCES = (
     "--tag evidence_lm_channels --rates_from benchmarks/results/evidence_lm_lr.json",
   ),
   (
+    "evidence_lm_lr3e-3_raw.json",
+    "The byte-level GPT with one learning rate, 3e-3, for GSM (AdamW) and magnitude + "
+    "fine-tuning at 2x and 4x (issue 23, a check outside the sweep protocol: 3e-3 is GMP's "
+    "chosen rate; GSM's sweep, at 10x, chose 1e-2), the same dense models and budget, 2 CPU cores",
+    "python benchmarks/evidence.py --model gpt_austen --stage grid --learning_rate 0.003 "
+    "--only method=gsm,compression=2 --tag evidence_lm_lr3e-3 (then gsm at 4, magnitude at 2 "
+    "and 4)",
+  ),
+  (
+    "evidence_lm_channels_lr3e-3_raw.json",
+    "Transformer channels with one learning rate, 3e-3, for every method (issue 23, a check "
+    "outside the sweep protocol), the same dense models and budget, 2 CPU cores",
+    "python benchmarks/evidence.py --model gpt_austen --grid channels --stage grid "
+    "--learning_rate 0.003 --tag evidence_lm_channels_lr3e-3",
+  ),
+  (
     "evidence_vit_raw.json",
     "The tiny ViT on Fashion-MNIST (issue 23): GSM with AdamW vs GMP, a 6-epoch dense model, "
     "then 6 epochs for each (GMP: 3 + 3 of fine-tuning), 2 CPU cores",

@@ -252,25 +252,16 @@ def group_selector(
   transform._check_compression_arg(compression)
   structured._check_channel_score(channel_score)
 
-  def state_with_keep(keep):
-    return structured.MaskByGlobalChannelTaylorState(
-      count=jnp.zeros([], jnp.int32),
-      keep=jnp.asarray(keep, jnp.int32),
-      threshold=jnp.zeros([], jnp.float32),
-      num_active=jnp.zeros([], jnp.int32),
-      num_invalid_compression=jnp.zeros([], jnp.int32),
-    )
-
   def init_fn(params):
     if params is None:
       raise ValueError("mask_by_global_group_taylor.init needs the params pytree.")
     if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
-      return state_with_keep(0)
+      return structured.channel_state(0)
     size = sum(resolve_groups(params, groups).channels)
     if not callable(compression) and transform._is_concrete(compression):
       structured.channel_keep_count(size, float(compression))
     keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
-    return state_with_keep(keep)
+    return structured.channel_state(keep)
 
   def step_fn(updates, state, params):
     structured._need_params(params, "mask_by_global_group_taylor")

@@ -263,6 +263,17 @@ class MaskByGlobalChannelTaylorState(NamedTuple):
   num_invalid_compression: jax.Array
 
 
+def channel_state(keep: Any) -> MaskByGlobalChannelTaylorState:
+  """The channel selection's state at step 0 with ``keep`` channels to keep."""
+  return MaskByGlobalChannelTaylorState(
+    count=jnp.zeros([], jnp.int32),
+    keep=jnp.asarray(keep, jnp.int32),
+    threshold=jnp.zeros([], jnp.float32),
+    num_active=jnp.zeros([], jnp.int32),
+    num_invalid_compression=jnp.zeros([], jnp.int32),
+  )
+
+
 def mask_by_global_channel_taylor(
   compression: optax.ScalarOrSchedule,
   *,
@@ -316,26 +327,17 @@ def channel_selector(
   transform._check_compression_arg(compression)
   _check_channel_score(channel_score)
 
-  def state_with_keep(keep):
-    return MaskByGlobalChannelTaylorState(
-      count=jnp.zeros([], jnp.int32),
-      keep=jnp.asarray(keep, jnp.int32),
-      threshold=jnp.zeros([], jnp.float32),
-      num_active=jnp.zeros([], jnp.int32),
-      num_invalid_compression=jnp.zeros([], jnp.int32),
-    )
-
   def init_fn(params):
     if params is None:
       raise ValueError("mask_by_global_channel_taylor.init needs the params pytree.")
     if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
-      return state_with_keep(0)
+      return channel_state(0)
     mask = _pool.resolve_pool(params, pool)
     size = _num_channels(params, mask, resolve_axes(params, mask, channel_axis, "channel_axis"))
     if not callable(compression) and transform._is_concrete(compression):
       channel_keep_count(size, float(compression))
     keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
-    return state_with_keep(keep)
+    return channel_state(keep)
 
   def step_fn(updates, state, params):
     _need_params(params, "mask_by_global_channel_taylor")

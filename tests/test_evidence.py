@@ -173,6 +173,10 @@ def test_a_deadline_starts_no_cell_and_reports_what_was_not_run(tmp_path, monkey
   assert (
     "lenet_300_100/grid/gsm_c60_e60/seed0: not run (the deadline passed)" in capsys.readouterr().out
   )
+  monkeypatch.setattr(evidence, "plot", lambda rows, path: None)
+  assert evidence.main([*args[:-2], "--seeds=0", "--stage=grid"]) == 0 and len(started) == 2
+  text = (tmp_path / "evidence.md").read_text()
+  assert "; one learning rate for every method, 0.03 (--learning_rate, no sweep)." in text
 
 
 def test_structured_grid_takes_the_sweeps_rates_and_prunes_conv2(tmp_path, monkeypatch):
@@ -321,6 +325,10 @@ def test_a_grid_cell_run_at_a_rate_the_sweep_no_longer_chooses_stops_the_runner(
   args = ["--grid=ramp", "--seeds=0", f"--rates_from={rates}", "--only=method=gsm_ramp8"]
   args += [f"--workdir_root={tmp_path}", f"--out={tmp_path}", "--tag=r"]
   assert evidence.main(args) == 0 and len(started) == 1 + 2
+  assert (
+    "learning rates chosen on the validation split: gsm_gradual 0.03"
+    in (tmp_path / "r.md").read_text()
+  )
   rates.write_text(json.dumps({"chosen": {"gsm_gradual": 0.1}}))
   assert evidence.main(args) == 2 and len(started) == 3
   err = capsys.readouterr().err
