@@ -169,7 +169,7 @@ def test_summary_has_every_metric_on_test_and_validation_and_the_samples(lm_run)
     assert text.startswith(PROMPT) and len(text.encode()) >= len(PROMPT) + 1
 
 
-@pytest.mark.parametrize("method", ["gmp", "magnitude"])
+@pytest.mark.parametrize("method", [pytest.param("gmp", marks=pytest.mark.slow), "magnitude"])
 def test_baselines_with_adamw_prune_the_same_pool_to_q(lm_run, corpus, tmp_path, method):
   config = lm_config(corpus, method, dense_checkpoint=lm_run[0])
   summary = train_lib.train_and_evaluate(config, str(tmp_path / method))
