@@ -7,4 +7,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test
 # One style for the whole repository (configured in pyproject.toml).
 ruff format --check --quiet .
 ruff check --quiet .
-python -m pytest -n "${GSM_TEST_WORKERS:-2}" "$@"
+# --dist loadfile: a test file goes to one worker, so each module fixture (a trained run, an
+# 8-device subprocess) is built once, not once per worker.
+python -m pytest -n "${GSM_TEST_WORKERS:-2}" --dist loadfile "$@"
