@@ -713,6 +713,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   )  # some method was run at several budgets: the second panel
   fig, axes = plt.subplots(1, 1 + curves, figsize=(5.5 * (1 + curves), 4), squeeze=False)
   panels = (("compression", "budget"), ("budget", "compression"))[: 1 + curves]
+  dense = {r["model"]: r[f"dense_{metric}"][0] for r in rows if r["stage"] == "grid"}
   for ax, (x, line) in zip(axes[0], panels):
     keys = sorted({(r["method"], r[line]) for r in rows})
     for method, value in keys:
@@ -729,7 +730,6 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         capsize=3,
         label=f"{method}, {line} {value:g}",
       )
-    dense = {r["model"]: r[f"dense_{metric}"][0] for r in rows if r["stage"] == "grid"}
     if len(dense) == 1:  # one model: its dense models' mean, for reference
       ax.axhline(scale * next(iter(dense.values())), ls="--", color="gray", lw=1, label="dense")
     ax.set_xscale("log")

@@ -337,7 +337,7 @@ def cut_sentence(cells: dict[tuple, list[float]]) -> str:
   """GSM's cut cost over cells keyed (..., model, C, budget): the largest mean over seeds
   with the model's full budget or more, and per shorter budget."""
   means = {key: sum(v) / len(v) for key, v in cells.items()}
-  full = [key for key in cells if key[-1] >= full_budget(key[-3])]
+  full = {key for key in cells if key[-1] >= full_budget(key[-3])}
   if not full:
     return ""
   worst = max(means[key] for key in full)

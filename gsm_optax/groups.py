@@ -253,15 +253,12 @@ def group_selector(
   structured._check_channel_score(channel_score)
 
   def init_fn(params):
-    if params is None:
-      raise ValueError("mask_by_global_group_taylor.init needs the params pytree.")
-    if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
-      return structured.channel_state(0)
-    size = sum(resolve_groups(params, groups).channels)
-    if not callable(compression) and transform._is_concrete(compression):
-      structured.channel_keep_count(size, float(compression))
-    keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
-    return structured.channel_state(keep)
+    return structured.init_channel_state(
+      params,
+      compression,
+      "mask_by_global_group_taylor",
+      lambda p: sum(resolve_groups(p, groups).channels),
+    )
 
   def step_fn(updates, state, params):
     structured._need_params(params, "mask_by_global_group_taylor")

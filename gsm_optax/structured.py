@@ -263,8 +263,19 @@ class MaskByGlobalChannelTaylorState(NamedTuple):
   num_invalid_compression: jax.Array
 
 
-def channel_state(keep: Any) -> MaskByGlobalChannelTaylorState:
-  """The channel selection's state at step 0 with ``keep`` channels to keep."""
+def init_channel_state(
+  params: Any, compression: Any, name: str, num_channels: Callable[[Any], int]
+) -> MaskByGlobalChannelTaylorState:
+  """``name``.init: the state at step 0, keeping int(num_channels(params) / C) channels
+  (C checked against the channel count when it is a concrete number)."""
+  if params is None:
+    raise ValueError(f"{name}.init needs the params pytree.")
+  keep = 0
+  if not _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params: keep 0
+    size = num_channels(params)
+    if not callable(compression) and transform._is_concrete(compression):
+      channel_keep_count(size, float(compression))
+    keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
   return MaskByGlobalChannelTaylorState(
     count=jnp.zeros([], jnp.int32),
     keep=jnp.asarray(keep, jnp.int32),
@@ -327,17 +338,12 @@ def channel_selector(
   transform._check_compression_arg(compression)
   _check_channel_score(channel_score)
 
-  def init_fn(params):
-    if params is None:
-      raise ValueError("mask_by_global_channel_taylor.init needs the params pytree.")
-    if _checks.is_placeholder(params):  # optax.tree_utils.tree_map_params
-      return channel_state(0)
+  def num_channels(params):
     mask = _pool.resolve_pool(params, pool)
-    size = _num_channels(params, mask, resolve_axes(params, mask, channel_axis, "channel_axis"))
-    if not callable(compression) and transform._is_concrete(compression):
-      channel_keep_count(size, float(compression))
-    keep, _ = transform._keep_for_step(size, compression, jnp.zeros([], jnp.int32))
-    return channel_state(keep)
+    return _num_channels(params, mask, resolve_axes(params, mask, channel_axis, "channel_axis"))
+
+  def init_fn(params):
+    return init_channel_state(params, compression, "mask_by_global_channel_taylor", num_channels)
 
   def step_fn(updates, state, params):
     _need_params(params, "mask_by_global_channel_taylor")
